@@ -1,0 +1,440 @@
+"""The connection to the daemon: attach, re-attach, and dispatch to subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from collections.abc import Generator
+from types import TracebackType
+from typing import Any, Final, cast
+
+from pgbus import protocol as p
+from pgbus._subscription import DEFAULT_BUFFER, Subscription
+from pgbus._watch import GenerationWatch
+from pgbus.backoff import Backoff
+from pgbus.errors import (
+    BusClosedError,
+    DaemonUnavailableError,
+    PgbusError,
+    ProtocolError,
+    RequestRefusedError,
+    UnknownChannelError,
+)
+
+#: Where the daemon listens unless told otherwise (systemd's RuntimeDirectory=pgbusd).
+DEFAULT_SOCKET: Final = "/run/pgbusd/pgbusd.sock"
+
+
+def default_socket_path() -> str:
+    """``$PGBUSD_SOCKET`` if set, else :data:`DEFAULT_SOCKET` (the daemon uses the same rule)."""
+    return os.environ.get("PGBUSD_SOCKET") or DEFAULT_SOCKET
+
+
+class _ConnectionLost(PgbusError):
+    pass
+
+
+class _Link(asyncio.Protocol):
+    """One attachment to the daemon: decodes frames and hands messages to the bus."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._decoder = p.server_decoder()
+        self.transport: asyncio.Transport | None = None
+        self.hello: asyncio.Future[p.Hello] = asyncio.get_running_loop().create_future()
+        self.pending: deque[asyncio.Future[p.ServerMessage]] = deque()
+        self.lost = False
+        self.failure: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self.abort(exc)
+            return
+        bus = self._bus
+        for msg in messages:
+            if type(msg) is p.Notification:
+                bus._dispatch(self, msg)
+            else:
+                self._control(msg)
+
+    def _control(self, msg: p.ServerMessage) -> None:
+        if isinstance(msg, p.Hello):
+            if not self.hello.done():
+                self.hello.set_result(msg)
+        elif isinstance(msg, p.Generation):
+            self._bus._on_daemon_generation(self, msg.generation)
+        elif isinstance(msg, p.Error) and msg.fatal:
+            self.abort(DaemonUnavailableError(f"daemon closed the connection: {msg.message}"))
+        elif isinstance(msg, p.Goodbye):
+            self.failure = DaemonUnavailableError(f"daemon said goodbye: {msg.reason}")
+        elif isinstance(msg, p.Subscribed | p.Unsubscribed | p.Error | p.StatusReply):
+            if isinstance(msg, p.Subscribed):
+                self._bus._on_subscribed(msg)
+            if self.pending:
+                fut = self.pending.popleft()
+                if not fut.done():
+                    fut.set_result(msg)
+
+    def request(self, msg: p.Message) -> asyncio.Future[p.ServerMessage]:
+        fut: asyncio.Future[p.ServerMessage] = asyncio.get_running_loop().create_future()
+        if self.lost or self.transport is None:
+            fut.set_exception(_ConnectionLost("not attached"))
+            return fut
+        self.pending.append(fut)
+        self.transport.write(p.encode_frame(msg))
+        return fut
+
+    def send(self, *messages: p.Message) -> None:
+        if not self.lost and self.transport is not None:
+            self.transport.write(p.encode_frame(*messages))
+
+    def abort(self, exc: BaseException) -> None:
+        self.failure = self.failure or exc
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        err = self.failure or exc or DaemonUnavailableError("daemon closed the connection")
+        if not self.hello.done():
+            self.hello.set_exception(err)
+        while self.pending:
+            fut = self.pending.popleft()
+            if not fut.done():
+                fut.set_exception(_ConnectionLost(str(err)))
+        self._bus._on_link_lost(self)
+
+
+class Bus:
+    """A worker's connection to pgbusd. Create it with :func:`pgbus.connect`.
+
+    One bus serves any number of subscriptions (several may share a channel; the daemon sends
+    each notification to this process once). If the daemon goes away the bus re-attaches on its
+    own, with jittered backoff, re-subscribes every open subscription and moves the generation
+    forward; subscriptions stay usable throughout.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        name: str = "",
+        reconnect_initial: float = 0.1,
+        reconnect_max: float = 5.0,
+        attach_timeout: float = 10.0,
+    ) -> None:
+        self.path = path
+        self._name = name
+        self._attach_timeout = attach_timeout
+        self._backoff = Backoff(initial=reconnect_initial, maximum=reconnect_max, jitter=1.0)
+        self._link: _Link | None = None
+        self._channels: list[str] = []
+        self._subs: dict[str, list[Subscription]] = {}
+        self._last_seq: dict[str, int] = {}
+        self.daemon_id = ""
+        self._generation = 0
+        self._daemon_generation = 0
+        self._ever_attached = False
+        self._attaching = False
+        self._step_pending = False
+        self._gen_changed: asyncio.Future[None] | None = None
+        self._closed = False
+        self._reattach_task: asyncio.Task[None] | None = None
+        self._attached = asyncio.Event()
+        self.attach_count = 0
+
+    # -- public API --------------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def attached(self) -> bool:
+        return self._attached.is_set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def channels(self) -> list[str]:
+        """The daemon's registered channels (as of the last attach)."""
+        return list(self._channels)
+
+    async def subscribe(self, channel: str, buffer: int = DEFAULT_BUFFER) -> Subscription:
+        """Subscribe to ``channel``; returns once the daemon confirmed it (or, while the daemon is
+        away, once it is registered here: it is sent on re-attach, with a generation step).
+
+        Raises :class:`~pgbus.UnknownChannelError` for a channel the daemon does not relay.
+        """
+        self._check_open()
+        if channel not in self._channels:
+            raise UnknownChannelError(channel)
+        sub = Subscription(self, channel, buffer)
+        subs = self._subs.setdefault(channel, [])
+        subs.append(sub)
+        link = self._link
+        if len(subs) == 1 and link is not None:
+            try:
+                reply = await link.request(p.Subscribe(channel))
+            except _ConnectionLost:
+                return sub  # re-attach subscribes it
+            except BaseException:
+                self._remove_subscription(sub)
+                raise
+            if isinstance(reply, p.Error):
+                self._remove_subscription(sub)
+                if reply.code == p.E_UNKNOWN_CHANNEL:
+                    raise UnknownChannelError(channel)
+                raise RequestRefusedError(reply.message, code=reply.code)
+        return sub
+
+    def subscribe_reconnects(self) -> GenerationWatch:
+        """A watch on the reconnect generation, seeded with its current value."""
+        return GenerationWatch(self)
+
+    async def status(self) -> dict[str, Any]:
+        """The daemon's status document (what ``pgbusctl status --json`` prints)."""
+        self._check_open()
+        link = self._link
+        if link is None:
+            raise DaemonUnavailableError("not attached to the daemon")
+        try:
+            reply = await link.request(p.StatusRequest())
+        except _ConnectionLost as exc:
+            raise DaemonUnavailableError(str(exc)) from exc
+        if not isinstance(reply, p.StatusReply):
+            raise ProtocolError(f"unexpected reply to a status request: {reply!r}")
+        return reply.status
+
+    async def wait_attached(self) -> None:
+        """Wait until the bus is attached to a daemon (returns at once if it is)."""
+        while not self._attached.is_set():
+            self._check_open()
+            await self._attached.wait()
+
+    async def close(self) -> None:
+        """Detach and close every subscription; further use raises BusClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        self._attached.set()  # wake wait_attached(), which then raises
+        if self._reattach_task is not None:
+            self._reattach_task.cancel()
+            await asyncio.gather(self._reattach_task, return_exceptions=True)
+        link, self._link = self._link, None
+        if link is not None and link.transport is not None:
+            link.transport.close()
+        for subs in self._subs.values():
+            for sub in subs:
+                sub._mark_closed()
+        self._subs.clear()
+        self._wake_generation()
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- attach / re-attach -----------------------------------------------------------------
+
+    async def _attach(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._attach_timeout):
+                _, link = await loop.create_unix_connection(lambda: _Link(self), self.path)
+        except (OSError, TimeoutError) as exc:
+            raise DaemonUnavailableError(
+                f"cannot reach pgbusd at {self.path}: {exc or 'timed out'}"
+            ) from exc
+        try:
+            async with asyncio.timeout(self._attach_timeout):
+                await self._handshake(link)
+        except BaseException as exc:
+            link.abort(exc)
+            if isinstance(exc, TimeoutError):
+                raise DaemonUnavailableError(f"pgbusd at {self.path} did not answer") from exc
+            raise
+        finally:
+            self._attaching = False
+
+    async def _handshake(self, link: _Link) -> None:
+        hello = await link.hello
+        if hello.version != p.PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"daemon speaks protocol {hello.version}, this client {p.PROTOCOL_VERSION}",
+                code=p.E_VERSION,
+            )
+        self._attaching = True
+        self._link = link
+        self.daemon_id = hello.daemon_id
+        self._channels = list(hello.channels)
+        self._daemon_generation = hello.generation
+        self._last_seq.clear()
+        link.send(p.Attach(p.PROTOCOL_VERSION, os.getpid(), self._name))
+        channels = [ch for ch, subs in self._subs.items() if subs]
+        replies = [link.request(p.Subscribe(ch)) for ch in channels]
+        for channel, reply in zip(channels, await asyncio.gather(*replies), strict=True):
+            if isinstance(reply, p.Error):
+                # The restarted daemon no longer relays this channel: end those subscriptions.
+                for sub in self._subs.pop(channel, []):
+                    sub._mark_closed()
+        self._attaching = False
+        self.attach_count += 1
+        if not self._ever_attached:
+            self._ever_attached = True
+            self._set_generation(self._daemon_generation)
+        elif self._daemon_generation >= 1:
+            self._set_generation(self._generation + 1)
+        else:
+            self._step_pending = True
+        self._attached.set()
+
+    def _on_link_lost(self, link: _Link) -> None:
+        if link is not self._link or self._closed:
+            return
+        self._link = None
+        self._attached.clear()
+        self._reattach_task = asyncio.get_running_loop().create_task(self._reattach())
+
+    async def _reattach(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._backoff.next_delay())
+            try:
+                await self._attach()
+            except (PgbusError, OSError):
+                continue
+            self._backoff.reset()
+            return
+
+    # -- dispatch (synchronous, from the link's read callback) ----------------------------------
+
+    def _dispatch(self, link: _Link, msg: p.Notification) -> None:
+        channel = msg.channel
+        last = self._last_seq.get(channel)
+        self._last_seq[channel] = msg.seq
+        if last is not None and msg.seq != last + 1:
+            # The daemon never drops a frame for an attached client, so this is a bug or a
+            # foreign daemon; the honest answer is the same as for any other gap.
+            self._set_generation(self._generation + 1)
+        for sub in self._subs.get(channel, ()):
+            sub._push(msg.payload)
+
+    def _on_subscribed(self, msg: p.Subscribed) -> None:
+        self._last_seq[msg.channel] = msg.seq
+
+    def _on_daemon_generation(self, link: _Link, generation: int) -> None:
+        if link is not self._link or generation <= self._daemon_generation:
+            return
+        step = generation - self._daemon_generation
+        self._daemon_generation = generation
+        if self._attaching:
+            return  # the handshake's end publishes
+        if self._step_pending:
+            self._step_pending = False
+            step = 1
+        self._set_generation(self._generation + step)
+
+    def _set_generation(self, generation: int) -> None:
+        if generation > self._generation:
+            self._generation = generation
+            self._wake_generation()
+
+    def _wake_generation(self) -> None:
+        fut, self._gen_changed = self._gen_changed, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _wait_generation_change(self) -> None:
+        self._check_open()
+        if self._gen_changed is None:
+            self._gen_changed = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._gen_changed)
+        self._check_open()
+
+    def _remove_subscription(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.channel)
+        if not subs or sub not in subs:
+            return
+        subs.remove(sub)
+        if not subs:
+            del self._subs[sub.channel]
+            if self._link is not None:
+                self._link.request(p.Unsubscribe(sub.channel)).add_done_callback(_ignore)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BusClosedError("the bus is closed")
+
+
+def _ignore(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+class _Connector:
+    """What :func:`connect` returns: awaitable, and usable as ``async with``."""
+
+    def __init__(self, path: str | None, kwargs: dict[str, Any]) -> None:
+        self._path = path
+        self._kwargs = kwargs
+        self._bus: Bus | None = None
+
+    async def _open(self) -> Bus:
+        bus = Bus(self._path or default_socket_path(), **self._kwargs)
+        await bus._attach()
+        return bus
+
+    def __await__(self) -> Generator[Any, None, Bus]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Bus:
+        self._bus = await self._open()
+        return self._bus
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._bus is not None:
+            await self._bus.close()
+
+
+def connect(
+    path: str | None = None,
+    *,
+    name: str = "",
+    reconnect_initial: float = 0.1,
+    reconnect_max: float = 5.0,
+    attach_timeout: float = 10.0,
+) -> _Connector:
+    """Attach to the pgbusd daemon at ``path`` (default: :func:`default_socket_path`).
+
+    ``bus = await pgbus.connect()`` or ``async with pgbus.connect() as bus:``. The first attach
+    must succeed (else :class:`~pgbus.DaemonUnavailableError`); later losses are re-attached
+    automatically with jittered exponential backoff between ``reconnect_initial`` and
+    ``reconnect_max`` seconds.
+    """
+    return _Connector(
+        path,
+        {
+            "name": name,
+            "reconnect_initial": reconnect_initial,
+            "reconnect_max": reconnect_max,
+            "attach_timeout": attach_timeout,
+        },
+    )

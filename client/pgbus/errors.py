@@ -1,0 +1,58 @@
+"""The error vocabulary of the pgbus client library (and the wire protocol).
+
+Every error the library raises derives from :class:`PgbusError`. Where a builtin says the same
+thing, the error also derives from it, so ``except ConnectionError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class PgbusError(Exception):
+    """Base class of every error raised by pgbus."""
+
+
+class ProtocolError(PgbusError, ValueError):
+    """Bytes on the socket that are not a valid pgbus frame (or the wrong frame for this side).
+
+    ``code`` is the short machine-readable reason that also travels in an ``Error`` frame.
+    """
+
+    def __init__(self, message: str, *, code: str = "protocol") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class UnknownChannelError(PgbusError, LookupError):
+    """The channel is not one of the daemon's registered channels."""
+
+    def __init__(self, channel: str) -> None:
+        super().__init__(f"channel {channel!r} is not registered with the daemon")
+        self.channel = channel
+
+
+class LaggedError(PgbusError):
+    """The subscriber fell behind: ``skipped`` payloads were dropped (the oldest ones).
+
+    The next ``recv()`` continues with the oldest payload still buffered. A subscriber that cannot
+    tolerate the loss should resync from the database, exactly as on a generation change.
+    """
+
+    def __init__(self, skipped: int) -> None:
+        super().__init__(f"subscriber lagged: {skipped} notification(s) skipped")
+        self.skipped = skipped
+
+
+class DaemonUnavailableError(PgbusError, ConnectionError):
+    """The daemon's socket could not be reached, or it refused this client."""
+
+
+class BusClosedError(PgbusError, ConnectionError):
+    """The bus (or the subscription) was closed by this process; it will deliver nothing more."""
+
+
+class RequestRefusedError(PgbusError):
+    """The daemon answered a request with an error frame (``code`` says why)."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code

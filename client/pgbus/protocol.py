@@ -1,0 +1,306 @@
+"""The pgbus wire protocol: the one definition both the daemon and the clients use.
+
+Framing
+-------
+A connection is a stream of *frames* in each direction. A frame is a 4-byte unsigned big-endian
+length followed by that many bytes of body. The body is a msgpack **array of messages**; a frame
+carries at least one message. The receiver checks the length against its maximum before it reads
+the body (:data:`MAX_CLIENT_FRAME` for frames a client sends, :data:`MAX_SERVER_FRAME` for frames
+the daemon sends); an empty or oversized length is a protocol error and closes the connection.
+
+Batching many messages in one frame is what makes the relay cheap: the daemon encodes each
+notification once, then writes the same item bytes to every subscriber under a per-client array
+header, and a client decodes a whole batch with one call.
+
+Messages
+--------
+Each message is a msgspec Struct encoded as a msgpack array whose first element is the tag
+(``["notify", channel, payload, pid, generation, seq]``). Unknown tags, wrong field types and
+missing fields are protocol errors.
+
+Daemon to client (:data:`ServerMessage`):
+
+- ``Hello`` first, on every connection: protocol version, daemon id (a fresh random id per daemon
+  process, so a client can tell a restarted daemon), the current generation, the registered
+  channels and the daemon's inbound frame limit.
+- ``Notification``: channel, payload (exactly the string PostgreSQL delivered), the sending
+  backend's pid, the generation it was received under, and ``seq``: a per-channel counter of this
+  daemon process, starting at 1, +1 for every notification PostgreSQL delivered on the channel.
+  A subscriber that sees ``seq`` skip (with the same ``daemon_id``) has missed notifications.
+- ``Generation``: the reconnect-generation tick. Sent to every attached client after the daemon
+  (re)connected to PostgreSQL **and** every LISTEN succeeded. 0 means never connected, 1 the first
+  connection, +1 for every reconnect.
+- ``Subscribed`` / ``Unsubscribed``: acknowledgements, in request order.
+- ``Error``: a refused request (``fatal`` false, e.g. ``unknown_channel``) or the reason the daemon
+  is about to close this connection (``fatal`` true).
+- ``StatusReply``: the answer to ``StatusRequest`` (a JSON-compatible mapping).
+- ``Goodbye``: the daemon is closing this connection (``reason``), e.g. on shutdown.
+
+Client to daemon (:data:`ClientMessage`): ``Attach`` (protocol version, pid, name; must be the
+first message, within the daemon's handshake timeout), ``Subscribe``, ``Unsubscribe``,
+``StatusRequest``.
+
+Ordering
+--------
+Everything the daemon sends one client is in one order. Notifications on a channel arrive in the
+order PostgreSQL delivered them (commit order). A ``Generation`` tick is sent after every
+notification of the previous connection and before any of the new one. ``Subscribed`` is sent
+before the first notification delivered to that subscription. The daemon never drops a message
+for an attached client: a client that cannot keep up is disconnected instead (``Error`` with code
+``slow_consumer`` if it fits), and the client library re-attaches and moves its generation on.
+
+Versioning
+----------
+:data:`PROTOCOL_VERSION` is bumped on any incompatible change. The daemon refuses an ``Attach``
+with another version (``Error`` code ``version``); the client refuses a ``Hello`` with another one.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Final, Generic, TypeVar
+
+import msgspec
+
+from pgbus.errors import ProtocolError
+
+PROTOCOL_VERSION: Final = 1
+
+#: Largest frame body a client may send (subscribe frames are tiny).
+MAX_CLIENT_FRAME: Final = 4096
+#: Largest frame body the daemon sends; the daemon splits batches to stay under it.
+MAX_SERVER_FRAME: Final = 1 << 20
+#: PostgreSQL rejects a payload of 8000 bytes or more.
+MAX_PAYLOAD_BYTES: Final = 7999
+#: PostgreSQL identifiers (and so channel names) are at most 63 bytes (NAMEDATALEN - 1).
+MAX_CHANNEL_BYTES: Final = 63
+
+_HEADER: Final = struct.Struct(">I")
+HEADER_SIZE: Final = _HEADER.size
+
+
+class Message(msgspec.Struct, tag_field="t", array_like=True, frozen=True):
+    """Base of every message."""
+
+
+# -- daemon to client ---------------------------------------------------------------------------
+
+
+class Hello(Message, tag="hello"):
+    version: int
+    daemon_id: str
+    generation: int
+    channels: list[str]
+    max_frame: int
+
+
+class Notification(Message, tag="notify"):
+    channel: str
+    payload: str
+    pid: int
+    generation: int
+    seq: int
+
+
+class Generation(Message, tag="gen"):
+    generation: int
+
+
+class Subscribed(Message, tag="subscribed"):
+    channel: str
+    #: The channel's last ``Notification.seq`` so far: the next one for this client is seq + 1.
+    seq: int
+
+
+class Unsubscribed(Message, tag="unsubscribed"):
+    channel: str
+
+
+class Error(Message, tag="error"):
+    code: str
+    message: str
+    channel: str | None = None
+    fatal: bool = False
+
+
+class StatusReply(Message, tag="status"):
+    status: dict[str, Any]
+
+
+class Goodbye(Message, tag="bye"):
+    reason: str
+
+
+ServerMessage = (
+    Hello | Notification | Generation | Subscribed | Unsubscribed | Error | StatusReply | Goodbye
+)
+
+# -- client to daemon ---------------------------------------------------------------------------
+
+
+class Attach(Message, tag="attach"):
+    version: int
+    pid: int
+    name: str = ""
+
+
+class Subscribe(Message, tag="subscribe"):
+    channel: str
+
+
+class Unsubscribe(Message, tag="unsubscribe"):
+    channel: str
+
+
+class StatusRequest(Message, tag="status?"):
+    pass
+
+
+ClientMessage = Attach | Subscribe | Unsubscribe | StatusRequest
+
+# -- error codes carried in Error frames ----------------------------------------------------------
+
+E_PROTOCOL: Final = "protocol"
+E_FRAME_TOO_LARGE: Final = "frame_too_large"
+E_VERSION: Final = "version"
+E_HANDSHAKE: Final = "handshake"
+E_UNKNOWN_CHANNEL: Final = "unknown_channel"
+E_SLOW_CONSUMER: Final = "slow_consumer"
+E_TOO_MANY_CLIENTS: Final = "too_many_clients"
+E_FORBIDDEN: Final = "forbidden"
+E_SHUTDOWN: Final = "shutdown"
+
+# -- encoding -----------------------------------------------------------------------------------
+
+_encoder: Final = msgspec.msgpack.Encoder()
+
+
+def encode_item(message: Message) -> bytes:
+    """Encode one message as an array item, ready to be joined under :func:`frame_items`."""
+    return _encoder.encode(message)
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def frame_items(items: list[bytes]) -> bytes:
+    """One frame holding already-encoded message items (length prefix + array header + items)."""
+    head = _array_header(len(items))
+    size = len(head) + sum(map(len, items))
+    return b"".join((_HEADER.pack(size), head, *items))
+
+
+def encode_frame(*messages: Message) -> bytes:
+    """One frame holding ``messages``."""
+    return frame_items([_encoder.encode(m) for m in messages])
+
+
+# -- decoding -----------------------------------------------------------------------------------
+
+M = TypeVar("M", bound=Message)
+
+
+class FrameDecoder(Generic[M]):
+    """Incremental, socket-free frame parser: feed it bytes, get back complete messages.
+
+    ``feed`` raises :class:`~pgbus.errors.ProtocolError` (and only that) for anything that is not
+    a valid stream of frames of this side's message type; after an error the stream is unusable.
+    The buffered bytes never exceed one maximal frame plus one read.
+    """
+
+    __slots__ = ("_buf", "_decoder", "_max_frame", "_need")
+
+    def __init__(self, message_type: Any, max_frame: int) -> None:
+        self._decoder: msgspec.msgpack.Decoder[list[M]] = msgspec.msgpack.Decoder(
+            list[message_type]  # type: ignore[valid-type]
+        )
+        self._max_frame = max_frame
+        self._buf = bytearray()
+        self._need = HEADER_SIZE
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that are not yet part of a complete frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[M]:
+        buf = self._buf
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return []
+            data = bytes(buf)
+            buf.clear()
+        elif len(data) < self._need:
+            buf += data
+            return []
+        out: list[M] = []
+        view = memoryview(data)
+        end = len(view)
+        pos = 0
+        while end - pos >= HEADER_SIZE:
+            (size,) = _HEADER.unpack_from(view, pos)
+            if size > self._max_frame:
+                raise ProtocolError(
+                    f"frame of {size} bytes exceeds the limit of {self._max_frame}",
+                    code=E_FRAME_TOO_LARGE,
+                )
+            if size == 0:
+                raise ProtocolError("empty frame")
+            stop = pos + HEADER_SIZE + size
+            if stop > end:
+                self._need = stop - pos
+                break
+            out.extend(self._decode(view[pos + HEADER_SIZE : stop]))
+            pos = stop
+        else:
+            self._need = HEADER_SIZE
+        if pos < end:
+            buf += view[pos:]
+        return out
+
+    def _decode(self, body: memoryview) -> list[M]:
+        try:
+            messages = self._decoder.decode(body)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise ProtocolError(f"malformed frame: {exc}") from exc
+        if not messages:
+            raise ProtocolError("frame holds no message")
+        return messages
+
+
+def server_decoder() -> FrameDecoder[ServerMessage]:  # type: ignore[type-var]
+    """The decoder a client uses for what the daemon sends."""
+    return FrameDecoder(ServerMessage, MAX_SERVER_FRAME)
+
+
+def client_decoder(max_frame: int = MAX_CLIENT_FRAME) -> FrameDecoder[ClientMessage]:  # type: ignore[type-var]
+    """The decoder the daemon uses for what a client sends."""
+    return FrameDecoder(ClientMessage, max_frame)
+
+
+def validate_channel(name: str) -> str:
+    """Return ``name`` if PostgreSQL can LISTEN on it exactly as written, else raise ValueError.
+
+    A channel name is 1 to 63 bytes of UTF-8 without NUL. Longer names would be silently
+    truncated by LISTEN (and rejected by pg_notify), so they are refused rather than cut.
+    """
+    if not name:
+        raise ValueError("channel name is empty")
+    if "\x00" in name:
+        raise ValueError(f"channel name {name!r} contains a NUL byte")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"channel name {name!r} is not valid UTF-8") from exc
+    if size > MAX_CHANNEL_BYTES:
+        raise ValueError(
+            f"channel name {name!r} is {size} bytes long; PostgreSQL allows at most "
+            f"{MAX_CHANNEL_BYTES}"
+        )
+    return name

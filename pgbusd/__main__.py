@@ -1,0 +1,3 @@
+from pgbusd.cli import main
+
+main()

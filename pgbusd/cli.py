@@ -1,0 +1,68 @@
+"""The ``pgbusd`` command: options (generated from Config) in, a running daemon out. No logic."""
+
+from __future__ import annotations
+
+import sys
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from typing import Any
+
+import click
+
+from pgbusd.config import Config, ConfigError
+
+F = Callable[..., Any]
+
+
+class _Octal(click.ParamType):
+    name = "octal"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value), 8)
+        except ValueError:
+            self.fail(f"{value!r} is not an octal mode such as 0660", param, ctx)
+
+
+def config_options(func: F) -> F:
+    """Decorate ``func`` with one click option per Config field (help and details from it)."""
+    hints = typing.get_type_hints(Config)
+    for f in reversed(fields(Config)):
+        extra = dict(f.metadata["click"])
+        kwargs: dict[str, Any] = {"help": f.metadata["help"], "show_envvar": True}
+        if "choice" in extra:
+            kwargs["type"] = click.Choice(extra.pop("choice"))
+        elif f.name == "socket_mode":
+            kwargs["type"] = _Octal()
+        elif hints[f.name] in (int, float):
+            kwargs["type"] = hints[f.name]
+        if f.default is not MISSING and not extra.get("multiple"):
+            kwargs["default"] = f.default
+            kwargs["show_default"] = (
+                f"{f.default:04o}" if f.name == "socket_mode" else f.default is not None
+            )
+        kwargs.update(extra)
+        func = click.option("--" + f.name.replace("_", "-"), f.name, **kwargs)(func)
+    return func
+
+
+@click.command(context_settings={"auto_envvar_prefix": "PGBUSD", "max_content_width": 100})
+@config_options
+@click.version_option(package_name="pgbusd")
+def main(**options: Any) -> None:
+    """Relay PostgreSQL LISTEN/NOTIFY to local processes over a Unix socket.
+
+    Holds the host's single LISTEN connection and streams notifications and
+    reconnect-generation ticks to pgbus clients. Every option is also an
+    environment variable (PGBUSD_DSN, PGBUSD_CHANNEL, PGBUSD_SOCKET, ...).
+    """
+    try:
+        config = Config(**options)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"--{exc.option.replace('_', '-')}") from None
+    from pgbusd.app import run
+
+    sys.exit(run(config))

@@ -1,0 +1,144 @@
+"""The daemon's configuration: one frozen, typed object, validated once, at the edge.
+
+Each field carries its own help text and CLI details in its metadata; ``cli.py`` turns the fields
+into click options (and so into ``PGBUSD_*`` environment variables), so the option list is
+written exactly once, here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pgbus import protocol
+from pgbus._client import DEFAULT_SOCKET
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable. ``option`` names the option at fault."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def _opt(default: Any, help: str, **click: Any) -> Any:
+    return field(default=default, metadata={"help": help, "click": click})
+
+
+@dataclass(frozen=True)
+class Config:
+    dsn: str | None = _opt(
+        None,
+        "PostgreSQL URI (postgresql://user@host:port/db?...). Unset: libpq defaults and the PG* "
+        "variables apply. Prefer a passfile (PGPASSFILE) to a password in the DSN.",
+        metavar="URI",
+    )
+    channel: tuple[str, ...] = _opt(
+        (),
+        "Channel to relay (repeatable; exact case). PGBUSD_CHANNEL takes several names "
+        "separated by whitespace.",
+        multiple=True,
+        metavar="NAME",
+    )
+    socket: str = _opt(DEFAULT_SOCKET, "Unix socket path clients attach to.", metavar="PATH")
+    socket_mode: int = _opt(0o660, "Permission bits of the socket file (octal).", metavar="MODE")
+    log_level: str = _opt("info", "Lowest level logged.", choice=("debug", "info", "warning", "error"))
+    log_format: str = _opt(
+        "auto", "Log format; auto is console on a TTY, JSON lines otherwise.",
+        choice=("auto", "console", "json"),
+    )
+    connect_timeout: float = _opt(10.0, "Seconds one PostgreSQL connection attempt may take.")
+    health_interval: float = _opt(10.0, "Seconds between health checks of the LISTEN connection.")
+    health_timeout: float = _opt(
+        5.0, "Seconds a health check (query and self-NOTIFY round trip) may take."
+    )
+    backoff_initial: float = _opt(0.5, "First reconnect delay in seconds (doubles per failure).")
+    backoff_max: float = _opt(30.0, "Largest reconnect delay in seconds.")
+    write_budget: int = _opt(
+        8 << 20, "Bytes that may wait for one client before it is cut as too slow."
+    )
+    max_clients: int = _opt(1024, "Clients attached at once; one more is refused.")
+    handshake_timeout: float = _opt(5.0, "Seconds a new client has to attach.")
+    shutdown_timeout: float = _opt(5.0, "Seconds clients get to drain on shutdown.")
+    queue_warn: float = _opt(
+        0.5, "Warn when pg_notification_queue_usage() passes this fraction (0 to 1)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.dsn is not None:
+            scheme = urlsplit(self.dsn).scheme
+            if scheme not in ("postgresql", "postgres"):
+                raise ConfigError(
+                    "dsn",
+                    "expected a URI such as postgresql://user@host:5432/db "
+                    f"(got one with scheme {scheme!r})",
+                )
+        seen: dict[str, None] = {}
+        for name in self.channel:
+            try:
+                protocol.validate_channel(name)
+            except ValueError as exc:
+                raise ConfigError("channel", str(exc)) from None
+            seen[name] = None
+        object.__setattr__(self, "channel", tuple(seen))
+        if len(os.fsencode(self.socket)) > 107:
+            raise ConfigError("socket", f"socket path {self.socket!r} is longer than 107 bytes")
+        for name in ("connect_timeout", "health_interval", "health_timeout", "backoff_initial",
+                     "backoff_max", "handshake_timeout", "shutdown_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"{name} must be positive")
+        for name in ("write_budget", "max_clients"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"{name} must be at least 1")
+        if not 0 < self.queue_warn <= 1:
+            raise ConfigError("queue_warn", "queue_warn must be in (0, 1]")
+        if not 0 <= self.socket_mode <= 0o777:
+            raise ConfigError("socket_mode", "socket_mode must be between 000 and 777 (octal)")
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return self.channel
+
+    def application_name_given(self) -> bool:
+        """Whether the DSN or PGAPPNAME already names the application."""
+        if os.environ.get("PGAPPNAME"):
+            return True
+        return self.dsn is not None and "application_name" in parse_qs(urlsplit(self.dsn).query)
+
+    def secrets(self) -> list[str]:
+        """Strings that must never be shown: the DSN's password (in any spelling) and PGPASSWORD."""
+        found: list[str] = []
+        if self.dsn:
+            parts = urlsplit(self.dsn)
+            if parts.password:
+                found += [parts.password, unquote(parts.password)]
+            found += parse_qs(parts.query).get("password", [])
+        if os.environ.get("PGPASSWORD"):
+            found.append(os.environ["PGPASSWORD"])
+        return sorted({s for s in found if s}, key=len, reverse=True)
+
+    def redacted_dsn(self) -> str | None:
+        return redact(self.dsn, self.secrets()) if self.dsn is not None else None
+
+    def public(self) -> dict[str, Any]:
+        """The configuration as shown in logs and status: the DSN without its password."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["dsn"] = self.redacted_dsn()
+        out["channel"] = list(self.channel)
+        return out
+
+
+_URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*):[^@\s]*@")
+_KV_PASSWORD = re.compile(r"(password\s*=\s*)(?:'[^']*'|\S+)", re.IGNORECASE)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """``text`` with every known secret, URI password and ``password=`` value masked."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    text = _URI_PASSWORD.sub(r"\1:***@", text)
+    return _KV_PASSWORD.sub(r"\1***", text)

@@ -1,0 +1,288 @@
+"""The PostgreSQL side: the single LISTEN connection, its health, reconnects and the generation.
+
+The loop, once per connection:
+
+1. connect (bounded by ``connect_timeout``; TCP keepalive and TCP_USER_TIMEOUT on TCP links);
+2. LISTEN on every registered channel and on a private probe channel, then check with
+   ``pg_listening_channels()`` that the server really listens on all of them;
+3. only then bump the generation and tick every client (notifications that arrive during step 2
+   are held back and released right after the tick, so the tick precedes everything the new
+   connection delivers);
+4. supervise: every ``health_interval`` a query with a timeout that reads
+   ``pg_notification_queue_usage()`` and sends a NOTIFY on the probe channel, which must come
+   back through this same connection (proving the delivery path, not only the socket). The
+   backoff resets after the first healthy check;
+5. on loss (termination, failed or timed-out check): ``terminate()`` and go to 1. A failed attempt
+   waits per the backoff (500 ms doubling to 30 s, jittered); a lost healthy connection is retried
+   at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import time
+from typing import Any
+
+import asyncpg
+from pgbus.backoff import Backoff
+
+from pgbusd.config import Config
+from pgbusd.hub import Hub
+from pgbusd.log import get_logger
+
+#: Connection failures that no retry can fix: the daemon exits on them.
+CONFIG_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.ClientConfigurationError,
+    ValueError,
+    OverflowError,
+    TypeError,
+)
+
+
+class FatalConfigError(Exception):
+    """PostgreSQL connection settings that can never work (bad DSN and the like)."""
+
+
+class _Unhealthy(Exception):
+    pass
+
+
+class Listener:
+    """Owns the daemon's one asyncpg connection. Runtime state only; settings come from Config."""
+
+    def __init__(self, config: Config, hub: Hub, daemon_id: str) -> None:
+        self.config = config
+        self.hub = hub
+        self.probe_channel = f"pgbusd.probe.{daemon_id}"
+        self.generation = 0
+        self.state = "connecting"
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.next_retry_at: float | None = None
+        self.connected_since: float | None = None
+        self.last_health_ok: float | None = None
+        self.queue_usage: float | None = None
+        self.reconnects = 0
+        self.server_address: str | None = None
+        self.backend_pid: int | None = None
+        self._conn: Any = None
+        self._backoff = Backoff(config.backoff_initial, config.backoff_max, jitter=0.5)
+        self._stopping = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._held: list[tuple[str, str, int]] | None = None
+        self._probes: dict[str, asyncio.Future[None]] = {}
+        self._probe_ids = itertools.count(1)
+        self.log: Any = get_logger(component="listener")
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until :meth:`stop`. Raises FatalConfigError for settings that cannot work."""
+        while not self._stopping.is_set():
+            try:
+                conn = await self._open()
+            except FatalConfigError:
+                raise
+            except Exception as exc:
+                await self._failed(exc, "connect")
+                continue
+            try:
+                await self._listen(conn)
+            except Exception as exc:
+                conn.terminate()
+                await self._failed(exc, "listen")
+                continue
+            lost_reason = await self._supervise(conn)
+            self._conn = None
+            if not conn.is_closed():
+                conn.terminate()
+            self.state = "connecting"
+            self.connected_since = None
+            if self._stopping.is_set():
+                break
+            self.reconnects += 1
+            self._note_error(lost_reason)
+            self.log.warning("postgres connection lost", reason=lost_reason,
+                             generation=self.generation)
+
+    async def stop(self) -> None:
+        """Stop the loop and close the connection (gracefully, falling back to terminate)."""
+        self._stopping.set()
+        conn, self._conn = self._conn, None
+        self.state = "stopped"
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), timeout=2.0)
+            except Exception:
+                conn.terminate()
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    async def _open(self) -> Any:
+        kwargs: dict[str, Any] = {"timeout": self.config.connect_timeout}
+        if not self.config.application_name_given():
+            kwargs["server_settings"] = {"application_name": "pgbusd"}
+        try:
+            async with asyncio.timeout(self.config.connect_timeout + 1):
+                conn = await asyncpg.connect(self.config.dsn, **kwargs)
+        except CONFIG_ERRORS as exc:
+            raise FatalConfigError(str(exc)) from exc
+        self._tune_socket(conn)
+        return conn
+
+    def _tune_socket(self, conn: Any) -> None:
+        """Keepalive and TCP_USER_TIMEOUT, so a half-open TCP link fails within bounded time."""
+        transport = getattr(conn, "_transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            self.server_address = "unix socket"
+            return
+        idle = max(1, int(self.config.health_interval))
+        timeout_ms = int((self.config.health_interval + self.config.health_timeout) * 1000)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 3))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
+        host, port = sock.getpeername()[:2]
+        self.server_address = f"{host}:{port}"
+
+    async def _listen(self, conn: Any) -> None:
+        self._lost = lost = asyncio.Event()
+        conn.add_termination_listener(lambda _c: lost.set())
+        self._held = []
+        timeout = self.config.connect_timeout
+        try:
+            for channel in self.config.channels:
+                await asyncio.wait_for(conn.add_listener(channel, self._on_notify), timeout)
+            await asyncio.wait_for(conn.add_listener(self.probe_channel, self._on_probe), timeout)
+            listening = set(
+                await conn.fetchval("SELECT array_agg(c) FROM pg_listening_channels() c",
+                                    timeout=timeout)
+                or ()
+            )
+            wanted = {*self.config.channels, self.probe_channel}
+            if listening != wanted:
+                raise RuntimeError(
+                    f"server listens on {sorted(listening)}, expected {sorted(wanted)}"
+                )
+            self.backend_pid = conn.get_server_pid()
+            self._conn = conn
+            self.generation += 1
+            self.state = "connected"
+            self.connected_since = time.time()
+            self.next_retry_at = None
+            self.hub.tick(self.generation)
+            self.log.info("listening", generation=self.generation,
+                          channels=list(self.config.channels), server=self.server_address,
+                          backend_pid=self.backend_pid)
+        finally:
+            held, self._held = self._held, None
+        for args in held:
+            self.hub.publish(*args)
+
+    async def _supervise(self, conn: Any) -> str:
+        """Health-check until the connection is lost or the daemon stops; return why it ended."""
+        interval = self.config.health_interval
+        healthy_once = False
+        while True:
+            stop = asyncio.ensure_future(self._stopping.wait())
+            lost = asyncio.ensure_future(self._lost.wait())
+            try:
+                await asyncio.wait((stop, lost), timeout=0 if not healthy_once else interval,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                lost.cancel()
+            if self._stopping.is_set():
+                return "stopping"
+            if self._lost.is_set():
+                return "terminated by the server"
+            try:
+                await self._health_check(conn)
+            except _Unhealthy as exc:
+                return f"health check failed: {exc}"
+            if not healthy_once:
+                healthy_once = True
+                self._backoff.reset()
+
+    async def _health_check(self, conn: Any) -> None:
+        token = str(next(self._probe_ids))
+        probe: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._probes[token] = probe
+        timeout = self.config.health_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                usage = await conn.fetchval(
+                    "SELECT pg_notification_queue_usage() FROM pg_notify($1, $2)",
+                    self.probe_channel, token,
+                )
+                await probe
+        except TimeoutError:
+            if probe.done():
+                raise _Unhealthy(f"query timed out after {timeout}s") from None
+            raise _Unhealthy(
+                f"self-NOTIFY did not come back within {timeout}s (is a transaction pooler "
+                "between pgbusd and PostgreSQL?)"
+            ) from None
+        except Exception as exc:
+            raise _Unhealthy(repr(exc)) from exc
+        finally:
+            self._probes.pop(token, None)
+        self.last_health_ok = time.time()
+        self.queue_usage = float(usage)
+        if self.queue_usage >= self.config.queue_warn:
+            self.log.warning("notification queue filling", queue_usage=self.queue_usage,
+                             threshold=self.config.queue_warn)
+
+    async def _failed(self, exc: BaseException, step: str) -> None:
+        delay = self._backoff.next_delay()
+        self._note_error(f"{step}: {exc!r}")
+        self.state = "connecting"
+        self.next_retry_at = time.time() + delay
+        self.log.warning("postgres unavailable", step=step, error=repr(exc),
+                         retry_in=round(delay, 3), failures=self._backoff.failures)
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+        except TimeoutError:
+            pass
+
+    def _note_error(self, message: str) -> None:
+        self.last_error = message
+        self.last_error_at = time.time()
+
+    # -- asyncpg callbacks (synchronous, in order) -----------------------------------------------
+
+    def _on_notify(self, _conn: Any, pid: int, channel: str, payload: str) -> None:
+        held = self._held
+        if held is not None:
+            held.append((channel, payload, pid))
+        else:
+            self.hub.publish(channel, payload, pid)
+
+    def _on_probe(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        probe = self._probes.get(payload)
+        if probe is not None and not probe.done():
+            probe.set_result(None)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "connected": self.connected,
+            "generation": self.generation,
+            "server": self.server_address,
+            "backend_pid": self.backend_pid,
+            "connected_since": self.connected_since,
+            "reconnects": self.reconnects,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "next_retry_at": self.next_retry_at,
+            "last_health_ok": self.last_health_ok,
+            "queue_usage": self.queue_usage,
+        }

@@ -1,0 +1,178 @@
+"""Lifecycle: bind the socket, serve, handle signals, shut down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import secrets
+import signal
+import stat
+import time
+from collections import Counter
+from typing import Any
+
+from pgbus import protocol as p
+
+import pgbusd
+from pgbusd.config import Config
+from pgbusd.hub import Hub
+from pgbusd.listener import FatalConfigError, Listener
+from pgbusd.log import get_logger
+from pgbusd.session import Session
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+class AlreadyServingError(RuntimeError):
+    """Another live pgbusd holds the socket path."""
+
+
+class Server:
+    """Owns the runtime state of one daemon: the hub, the listener, the clients, the socket."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.daemon_id = secrets.token_hex(8)
+        self.hub = Hub(config.channels)
+        self.listener = Listener(config, self.hub, self.daemon_id)
+        self.started_at = time.time()
+        self.counters: Counter[str] = Counter(
+            clients_refused=0, frames_rejected=0, clients_cut_slow=0
+        )
+        self.log: Any = get_logger(daemon_id=self.daemon_id)
+        self._server: asyncio.AbstractServer | None = None
+        self._lock_fd: int | None = None
+        self._socket_inode: int | None = None
+        self._stop = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        try:
+            await self._bind()
+        except (AlreadyServingError, OSError) as exc:
+            self.log.error("cannot bind socket", socket=self.config.socket, error=str(exc))
+            return EXIT_FAILURE
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        self.log.info("serving", socket=self.config.socket, channels=list(self.config.channels),
+                      dsn=self.config.redacted_dsn(), pid=os.getpid())
+        if not self.config.channels:
+            self.log.warning("no channels registered; clients can subscribe to nothing")
+        listener = asyncio.create_task(self.listener.run(), name="pgbusd-listener")
+        stopper = asyncio.create_task(self._stop.wait())
+        await asyncio.wait((listener, stopper), return_when=asyncio.FIRST_COMPLETED)
+        code = EXIT_OK
+        if listener.done() and not listener.cancelled():
+            exc = listener.exception()
+            if isinstance(exc, FatalConfigError):
+                self.log.error("invalid PostgreSQL connection settings", error=str(exc))
+                code = EXIT_CONFIG
+            elif exc is not None:
+                self.log.error("listener crashed", error=repr(exc))
+                code = EXIT_FAILURE
+        stopper.cancel()
+        await self.shutdown(listener)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        return code
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def shutdown(self, listener: asyncio.Task[None]) -> None:
+        """Stop accepting, tell clients, close PostgreSQL, unlink the socket."""
+        self.log.info("shutting down", clients=len(self.hub.sessions))
+        if self._server is not None:
+            self._server.close()
+        sessions = list(self.hub.sessions)
+        for session in sessions:
+            session.goodbye(p.E_SHUTDOWN)
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        while self.hub.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for session in list(self.hub.sessions):
+            session.abort()
+        await self.listener.stop()
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await listener
+        self._unbind()
+        self.log.info("stopped")
+
+    # -- the socket --------------------------------------------------------------------------
+
+    async def _bind(self) -> None:
+        path = self.config.socket
+        directory = os.path.dirname(path) or "."
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o750, exist_ok=True)
+        lock_path = path + ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise AlreadyServingError(
+                f"another pgbusd (pid {holder}) is already serving {path}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+                self.log.info("removed stale socket", socket=path)
+        old_umask = os.umask(0o777 & ~self.config.socket_mode)
+        try:
+            self._server = await asyncio.get_running_loop().create_unix_server(
+                lambda: Session(self), path, backlog=128
+            )
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, self.config.socket_mode)
+        self._socket_inode = os.lstat(path).st_ino
+
+    def _unbind(self) -> None:
+        path = self.config.socket
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(path).st_ino == self._socket_inode:
+                os.unlink(path)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- introspection -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The document ``pgbusctl status`` shows (JSON-compatible; no secrets)."""
+        now = time.time()
+        sessions = list(self.hub.sessions)
+        return {
+            "daemon_id": self.daemon_id,
+            "pid": os.getpid(),
+            "version": pgbusd.__version__,
+            "protocol": p.PROTOCOL_VERSION,
+            "started_at": self.started_at,
+            "uptime": now - self.started_at,
+            "socket": self.config.socket,
+            "generation": self.listener.generation,
+            "postgres": self.listener.summary(),
+            "channels": {name: st.summary() for name, st in self.hub.channels.items()},
+            "clients": [s.summary() for s in sessions],
+            "totals": {
+                "clients": len(sessions),
+                "notifications_received": self.hub.received,
+                "notifications_sent": self.hub.sent,
+                "reconnects": self.listener.reconnects,
+                **self.counters,
+            },
+            "dsn": self.config.redacted_dsn(),
+        }

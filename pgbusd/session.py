@@ -1,0 +1,262 @@
+"""One attached client: its read loop, its write budget, and its shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from pgbus import protocol as p
+from pgbus.errors import ProtocolError
+
+from pgbusd.log import get_logger
+
+if TYPE_CHECKING:
+    from pgbusd.server import Server
+
+_PEERCRED = struct.Struct("3i")
+
+
+def peer_credentials(transport: asyncio.BaseTransport) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket, or (-1, -1, -1)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    except (OSError, AttributeError):
+        return (-1, -1, -1)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return pid, uid, gid
+
+
+class Session(asyncio.Protocol):
+    """The daemon's side of one client connection.
+
+    Outbound bytes are bounded: what is queued here plus what the transport still buffers may not
+    exceed the write budget. A client past it is cut (it re-attaches and its generation moves on),
+    so a client that stops reading costs the daemon a bounded amount of memory and nobody else
+    any time.
+    """
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._hub = server.hub
+        self._budget = server.config.write_budget
+        self._decoder = p.client_decoder()
+        self.transport: asyncio.Transport | None = None
+        self.subscriptions: dict[str, None] = {}
+        self.attached = False
+        self.closing = False
+        self.pid = self.uid = self.gid = -1
+        self.name = ""
+        self.connected_at = time.time()
+        self.sent = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self.log: Any = get_logger()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.pid, self.uid, self.gid = peer_credentials(self.transport)
+        self.log = get_logger(client_pid=self.pid, client_uid=self.uid)
+        server = self._server
+        if len(self._hub.sessions) >= server.config.max_clients:
+            server.counters["clients_refused"] += 1
+            self.log.warning("client refused", reason="too many clients")
+            self.fail(p.E_TOO_MANY_CLIENTS, f"the daemon serves at most "
+                      f"{server.config.max_clients} clients")
+            return
+        self._hub.add(self)
+        loop = asyncio.get_running_loop()
+        self._handshake_timer = loop.call_later(
+            server.config.handshake_timeout, self._handshake_expired
+        )
+        self._write_now(
+            p.Hello(
+                p.PROTOCOL_VERSION,
+                server.daemon_id,
+                self._hub.generation,
+                list(self._hub.channels),
+                p.MAX_CLIENT_FRAME,
+            )
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            for msg in self._decoder.feed(data):
+                self._handle(msg)
+                if self.closing:
+                    return
+        except ProtocolError as exc:
+            self._server.counters["frames_rejected"] += 1
+            self.fail(exc.code, str(exc))
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self._cancel_timers()
+        self._pending.clear()
+        self._hub.remove(self)
+        if self.attached:
+            self.log.info("client detached", subscriptions=len(self.subscriptions))
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _handle(self, msg: p.ClientMessage) -> None:
+        if not self.attached:
+            if not isinstance(msg, p.Attach):
+                raise ProtocolError("the first message must be attach", code=p.E_HANDSHAKE)
+            if msg.version != p.PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"protocol version {msg.version} is not supported (daemon speaks "
+                    f"{p.PROTOCOL_VERSION})",
+                    code=p.E_VERSION,
+                )
+            self.attached = True
+            self.name = msg.name[:64]
+            if self._handshake_timer is not None:
+                self._handshake_timer.cancel()
+            self.log = self.log.bind(client_name=self.name) if self.name else self.log
+            self.log.info("client attached", claimed_pid=msg.pid)
+            return
+        if isinstance(msg, p.Subscribe):
+            seq = self._hub.subscribe(self, msg.channel)
+            if seq is None:
+                self.log.info("subscribe refused", channel=msg.channel, reason="unknown channel")
+                self.enqueue(p.encode_item(p.Error(
+                    p.E_UNKNOWN_CHANNEL, f"channel {msg.channel!r} is not registered",
+                    msg.channel)))
+                return
+            self.subscriptions[msg.channel] = None
+            self.enqueue(p.encode_item(p.Subscribed(msg.channel, seq)))
+            self.log.debug("subscribed", channel=msg.channel)
+        elif isinstance(msg, p.Unsubscribe):
+            self._hub.unsubscribe(self, msg.channel)
+            self.subscriptions.pop(msg.channel, None)
+            self.enqueue(p.encode_item(p.Unsubscribed(msg.channel)))
+        elif isinstance(msg, p.StatusRequest):
+            self.enqueue(p.encode_item(p.StatusReply(self._server.status())))
+        else:
+            raise ProtocolError(f"unexpected {type(msg).__name__} after attach")
+
+    def _handshake_expired(self) -> None:
+        if not self.attached and not self.closing:
+            self._server.counters["frames_rejected"] += 1
+            self.fail(p.E_HANDSHAKE, "no attach within the handshake timeout")
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def enqueue(self, item: bytes) -> None:
+        """Queue one encoded message; frames go out once per event-loop turn."""
+        if self.closing:
+            return
+        self._pending.append(item)
+        self._pending_bytes += len(item)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            if self.transport is not None and (
+                self.transport.get_write_buffer_size() + self._pending_bytes > self._budget
+            ):
+                self._cut_slow()
+        elif self._pending_bytes > self._budget:
+            self._cut_slow()
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if self.closing or self.transport is None or not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        self._pending_bytes = 0
+        self.sent += len(pending)
+        limit = p.MAX_SERVER_FRAME - 16
+        start, size = 0, 0
+        write = self.transport.write
+        for i, item in enumerate(pending):
+            if size + len(item) > limit and i > start:
+                write(p.frame_items(pending[start:i]))
+                start, size = i, 0
+            size += len(item)
+        write(p.frame_items(pending[start:]))
+        if self.transport.get_write_buffer_size() > self._budget:
+            self._cut_slow()
+
+    def _write_now(self, *messages: p.Message) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(p.encode_frame(*messages))
+
+    def _cut_slow(self) -> None:
+        server = self._server
+        server.counters["clients_cut_slow"] += 1
+        waiting = self._pending_bytes + (
+            self.transport.get_write_buffer_size() if self.transport else 0
+        )
+        self.log.warning("client cut", reason="slow consumer", bytes_waiting=waiting,
+                         budget=self._budget)
+        self.abort()
+
+    # -- ending ----------------------------------------------------------------------------------
+
+    def fail(self, code: str, message: str) -> None:
+        """Tell the client why (an Error frame), then close this connection only."""
+        if self.closing:
+            return
+        self.log.warning("client closed", code=code, reason=message)
+        self._flush()
+        self._write_now(p.Error(code, message, None, True))
+        self.close()
+
+    def goodbye(self, reason: str) -> None:
+        if self.closing:
+            return
+        self._flush()
+        self._write_now(p.Goodbye(reason))
+        self.close()
+
+    def close(self) -> None:
+        """Close after the buffered bytes are written."""
+        self.closing = True
+        self._cancel_timers()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, discarding whatever is buffered."""
+        self.closing = True
+        self._cancel_timers()
+        self._pending.clear()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _cancel_timers(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+
+    def write_buffer_size(self) -> int:
+        return self._pending_bytes + (
+            self.transport.get_write_buffer_size() if self.transport else 0
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "uid": self.uid,
+            "gid": self.gid,
+            "name": self.name,
+            "attached": self.attached,
+            "subscriptions": list(self.subscriptions),
+            "bytes_waiting": self.write_buffer_size(),
+            "messages_sent": self.sent,
+            "connected_at": self.connected_at,
+        }

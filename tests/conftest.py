@@ -1,0 +1,254 @@
+"""Fixtures: a real daemon in a subprocess, a real PostgreSQL, short socket paths."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pgbus
+import pytest
+
+DSN = os.environ.get("PGBUSD_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+#: Short intervals so fault tests finish quickly; each test may override.
+FAST = [
+    "--health-interval", "0.5",
+    "--health-timeout", "1",
+    "--connect-timeout", "2",
+    "--backoff-initial", "0.05",
+    "--backoff-max", "0.5",
+    "--shutdown-timeout", "2",
+    "--log-format", "json",
+]  # fmt: skip
+
+
+def unique_channel(prefix: str = "t") -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+async def wait_until(
+    predicate: Callable[[], Any] | Callable[[], Awaitable[Any]],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> Any:
+    """Poll ``predicate`` (sync or async) until it returns something truthy, or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def wait_until_sync(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Daemon:
+    """A pgbusd subprocess with its own socket directory and log file."""
+
+    def __init__(self, workdir: Path, channels: list[str], dsn: str | None, args: list[str],
+                 env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.socket = str(workdir / "pgbusd.sock")
+        self.channels = channels
+        self.dsn = dsn
+        self.args = args
+        self.env = env
+        self.log_path = workdir / f"daemon-{uuid.uuid4().hex[:6]}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "pgbusd", "--socket", self.socket, *FAST]
+        if self.dsn is not None:
+            cmd += ["--dsn", self.dsn]
+        for ch in self.channels:
+            cmd += ["--channel", ch]
+        return cmd + self.args
+
+    def start(self) -> Daemon:
+        env = {**os.environ, **(self.env or {})}
+        env.pop("PGBUSD_SOCKET", None)
+        self.log_path = self.workdir / f"daemon-{uuid.uuid4().hex[:6]}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         env=env)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def status(self) -> dict[str, Any] | None:
+        try:
+            async with pgbus.connect(self.socket, attach_timeout=2) as bus:
+                return await asyncio.wait_for(bus.status(), 2)
+        except (pgbus.PgbusError, OSError, TimeoutError):
+            return None
+
+    async def wait_serving(self, timeout: float = 15.0) -> None:
+        await wait_until(self.status, timeout, what=f"pgbusd serving at {self.socket}:\n"
+                         + (self.log() if self.log_path.exists() else ""))
+
+    async def wait_generation(self, generation: int, timeout: float = 15.0) -> dict[str, Any]:
+        async def ready() -> dict[str, Any] | None:
+            assert self.alive(), f"daemon exited:\n{self.log()}"
+            st = await self.status()
+            if st and st["postgres"]["connected"] and st["generation"] >= generation:
+                return st
+            return None
+
+        result: dict[str, Any] = await wait_until(ready, timeout,
+                                                  what=f"daemon generation {generation}")
+        return result
+
+    async def backend_pid(self) -> int:
+        st = await self.wait_generation(1)
+        pid: int = st["postgres"]["backend_pid"]
+        return pid
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    # pytest's tmp_path can exceed the 108-byte limit of a Unix socket path.
+    path = Path(tempfile.mkdtemp(prefix="pgb", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+DaemonFactory = Callable[..., Daemon]
+
+
+@pytest.fixture
+def daemon_factory(workdir: Path) -> Iterator[DaemonFactory]:
+    started: list[Daemon] = []
+
+    def make(channels: list[str] | None = None, *, dsn: str | None = DSN,
+             args: list[str] | None = None, env: dict[str, str] | None = None,
+             start: bool = True, subdir: str | None = None) -> Daemon:
+        wd = workdir / subdir if subdir else workdir
+        wd.mkdir(exist_ok=True)
+        d = Daemon(wd, channels if channels is not None else [unique_channel()], dsn,
+                   args or [], env)
+        started.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in started:
+        d.kill()
+
+
+@pytest.fixture
+async def daemon(daemon_factory: DaemonFactory) -> Daemon:
+    """A daemon relaying two fresh channels, connected to PostgreSQL (generation 1)."""
+    d = daemon_factory([unique_channel("a"), unique_channel("b")])
+    await d.wait_generation(1)
+    return d
+
+
+@pytest.fixture
+async def pg() -> AsyncIterator[Any]:
+    conn = await asyncpg.connect(DSN)
+    yield conn
+    await conn.close()
+
+
+async def notify(conn: Any, channel: str, *payloads: str) -> None:
+    """Send ``payloads`` on ``channel`` in one transaction (delivered at commit, in order)."""
+    async with conn.transaction():
+        for payload in payloads:
+            await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
+
+
+async def terminate_backend(conn: Any, pid: int) -> None:
+    assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+
+
+@contextlib.asynccontextmanager
+async def attached(daemon: Daemon, **kwargs: Any) -> AsyncIterator[pgbus.Bus]:
+    kwargs.setdefault("reconnect_initial", 0.02)
+    kwargs.setdefault("reconnect_max", 0.2)
+    async with pgbus.connect(daemon.socket, **kwargs) as bus:
+        yield bus
+
+
+class ClientProcess:
+    """A separate worker process attached through pgbus (tests/clientproc.py)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, socket: str, channel: str) -> ClientProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).with_name("clientproc.py")), socket, channel,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        return cls(proc)
+
+    async def next_event(self, timeout: float = 10.0) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        assert line, "client process exited"
+        event: dict[str, Any] = __import__("json").loads(line)
+        return event
+
+    async def expect(self, event: str, timeout: float = 10.0) -> dict[str, Any]:
+        while True:
+            got = await self.next_event(timeout)
+            if got["event"] == event:
+                return got
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@pytest.fixture
+async def client_processes() -> AsyncIterator[list[ClientProcess]]:
+    procs: list[ClientProcess] = []
+    yield procs
+    for p in procs:
+        await p.stop()

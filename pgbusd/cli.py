@@ -15,7 +15,7 @@ from pgbusd.config import Config, ConfigError
 F = Callable[..., Any]
 
 
-class _Octal(click.ParamType):
+class _Octal(click.ParamType):  # type: ignore[type-arg]
     name = "octal"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:

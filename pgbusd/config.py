@@ -46,9 +46,12 @@ class Config:
     )
     socket: str = _opt(DEFAULT_SOCKET, "Unix socket path clients attach to.", metavar="PATH")
     socket_mode: int = _opt(0o660, "Permission bits of the socket file (octal).", metavar="MODE")
-    log_level: str = _opt("info", "Lowest level logged.", choice=("debug", "info", "warning", "error"))
+    log_level: str = _opt(
+        "info", "Lowest level logged.", choice=("debug", "info", "warning", "error")
+    )
     log_format: str = _opt(
-        "auto", "Log format; auto is console on a TTY, JSON lines otherwise.",
+        "auto",
+        "Log format; auto is console on a TTY, JSON lines otherwise.",
         choice=("auto", "console", "json"),
     )
     connect_timeout: float = _opt(10.0, "Seconds one PostgreSQL connection attempt may take.")
@@ -87,8 +90,15 @@ class Config:
         object.__setattr__(self, "channel", tuple(seen))
         if len(os.fsencode(self.socket)) > 107:
             raise ConfigError("socket", f"socket path {self.socket!r} is longer than 107 bytes")
-        for name in ("connect_timeout", "health_interval", "health_timeout", "backoff_initial",
-                     "backoff_max", "handshake_timeout", "shutdown_timeout"):
+        for name in (
+            "connect_timeout",
+            "health_interval",
+            "health_timeout",
+            "backoff_initial",
+            "backoff_max",
+            "handshake_timeout",
+            "shutdown_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"{name} must be positive")
         for name in ("write_budget", "max_clients"):

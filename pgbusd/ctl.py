@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 import click
+
 import pgbus
 
 EXIT_PG_DOWN = 1
@@ -51,21 +52,29 @@ def render(status: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"{'CHANNEL':<40} {'SUBSCRIBERS':>11} {'RECEIVED':>10}  LAST RECEIVED")
     for name, ch in status["channels"].items():
-        lines.append(f"{name:<40} {ch['subscribers']:>11} {ch['received']:>10}  "
-                     f"{_when(ch['last_received'])}")
+        lines.append(
+            f"{name:<40} {ch['subscribers']:>11} {ch['received']:>10}  {_when(ch['last_received'])}"
+        )
     lines.append("")
     lines.append(f"{'CLIENT PID':>10} {'UID':>6} {'SENT':>10} {'WAITING':>9}  SUBSCRIPTIONS")
     for c in status["clients"]:
-        lines.append(f"{c['pid']:>10} {c['uid']:>6} {c['messages_sent']:>10} "
-                     f"{c['bytes_waiting']:>9}  {','.join(c['subscriptions']) or '-'}")
+        lines.append(
+            f"{c['pid']:>10} {c['uid']:>6} {c['messages_sent']:>10} "
+            f"{c['bytes_waiting']:>9}  {','.join(c['subscriptions']) or '-'}"
+        )
     lines.append("")
     lines.append("totals      " + "  ".join(f"{k} {v}" for k, v in totals.items()))
     return "\n".join(lines)
 
 
 @click.group(context_settings={"auto_envvar_prefix": "PGBUSD"})
-@click.option("--socket", default=pgbus.default_socket_path, show_default="$PGBUSD_SOCKET or "
-              + pgbus.DEFAULT_SOCKET, help="The daemon's socket.", show_envvar=True)
+@click.option(
+    "--socket",
+    default=pgbus.default_socket_path,
+    show_default="$PGBUSD_SOCKET or " + pgbus.DEFAULT_SOCKET,
+    help="The daemon's socket.",
+    show_envvar=True,
+)
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the daemon.")
 @click.pass_context
 def main(ctx: click.Context, socket: str, timeout: float) -> None:

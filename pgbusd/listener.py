@@ -20,14 +20,15 @@ The loop, once per connection:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 import time
 from typing import Any
 
 import asyncpg
-from pgbus.backoff import Backoff
 
+from pgbus.backoff import Backoff
 from pgbusd.config import Config
 from pgbusd.hub import Hub
 from pgbusd.log import get_logger
@@ -108,8 +109,9 @@ class Listener:
                 break
             self.reconnects += 1
             self._note_error(lost_reason)
-            self.log.warning("postgres connection lost", reason=lost_reason,
-                             generation=self.generation)
+            self.log.warning(
+                "postgres connection lost", reason=lost_reason, generation=self.generation
+            )
 
     async def stop(self) -> None:
         """Stop the loop and close the connection (gracefully, falling back to terminate)."""
@@ -163,8 +165,9 @@ class Listener:
                 await asyncio.wait_for(conn.add_listener(channel, self._on_notify), timeout)
             await asyncio.wait_for(conn.add_listener(self.probe_channel, self._on_probe), timeout)
             listening = set(
-                await conn.fetchval("SELECT array_agg(c) FROM pg_listening_channels() c",
-                                    timeout=timeout)
+                await conn.fetchval(
+                    "SELECT array_agg(c) FROM pg_listening_channels() c", timeout=timeout
+                )
                 or ()
             )
             wanted = {*self.config.channels, self.probe_channel}
@@ -179,9 +182,13 @@ class Listener:
             self.connected_since = time.time()
             self.next_retry_at = None
             self.hub.tick(self.generation)
-            self.log.info("listening", generation=self.generation,
-                          channels=list(self.config.channels), server=self.server_address,
-                          backend_pid=self.backend_pid)
+            self.log.info(
+                "listening",
+                generation=self.generation,
+                channels=list(self.config.channels),
+                server=self.server_address,
+                backend_pid=self.backend_pid,
+            )
         finally:
             held, self._held = self._held, None
         for args in held:
@@ -195,8 +202,11 @@ class Listener:
             stop = asyncio.ensure_future(self._stopping.wait())
             lost = asyncio.ensure_future(self._lost.wait())
             try:
-                await asyncio.wait((stop, lost), timeout=0 if not healthy_once else interval,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    (stop, lost),
+                    timeout=0 if not healthy_once else interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
             finally:
                 stop.cancel()
                 lost.cancel()
@@ -221,7 +231,8 @@ class Listener:
             async with asyncio.timeout(timeout):
                 usage = await conn.fetchval(
                     "SELECT pg_notification_queue_usage() FROM pg_notify($1, $2)",
-                    self.probe_channel, token,
+                    self.probe_channel,
+                    token,
                 )
                 await probe
         except TimeoutError:
@@ -238,20 +249,26 @@ class Listener:
         self.last_health_ok = time.time()
         self.queue_usage = float(usage)
         if self.queue_usage >= self.config.queue_warn:
-            self.log.warning("notification queue filling", queue_usage=self.queue_usage,
-                             threshold=self.config.queue_warn)
+            self.log.warning(
+                "notification queue filling",
+                queue_usage=self.queue_usage,
+                threshold=self.config.queue_warn,
+            )
 
     async def _failed(self, exc: BaseException, step: str) -> None:
         delay = self._backoff.next_delay()
         self._note_error(f"{step}: {exc!r}")
         self.state = "connecting"
         self.next_retry_at = time.time() + delay
-        self.log.warning("postgres unavailable", step=step, error=repr(exc),
-                         retry_in=round(delay, 3), failures=self._backoff.failures)
-        try:
+        self.log.warning(
+            "postgres unavailable",
+            step=step,
+            error=repr(exc),
+            retry_in=round(delay, 3),
+            failures=self._backoff.failures,
+        )
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-        except TimeoutError:
-            pass
 
     def _note_error(self, message: str) -> None:
         self.last_error = message

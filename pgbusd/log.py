@@ -31,9 +31,7 @@ def configure(level: str, fmt: str, secrets: list[str]) -> None:
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer()
-        if fmt == "console"
-        else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
     )
     processors: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,

@@ -13,9 +13,8 @@ import time
 from collections import Counter
 from typing import Any
 
-from pgbus import protocol as p
-
 import pgbusd
+from pgbus import protocol as p
 from pgbusd.config import Config
 from pgbusd.hub import Hub
 from pgbusd.listener import FatalConfigError, Listener
@@ -61,8 +60,13 @@ class Server:
             return EXIT_FAILURE
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        self.log.info("serving", socket=self.config.socket, channels=list(self.config.channels),
-                      dsn=self.config.redacted_dsn(), pid=os.getpid())
+        self.log.info(
+            "serving",
+            socket=self.config.socket,
+            channels=list(self.config.channels),
+            dsn=self.config.redacted_dsn(),
+            pid=os.getpid(),
+        )
         if not self.config.channels:
             self.log.warning("no channels registered; clients can subscribe to nothing")
         listener = asyncio.create_task(self.listener.run(), name="pgbusd-listener")
@@ -70,12 +74,12 @@ class Server:
         await asyncio.wait((listener, stopper), return_when=asyncio.FIRST_COMPLETED)
         code = EXIT_OK
         if listener.done() and not listener.cancelled():
-            exc = listener.exception()
-            if isinstance(exc, FatalConfigError):
-                self.log.error("invalid PostgreSQL connection settings", error=str(exc))
+            failure = listener.exception()
+            if isinstance(failure, FatalConfigError):
+                self.log.error("invalid PostgreSQL connection settings", error=str(failure))
                 code = EXIT_CONFIG
-            elif exc is not None:
-                self.log.error("listener crashed", error=repr(exc))
+            elif failure is not None:
+                self.log.error("listener crashed", error=repr(failure))
                 code = EXIT_FAILURE
         stopper.cancel()
         await self.shutdown(listener)

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pgbus import protocol as p
 from pgbus.errors import ProtocolError
-
 from pgbusd.log import get_logger
 
 if TYPE_CHECKING:
@@ -68,8 +67,10 @@ class Session(asyncio.Protocol):
         if len(self._hub.sessions) >= server.config.max_clients:
             server.counters["clients_refused"] += 1
             self.log.warning("client refused", reason="too many clients")
-            self.fail(p.E_TOO_MANY_CLIENTS, f"the daemon serves at most "
-                      f"{server.config.max_clients} clients")
+            self.fail(
+                p.E_TOO_MANY_CLIENTS,
+                f"the daemon serves at most {server.config.max_clients} clients",
+            )
             return
         self._hub.add(self)
         loop = asyncio.get_running_loop()
@@ -132,9 +133,15 @@ class Session(asyncio.Protocol):
             seq = self._hub.subscribe(self, msg.channel)
             if seq is None:
                 self.log.info("subscribe refused", channel=msg.channel, reason="unknown channel")
-                self.enqueue(p.encode_item(p.Error(
-                    p.E_UNKNOWN_CHANNEL, f"channel {msg.channel!r} is not registered",
-                    msg.channel)))
+                self.enqueue(
+                    p.encode_item(
+                        p.Error(
+                            p.E_UNKNOWN_CHANNEL,
+                            f"channel {msg.channel!r} is not registered",
+                            msg.channel,
+                        )
+                    )
+                )
                 return
             self.subscriptions[msg.channel] = None
             self.enqueue(p.encode_item(p.Subscribed(msg.channel, seq)))
@@ -199,8 +206,9 @@ class Session(asyncio.Protocol):
         waiting = self._pending_bytes + (
             self.transport.get_write_buffer_size() if self.transport else 0
         )
-        self.log.warning("client cut", reason="slow consumer", bytes_waiting=waiting,
-                         budget=self._budget)
+        self.log.warning(
+            "client cut", reason="slow consumer", bytes_waiting=waiting, budget=self._budget
+        )
         self.abort()
 
     # -- ending ----------------------------------------------------------------------------------

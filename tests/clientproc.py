@@ -24,13 +24,16 @@ async def main(path: str, channel: str) -> None:
     async with pgbus.connect(path, reconnect_initial=0.05, reconnect_max=0.5) as bus:
         watch = bus.subscribe_reconnects()
         sub = await bus.subscribe(channel, buffer=100_000)
-        emit(event="ready", generation=watch.borrow(), pid=os.getpid(),
-             attached_at=asyncio.get_running_loop().time())
+        emit(
+            event="ready",
+            generation=watch.borrow(),
+            pid=os.getpid(),
+            attached_at=asyncio.get_running_loop().time(),
+        )
         changed = asyncio.ensure_future(watch.changed())
         received = asyncio.ensure_future(sub.recv())
         while True:
-            done, _ = await asyncio.wait((changed, received),
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait((changed, received), return_when=asyncio.FIRST_COMPLETED)
             if changed in done:
                 emit(event="generation", generation=changed.result(), attaches=bus.attach_count)
                 changed = asyncio.ensure_future(watch.changed())

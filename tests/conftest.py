@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pgbus
 import pytest
+
+import pgbus
 
 DSN = os.environ.get("PGBUSD_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 #: Short intervals so fault tests finish quickly; each test may override.
@@ -70,8 +71,14 @@ def wait_until_sync(predicate: Callable[[], Any], timeout: float = 10.0, what: s
 class Daemon:
     """A pgbusd subprocess with its own socket directory and log file."""
 
-    def __init__(self, workdir: Path, channels: list[str], dsn: str | None, args: list[str],
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        channels: list[str],
+        dsn: str | None,
+        args: list[str],
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.socket = str(workdir / "pgbusd.sock")
         self.channels = channels
@@ -94,8 +101,9 @@ class Daemon:
         env.pop("PGBUSD_SOCKET", None)
         self.log_path = self.workdir / f"daemon-{uuid.uuid4().hex[:6]}.log"
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         env=env)
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env
+            )
         return self
 
     @property
@@ -117,8 +125,12 @@ class Daemon:
             return None
 
     async def wait_serving(self, timeout: float = 15.0) -> None:
-        await wait_until(self.status, timeout, what=f"pgbusd serving at {self.socket}:\n"
-                         + (self.log() if self.log_path.exists() else ""))
+        await wait_until(
+            self.status,
+            timeout,
+            what=f"pgbusd serving at {self.socket}:\n"
+            + (self.log() if self.log_path.exists() else ""),
+        )
 
     async def wait_generation(self, generation: int, timeout: float = 15.0) -> dict[str, Any]:
         async def ready() -> dict[str, Any] | None:
@@ -128,8 +140,9 @@ class Daemon:
                 return st
             return None
 
-        result: dict[str, Any] = await wait_until(ready, timeout,
-                                                  what=f"daemon generation {generation}")
+        result: dict[str, Any] = await wait_until(
+            ready, timeout, what=f"daemon generation {generation}"
+        )
         return result
 
     async def backend_pid(self) -> int:
@@ -164,13 +177,20 @@ DaemonFactory = Callable[..., Daemon]
 def daemon_factory(workdir: Path) -> Iterator[DaemonFactory]:
     started: list[Daemon] = []
 
-    def make(channels: list[str] | None = None, *, dsn: str | None = DSN,
-             args: list[str] | None = None, env: dict[str, str] | None = None,
-             start: bool = True, subdir: str | None = None) -> Daemon:
+    def make(
+        channels: list[str] | None = None,
+        *,
+        dsn: str | None = DSN,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        start: bool = True,
+        subdir: str | None = None,
+    ) -> Daemon:
         wd = workdir / subdir if subdir else workdir
         wd.mkdir(exist_ok=True)
-        d = Daemon(wd, channels if channels is not None else [unique_channel()], dsn,
-                   args or [], env)
+        d = Daemon(
+            wd, channels if channels is not None else [unique_channel()], dsn, args or [], env
+        )
         started.append(d)
         return d.start() if start else d
 
@@ -222,7 +242,10 @@ class ClientProcess:
     @classmethod
     async def start(cls, socket: str, channel: str) -> ClientProcess:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(Path(__file__).with_name("clientproc.py")), socket, channel,
+            sys.executable,
+            str(Path(__file__).with_name("clientproc.py")),
+            socket,
+            channel,
             stdout=asyncio.subprocess.PIPE,
         )
         return cls(proc)

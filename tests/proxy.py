@@ -23,7 +23,7 @@ class TcpProxy:
         self.listen_port = listen_port
         self.blackholed = False
         self.connections = 0
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-import pgbus
 import pytest
 
+import pgbus
 from tests.conftest import (
     Daemon,
     DaemonFactory,
@@ -43,8 +43,11 @@ async def test_subscribe_raises_for_unknown_channel(daemon_factory: DaemonFactor
 
 
 async def test_channels_returns_all_registered_names(daemon_factory: DaemonFactory) -> None:
-    names = [unique_channel("forge_changes"), unique_channel("forge_jobs"),
-             unique_channel("forge_workflow")]
+    names = [
+        unique_channel("forge_changes"),
+        unique_channel("forge_jobs"),
+        unique_channel("forge_workflow"),
+    ]
     d = daemon_factory(names)
     await d.wait_serving()
     async with attached(d) as bus:

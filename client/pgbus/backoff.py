@@ -22,7 +22,7 @@ class Backoff:
     _rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def compute(self, failures: int) -> float:
-        base = min(self.maximum, self.initial * (2 ** min(failures, 62)))
+        base = min(self.maximum, self.initial * float(2 ** min(failures, 62)))
         return base - base * self.jitter * self._rng.random()
 
     def next_delay(self) -> float:

@@ -79,7 +79,7 @@ _HEADER: Final = struct.Struct(">I")
 HEADER_SIZE: Final = _HEADER.size
 
 
-class Message(msgspec.Struct, tag_field="t", array_like=True, frozen=True):
+class Message(msgspec.Struct, tag_field="t", array_like=True):
     """Base of every message."""
 
 
@@ -217,7 +217,7 @@ class FrameDecoder(Generic[M]):
 
     def __init__(self, message_type: Any, max_frame: int) -> None:
         self._decoder: msgspec.msgpack.Decoder[list[M]] = msgspec.msgpack.Decoder(
-            list[message_type]  # type: ignore[valid-type]
+            list[message_type]
         )
         self._max_frame = max_frame
         self._buf = bytearray()
@@ -274,12 +274,12 @@ class FrameDecoder(Generic[M]):
         return messages
 
 
-def server_decoder() -> FrameDecoder[ServerMessage]:  # type: ignore[type-var]
+def server_decoder() -> FrameDecoder[ServerMessage]:
     """The decoder a client uses for what the daemon sends."""
     return FrameDecoder(ServerMessage, MAX_SERVER_FRAME)
 
 
-def client_decoder(max_frame: int = MAX_CLIENT_FRAME) -> FrameDecoder[ClientMessage]:  # type: ignore[type-var]
+def client_decoder(max_frame: int = MAX_CLIENT_FRAME) -> FrameDecoder[ClientMessage]:
     """The decoder the daemon uses for what a client sends."""
     return FrameDecoder(ClientMessage, max_frame)
 

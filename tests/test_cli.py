@@ -1,0 +1,144 @@
+"""The daemon's command line: validation at the edge, environment variables, secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pgbus
+import pytest
+
+from pgbusd.config import Config, ConfigError, redact
+from tests.conftest import (
+    FAST,
+    Daemon,
+    DaemonFactory,
+    attached,
+    notify,
+    unique_channel,
+    wait_until,
+)
+
+
+def run_pgbusd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pgbusd", *args],
+        capture_output=True, text=True, timeout=30, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        pytest.param("", "empty", id="empty"),
+        pytest.param("a" * 64, "64 bytes", id="64-ascii"),
+        pytest.param("é" * 32, "64 bytes", id="32-e-acute"),
+    ],
+)
+def test_invalid_channel_name_is_refused_at_startup_naming_it(
+    workdir: Path, name: str, why: str
+) -> None:
+    result = run_pgbusd("--socket", str(workdir / "s.sock"), "--channel", "ok", "--channel", name)
+    assert result.returncode == 2
+    assert "--channel" in result.stderr
+    assert why in result.stderr
+    if name:
+        assert repr(name) in result.stderr
+    assert not (workdir / "s.sock").exists()
+
+
+def test_channel_name_with_nul_is_refused() -> None:
+    with pytest.raises(ConfigError, match="NUL") as err:
+        Config(channel=("bad\x00name",))
+    assert err.value.option == "channel"
+
+
+@pytest.mark.parametrize("name", ["a" * 63, "é" * 31 + "x", "MiXeD_Case", 'x"; DROP TABLE t; --'])
+def test_valid_channel_names_are_accepted_exactly(name: str) -> None:
+    assert Config(channel=(name,)).channels == (name,)
+
+
+def test_dsn_that_is_not_a_uri_is_refused(workdir: Path) -> None:
+    result = run_pgbusd("--socket", str(workdir / "s.sock"), "--channel", "c", "--dsn", "notaurl")
+    assert result.returncode == 2
+    assert "--dsn" in result.stderr
+    assert "postgresql://" in result.stderr
+
+
+def test_dsn_with_impossible_settings_exits_with_a_clear_error(workdir: Path) -> None:
+    result = run_pgbusd(
+        "--socket", str(workdir / "s.sock"), "--channel", "c", "--log-format", "json",
+        "--dsn", "postgresql://postgres:hunter2@127.0.0.1/test?sslmode=bogus",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "sslmode" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+    assert not (workdir / "s.sock").exists()
+
+
+def test_help_lists_options_with_their_environment_variables() -> None:
+    result = run_pgbusd("--help")
+    assert result.returncode == 0
+    for env in ("PGBUSD_DSN", "PGBUSD_CHANNEL", "PGBUSD_SOCKET", "PGBUSD_HEALTH_INTERVAL"):
+        assert env in result.stdout
+
+
+async def test_every_option_is_also_an_environment_variable(
+    daemon_factory: DaemonFactory, pg: Any
+) -> None:
+    a, b = unique_channel("env_a"), unique_channel("env_b")
+    d = daemon_factory([], env={"PGBUSD_CHANNEL": f"{a} {b}", "PGBUSD_HEALTH_INTERVAL": "0.7"})
+    st = await d.wait_generation(1)
+    assert sorted(st["channels"]) == sorted([a, b])
+    async with attached(d) as bus:
+        sub = await bus.subscribe(b)
+        await notify(pg, b, "via-env")
+        assert await asyncio.wait_for(sub.recv(), 10) == "via-env"
+
+
+async def test_client_finds_the_socket_through_pgbusd_socket(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGBUSD_SOCKET", daemon.socket)
+    assert pgbus.default_socket_path() == daemon.socket
+    async with pgbus.connect() as bus:
+        assert sorted(bus.channels()) == sorted(daemon.channels)
+
+
+async def test_password_never_appears_in_logs_or_status(daemon_factory: DaemonFactory) -> None:
+    secret = "s3cr3t-Pa55word"
+    d = daemon_factory(dsn=f"postgresql://postgres:{secret}@127.0.0.1:1/test")
+    await d.wait_serving()
+    st = await wait_until(
+        lambda: _status_with_error(d), what="the connect failure to show in status"
+    )
+    text = json.dumps(st)
+    assert secret not in text
+    assert "postgres:***@127.0.0.1:1/test" in text
+    log = d.log()
+    assert "postgres unavailable" in log
+    assert secret not in log
+    d.terminate()
+    assert secret not in d.log()
+
+
+async def _status_with_error(d: Daemon) -> dict[str, Any] | None:
+    st = await d.status()
+    return st if st and st["postgres"]["last_error"] else None
+
+
+def test_redact_masks_uri_and_keyword_passwords() -> None:
+    assert redact("postgresql://u:pw@h/db", []) == "postgresql://u:***@h/db"
+    assert redact("host=h password='a b' user=u", []) == "host=h password=*** user=u"
+    assert redact("error: bad token xyzzy", ["xyzzy"]) == "error: bad token ***"
+
+
+def test_fast_intervals_are_options() -> None:
+    # The suite depends on these options existing; keep them in sync with the fixtures.
+    result = run_pgbusd(*FAST, "--help")
+    assert result.returncode == 0

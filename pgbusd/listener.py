@@ -97,9 +97,10 @@ class Listener:
                 await self._listen(conn)
             except Exception as exc:
                 conn.terminate()
-                await self._failed(exc, "listen")
+                # A refused LISTEN (hot standby) or a mismatch is not a network blip: say so loudly.
+                await self._failed(exc, "listen", loud=True)
                 continue
-            lost_reason = await self._supervise(conn)
+            reason, proven = await self._supervise(conn)
             self._conn = None
             if not conn.is_closed():
                 conn.terminate()
@@ -108,10 +109,13 @@ class Listener:
             if self._stopping.is_set():
                 break
             self.reconnects += 1
-            self._note_error(lost_reason)
-            self.log.warning(
-                "postgres connection lost", reason=lost_reason, generation=self.generation
-            )
+            if not proven:
+                # Never passed a health check: count it as a failed attempt and back off, so a
+                # server that accepts LISTEN but never delivers is not hammered.
+                await self._failed(reason, "health", loud=True)
+                continue
+            self._note_error(reason)
+            self.log.warning("postgres connection lost", reason=reason, generation=self.generation)
 
     async def stop(self) -> None:
         """Stop the loop and close the connection (gracefully, falling back to terminate)."""
@@ -194,8 +198,11 @@ class Listener:
         for args in held:
             self.hub.publish(*args)
 
-    async def _supervise(self, conn: Any) -> str:
-        """Health-check until the connection is lost or the daemon stops; return why it ended."""
+    async def _supervise(self, conn: Any) -> tuple[str, bool]:
+        """Health-check until the connection is lost or the daemon stops.
+
+        Returns why it ended and whether the connection ever passed a health check.
+        """
         interval = self.config.health_interval
         healthy_once = False
         while True:
@@ -211,13 +218,13 @@ class Listener:
                 stop.cancel()
                 lost.cancel()
             if self._stopping.is_set():
-                return "stopping"
+                return "stopping", healthy_once
             if self._lost.is_set():
-                return "terminated by the server"
+                return "terminated by the server", healthy_once
             try:
                 await self._health_check(conn)
             except _Unhealthy as exc:
-                return f"health check failed: {exc}"
+                return f"health check failed: {exc}", healthy_once
             if not healthy_once:
                 healthy_once = True
                 self._backoff.reset()
@@ -227,6 +234,7 @@ class Listener:
         probe: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._probes[token] = probe
         timeout = self.config.health_timeout
+        answered = False
         try:
             async with asyncio.timeout(timeout):
                 usage = await conn.fetchval(
@@ -234,9 +242,10 @@ class Listener:
                     self.probe_channel,
                     token,
                 )
+                answered = True
                 await probe
         except TimeoutError:
-            if probe.done():
+            if not answered:
                 raise _Unhealthy(f"query timed out after {timeout}s") from None
             raise _Unhealthy(
                 f"self-NOTIFY did not come back within {timeout}s (is a transaction pooler "
@@ -255,15 +264,16 @@ class Listener:
                 threshold=self.config.queue_warn,
             )
 
-    async def _failed(self, exc: BaseException, step: str) -> None:
+    async def _failed(self, exc: BaseException | str, step: str, *, loud: bool = False) -> None:
         delay = self._backoff.next_delay()
-        self._note_error(f"{step}: {exc!r}")
+        self._note_error(f"{step}: {exc if isinstance(exc, str) else repr(exc)}")
         self.state = "connecting"
         self.next_retry_at = time.time() + delay
-        self.log.warning(
-            "postgres unavailable",
+        emit = self.log.error if loud else self.log.warning
+        emit(
+            "postgres unusable" if loud else "postgres unavailable",
             step=step,
-            error=repr(exc),
+            error=self.last_error,
             retry_in=round(delay, 3),
             failures=self._backoff.failures,
         )

@@ -275,3 +275,29 @@ async def client_processes() -> AsyncIterator[list[ClientProcess]]:
     yield procs
     for p in procs:
         await p.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_template() -> Iterator[Any]:
+    """One initdb per test session (stopped); tests get copies of it."""
+    from tests.cluster import PrivateCluster
+
+    template = PrivateCluster().init()
+    yield template
+    template.destroy()
+
+
+@pytest.fixture
+def private_cluster(cluster_template: Any) -> Iterator[Any]:
+    """A running private PostgreSQL on its own port; stopped and removed afterwards."""
+    cluster = cluster_template.copy()
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")

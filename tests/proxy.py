@@ -1,4 +1,4 @@
-"""A fault-injecting TCP proxy for tests: pass, blackhole, or cut (RST) on command."""
+"""A fault-injecting TCP proxy for tests: pass, blackhole, cut (RST) or swallow notifications."""
 
 from __future__ import annotations
 
@@ -9,22 +9,32 @@ import struct
 from types import TracebackType
 
 
+class _Link:
+    def __init__(self, down: asyncio.StreamWriter) -> None:
+        self.down = down
+        self.up: asyncio.StreamWriter | None = None
+        self.dead = False
+        self.backlog = b""  # server->client bytes of an incomplete message (filter mode)
+
+
 class TcpProxy:
     """Forwards 127.0.0.1:``listen_port`` to ``target``.
 
-    - ``blackhole()``: keep every connection open but forward nothing (a half-open link: no FIN,
-      no RST, bytes vanish), and leave new connections hanging the same way;
+    - ``blackhole()``: every open connection stays open but forwards nothing from now on (a
+      half-open link: no FIN, no RST, the bytes vanish); ``hang_new`` does the same to new ones;
     - ``cut()``: reset every open connection (RST on both sides);
-    - ``restore()``: forward again (new connections only; blackholed ones stay dead).
+    - ``swallow_notifications``: drop PostgreSQL NotificationResponse messages from the server
+      (what a transaction pooler in front of LISTEN amounts to). Needs ``sslmode=disable``.
     """
 
     def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432), listen_port: int = 0):
         self.target = target
         self.listen_port = listen_port
-        self.blackholed = False
+        self.hang_new = False
+        self.swallow_notifications = False
         self.connections = 0
         self._server: asyncio.Server | None = None
-        self._pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = []
+        self._links: list[_Link] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -34,7 +44,7 @@ class TcpProxy:
         return port
 
     def dsn(self, database: str = "test") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}?sslmode=disable"
 
     async def start(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.listen_port)
@@ -42,50 +52,65 @@ class TcpProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        if self.blackholed:
-            self._pairs.append((writer, None))
-            await self._drain_into_void(reader)
+        link = _Link(writer)
+        self._links.append(link)
+        if self.hang_new:
+            link.dead = True
+            await _drain_into_void(reader)
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            up_reader, link.up = await asyncio.open_connection(*self.target)
         except OSError:
             _reset(writer)
             return
-        self._pairs.append((writer, up_writer))
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(src, dst))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._spawn(self._pump(link, reader, link.up, from_server=False))
+        self._spawn(self._pump(link, up_reader, writer, from_server=True))
 
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, link: _Link, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                    from_server: bool) -> None:  # fmt: skip
         with contextlib.suppress(OSError, asyncio.CancelledError):
             while data := await src.read(65536):
-                if self.blackholed:
-                    await self._drain_into_void(src)
-                    return
+                if link.dead:
+                    continue
+                if from_server and self.swallow_notifications:
+                    data = self._filter(link, data)
                 dst.write(data)
                 await dst.drain()
-        if not self.blackholed:
+        if not link.dead:
             with contextlib.suppress(OSError):
                 dst.close()
 
-    async def _drain_into_void(self, src: asyncio.StreamReader) -> None:
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            while await src.read(65536):
-                pass
+    @staticmethod
+    def _filter(link: _Link, data: bytes) -> bytes:
+        buf = link.backlog + data
+        out = bytearray()
+        pos = 0
+        while len(buf) - pos >= 5:
+            size = struct.unpack_from(">I", buf, pos + 1)[0]
+            end = pos + 1 + size
+            if end > len(buf):
+                break
+            if buf[pos : pos + 1] != b"A":  # NotificationResponse
+                out += buf[pos:end]
+            pos = end
+        link.backlog = buf[pos:]
+        return bytes(out)
 
     def blackhole(self) -> None:
-        self.blackholed = True
-
-    def restore(self) -> None:
-        self.blackholed = False
+        for link in self._links:
+            link.dead = True
 
     def cut(self) -> None:
-        for down, up in self._pairs:
-            _reset(down)
-            if up is not None:
-                _reset(up)
-        self._pairs.clear()
+        for link in self._links:
+            _reset(link.down)
+            if link.up is not None:
+                _reset(link.up)
+        self._links.clear()
 
     async def close(self) -> None:
         if self._server is not None:
@@ -105,6 +130,12 @@ class TcpProxy:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+async def _drain_into_void(src: asyncio.StreamReader) -> None:
+    with contextlib.suppress(OSError, asyncio.CancelledError):
+        while await src.read(65536):
+            pass
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

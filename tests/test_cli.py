@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pgbus
 import pytest
 
+import pgbus
 from pgbusd.config import Config, ConfigError, redact
 from tests.conftest import (
     FAST,

@@ -10,10 +10,10 @@ from typing import Any
 
 import asyncpg
 import msgspec
-import pgbus
 import pytest
-from pgbus import protocol as p
 
+import pgbus
+from pgbus import protocol as p
 from tests.conftest import (
     DSN,
     ClientProcess,
@@ -118,9 +118,7 @@ async def test_terminated_backend_moves_generation_from_1_to_2_and_later_notify_
         assert await asyncio.wait_for(sub.recv(), 10) == "after-reconnect"
 
 
-async def test_client_reattaches_after_daemon_sigkill_and_restart(
-    daemon: Daemon, pg: Any
-) -> None:
+async def test_client_reattaches_after_daemon_sigkill_and_restart(daemon: Daemon, pg: Any) -> None:
     channel = daemon.channels[0]
     async with attached(daemon) as bus:
         watch = bus.subscribe_reconnects()
@@ -174,14 +172,13 @@ async def test_sigterm_says_goodbye_closes_postgres_unlinks_socket_and_exits_zer
         assert code == 0
         await wait_until(lambda: not bus.attached, what="client saw the daemon go")
     assert not os.path.exists(daemon.socket)
-    await wait_until(
-        lambda: _backend_gone(pg, backend), what="the daemon's backend to disconnect"
-    )
+    await wait_until(lambda: _backend_gone(pg, backend), what="the daemon's backend to disconnect")
     assert '"shutting down"' in daemon.log()
 
 
 async def _backend_gone(pg: Any, pid: int) -> bool:
-    return not await pg.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
+    count = await pg.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
+    return bool(count == 0)
 
 
 async def test_unsubscribe_and_close_release_the_daemon_side(daemon: Daemon, pg: Any) -> None:
@@ -193,7 +190,7 @@ async def test_unsubscribe_and_close_release_the_daemon_side(daemon: Daemon, pg:
         assert sub.closed
 
         async def unsubscribed() -> bool:
-            return (await bus.status())["channels"][channel]["subscribers"] == 0
+            return bool((await bus.status())["channels"][channel]["subscribers"] == 0)
 
         await wait_until(unsubscribed, what="daemon dropped the subscription")
         sub2 = await bus.subscribe(channel)
@@ -270,8 +267,9 @@ async def test_wire_hello_then_acks_then_stamped_notifications(daemon: Daemon, p
         assert hello.version == p.PROTOCOL_VERSION
         assert hello.generation == 1
         assert sorted(hello.channels) == sorted([a, b])
-        raw.send(p.Attach(p.PROTOCOL_VERSION, os.getpid(), "raw"), p.Subscribe(a),
-                 p.Subscribe("nope"))
+        raw.send(
+            p.Attach(p.PROTOCOL_VERSION, os.getpid(), "raw"), p.Subscribe(a), p.Subscribe("nope")
+        )
         assert raw.recv() == p.Subscribed(a, 0)
         err = raw.recv()
         assert isinstance(err, p.Error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from pgbusd.config import Config, ConfigError
 
@@ -63,6 +65,26 @@ def main(**options: Any) -> None:
         config = Config(**options)
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint=f"--{exc.option.replace('_', '-')}") from None
+    ctx = click.get_current_context()
+    if config.secrets() and ctx.get_parameter_source("dsn") is ParameterSource.COMMANDLINE:
+        _reexec_without_dsn_in_argv(config.dsn or "")
     from pgbusd.app import run
 
     sys.exit(run(config))
+
+
+def _reexec_without_dsn_in_argv(dsn: str) -> None:
+    """Re-execute with the DSN moved from argv to PGBUSD_DSN.
+
+    /proc/PID/cmdline (the process title in ps and top) is readable by every user on the host,
+    /proc/PID/environ only by the same user and root. The pid stays the same.
+    """
+    args: list[str] = []
+    argv = iter(sys.argv[1:])
+    for arg in argv:
+        if arg == "--dsn":
+            next(argv, None)
+        elif not arg.startswith("--dsn="):
+            args.append(arg)
+    env = {**os.environ, "PGBUSD_DSN": dsn}
+    os.execve(sys.executable, [sys.executable, "-m", "pgbusd", *args], env)

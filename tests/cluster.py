@@ -111,6 +111,9 @@ class PrivateCluster:
             "restart",
         )
 
+    def reload(self) -> None:
+        self._run("pg_ctl", "-D", str(self.datadir), "reload")
+
     def promote(self) -> None:
         self._run("pg_ctl", "-D", str(self.datadir), "-w", "promote")
 

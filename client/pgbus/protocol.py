@@ -267,7 +267,7 @@ class FrameDecoder(Generic[M]):
     def _decode(self, body: memoryview) -> list[M]:
         try:
             messages = self._decoder.decode(body)
-        except (msgspec.DecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # DecodeError, bad UTF-8, too deep
             raise ProtocolError(f"malformed frame: {exc}") from exc
         if not messages:
             raise ProtocolError("frame holds no message")

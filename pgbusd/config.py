@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from pgbus import protocol
 from pgbus._client import DEFAULT_SOCKET
+from pgbusd import access
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,30 @@ class Config:
     )
     socket: str = _opt(DEFAULT_SOCKET, "Unix socket path clients attach to.", metavar="PATH")
     socket_mode: int = _opt(0o660, "Permission bits of the socket file (octal).", metavar="MODE")
+    socket_group: str | None = _opt(
+        None,
+        "Group (name or gid) that owns the socket file; workers reach it through it.",
+        metavar="GROUP",
+    )
+    allow_uid: tuple[str, ...] = _opt(
+        (),
+        "Only these users (name or uid; repeatable) may attach. Root and the daemon's own "
+        "user always may. Unset with --allow-gid unset: whoever can open the socket.",
+        multiple=True,
+        metavar="USER",
+    )
+    allow_gid: tuple[str, ...] = _opt(
+        (),
+        "Members of these groups (name or gid; repeatable; supplementary groups count) may attach.",
+        multiple=True,
+        metavar="GROUP",
+    )
+    channel_acl: tuple[str, ...] = _opt(
+        (),
+        "Restrict subscribing to a channel: CHANNEL=uid:USER,gid:GROUP,... (repeatable).",
+        multiple=True,
+        metavar="RULE",
+    )
     log_level: str = _opt(
         "info", "Lowest level logged.", choice=("debug", "info", "warning", "error")
     )
@@ -69,6 +94,12 @@ class Config:
     shutdown_timeout: float = _opt(5.0, "Seconds clients get to drain on shutdown.")
     queue_warn: float = _opt(
         0.5, "Warn when pg_notification_queue_usage() passes this fraction (0 to 1)."
+    )
+    metrics_address: str | None = _opt(
+        None,
+        "Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9898; port 0 picks "
+        "a free one). Unset: no HTTP listener. No authentication: keep it on loopback.",
+        metavar="HOST:PORT",
     )
 
     def __post_init__(self) -> None:
@@ -108,10 +139,44 @@ class Config:
             raise ConfigError("queue_warn", "queue_warn must be in (0, 1]")
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError("socket_mode", "socket_mode must be between 000 and 777 (octal)")
+        if self.socket.startswith(("@", "\x00")):
+            raise ConfigError(
+                "socket", "abstract-namespace sockets have no permissions; use a path"
+            )
+        if self.socket_group is not None:
+            try:
+                access.resolve_gid(self.socket_group)
+            except ValueError as exc:
+                raise ConfigError("socket_group", str(exc)) from None
+        for name in ("allow_uid", "allow_gid", "channel_acl"):
+            only: dict[str, tuple[str, ...]] = {"allow_uid": (), "allow_gid": (), "channel_acl": ()}
+            only[name] = getattr(self, name)
+            try:
+                access.AccessPolicy.build(**only)
+            except ValueError as exc:
+                raise ConfigError(name, str(exc)) from None
+        for acl in self.channel_acl:
+            channel = access.parse_channel_acl(acl)[0]
+            if channel not in self.channel:
+                raise ConfigError("channel_acl", f"channel {channel!r} in {acl!r} is not relayed")
+        if self.metrics_address is not None:
+            try:
+                split_host_port(self.metrics_address)
+            except ValueError as exc:
+                raise ConfigError("metrics_address", str(exc)) from None
 
     @property
     def channels(self) -> tuple[str, ...]:
         return self.channel
+
+    def access_policy(self) -> access.AccessPolicy:
+        """The allow lists with user and group names resolved (ValueError naming a bad one)."""
+        return access.AccessPolicy.build(self.allow_uid, self.allow_gid, self.channel_acl)
+
+    @property
+    def metrics_endpoint(self) -> tuple[str, int] | None:
+        """(host, port) to serve /metrics on, or None when ``metrics_address`` is unset."""
+        return None if self.metrics_address is None else split_host_port(self.metrics_address)
 
     def application_name_given(self) -> bool:
         """Whether the DSN or PGAPPNAME already names the application."""
@@ -144,6 +209,16 @@ class Config:
 
 _URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*):[^@\s]*@")
 _KV_PASSWORD = re.compile(r"(password\s*=\s*)(?:'[^']*'|\S+)", re.IGNORECASE)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) as (host, port); ValueError if malformed."""
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9898, got {address!r}")
+    return host, int(port)
 
 
 def redact(text: str, secrets: list[str]) -> str:

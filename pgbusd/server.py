@@ -15,10 +15,12 @@ from typing import Any
 
 import pgbusd
 from pgbus import protocol as p
+from pgbusd import access, sdnotify
 from pgbusd.config import Config
 from pgbusd.hub import Hub
 from pgbusd.listener import FatalConfigError, Listener
 from pgbusd.log import get_logger
+from pgbusd.metrics import MetricsServer
 from pgbusd.session import Session
 
 EXIT_OK = 0
@@ -38,6 +40,7 @@ class Server:
         self.daemon_id = secrets.token_hex(8)
         self.hub = Hub(config.channels)
         self.listener = Listener(config, self.hub, self.daemon_id)
+        self.access = config.access_policy()
         self.started_at = time.time()
         self.counters: Counter[str] = Counter(
             clients_refused=0, frames_rejected=0, clients_cut_slow=0
@@ -47,6 +50,7 @@ class Server:
         self._lock_fd: int | None = None
         self._socket_inode: int | None = None
         self._stop = asyncio.Event()
+        self._metrics: MetricsServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -57,6 +61,9 @@ class Server:
             await self._bind()
         except (AlreadyServingError, OSError) as exc:
             self.log.error("cannot bind socket", socket=self.config.socket, error=str(exc))
+            return EXIT_FAILURE
+        if not await self._start_metrics():
+            self._unbind()
             return EXIT_FAILURE
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -70,8 +77,25 @@ class Server:
         if not self.config.channels:
             self.log.warning("no channels registered; clients can subscribe to nothing")
         listener = asyncio.create_task(self.listener.run(), name="pgbusd-listener")
+
+        def systemd_status() -> str:
+            return sdnotify.status_line(
+                connected=self.listener.connected,
+                generation=self.listener.generation,
+                clients=len(self.hub.sessions),
+            )
+
+        # READY=1 does not wait for PostgreSQL: clients may attach while it is down (sdnotify).
+        systemd = sdnotify.Notifier.from_environ()
+        systemd.ready(systemd_status())
+        heartbeat = asyncio.create_task(
+            systemd.run_heartbeat(alive=lambda: not listener.done(), status=systemd_status),
+            name="pgbusd-systemd",
+        )
         stopper = asyncio.create_task(self._stop.wait())
         await asyncio.wait((listener, stopper), return_when=asyncio.FIRST_COMPLETED)
+        heartbeat.cancel()
+        systemd.stopping()
         code = EXIT_OK
         if listener.done() and not listener.cancelled():
             failure = listener.exception()
@@ -83,6 +107,7 @@ class Server:
                 code = EXIT_FAILURE
         stopper.cancel()
         await self.shutdown(listener)
+        systemd.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         return code
@@ -95,6 +120,8 @@ class Server:
         self.log.info("shutting down", clients=len(self.hub.sessions))
         if self._server is not None:
             self._server.close()
+        if self._metrics is not None:
+            await self._metrics.close()
         sessions = list(self.hub.sessions)
         for session in sessions:
             session.goodbye(p.E_SHUTDOWN)
@@ -113,6 +140,22 @@ class Server:
     # -- the socket --------------------------------------------------------------------------
 
     async def _bind(self) -> None:
+        inherited = sdnotify.inherited_socket()
+        if inherited is not None:
+            # Socket activation: the file belongs to the socket unit. No lock, no stale-socket
+            # check, and _socket_inode stays None so that _unbind leaves the file alone.
+            self._server = await asyncio.get_running_loop().create_unix_server(
+                lambda: Session(self), sock=inherited, backlog=128
+            )
+            address = inherited.getsockname()
+            self.log.info("serving the socket passed by systemd", socket=address)
+            if address != self.config.socket:
+                self.log.warning(
+                    "the socket passed by systemd is not the configured one",
+                    socket=address,
+                    configured=self.config.socket,
+                )
+            return
         path = self.config.socket
         directory = os.path.dirname(path) or "."
         if not os.path.isdir(directory):
@@ -141,19 +184,40 @@ class Server:
             )
         finally:
             os.umask(old_umask)
+        if self.config.socket_group is not None:
+            os.chown(path, -1, access.resolve_gid(self.config.socket_group))
         os.chmod(path, self.config.socket_mode)
         self._socket_inode = os.lstat(path).st_ino
 
     def _unbind(self) -> None:
+        """Unlink the socket file if this daemon bound it (never one systemd passed)."""
         path = self.config.socket
-        with contextlib.suppress(FileNotFoundError):
-            if os.lstat(path).st_ino == self._socket_inode:
-                os.unlink(path)
+        if self._socket_inode is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(path).st_ino == self._socket_inode:
+                    os.unlink(path)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
     # -- introspection -----------------------------------------------------------------------
+
+    async def _start_metrics(self) -> bool:
+        """Serve /metrics if ``metrics_address`` is set; False (logged) if it cannot be bound."""
+        endpoint = self.config.metrics_endpoint
+        if endpoint is None:
+            return True
+        metrics = MetricsServer(self.status, *endpoint)
+        try:
+            await metrics.start()
+        except OSError as exc:
+            self.log.error(
+                "cannot serve metrics", address=self.config.metrics_address, error=str(exc)
+            )
+            return False
+        self._metrics = metrics
+        self.log.info("serving metrics", url=f"http://{metrics.address}/metrics")
+        return True
 
     def status(self) -> dict[str, Any]:
         """The document ``pgbusctl status`` shows (JSON-compatible; no secrets)."""
@@ -167,6 +231,7 @@ class Server:
             "started_at": self.started_at,
             "uptime": now - self.started_at,
             "socket": self.config.socket,
+            "metrics_address": self._metrics.address if self._metrics is not None else None,
             "generation": self.listener.generation,
             "postgres": self.listener.summary(),
             "channels": {name: st.summary() for name, st in self.hub.channels.items()},

@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 import time
 from typing import TYPE_CHECKING, Any, cast
 
 from pgbus import protocol as p
 from pgbus.errors import ProtocolError
+from pgbusd.access import UNKNOWN_PEER, peer_of
 from pgbusd.log import get_logger
 
 if TYPE_CHECKING:
     from pgbusd.server import Server
-
-_PEERCRED = struct.Struct("3i")
-
-
-def peer_credentials(transport: asyncio.BaseTransport) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a Unix socket, or (-1, -1, -1)."""
-    sock = transport.get_extra_info("socket")
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    except (OSError, AttributeError):
-        return (-1, -1, -1)
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    return pid, uid, gid
-
 
 class Session(asyncio.Protocol):
     """The daemon's side of one client connection.
@@ -47,7 +32,7 @@ class Session(asyncio.Protocol):
         self.subscriptions: dict[str, None] = {}
         self.attached = False
         self.closing = False
-        self.pid = self.uid = self.gid = -1
+        self.peer = UNKNOWN_PEER
         self.name = ""
         self.connected_at = time.time()
         self.sent = 0
@@ -61,9 +46,15 @@ class Session(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.pid, self.uid, self.gid = peer_credentials(self.transport)
-        self.log = get_logger(client_pid=self.pid, client_uid=self.uid)
+        self.peer = peer = peer_of(transport.get_extra_info("socket"))
+        self.log = get_logger(client_pid=peer.pid, client_uid=peer.uid, client_gid=peer.gid)
         server = self._server
+        refusal = server.access.refuse_attach(peer)
+        if refusal is not None:
+            server.counters["clients_refused"] += 1
+            self.log.warning("client refused", reason=refusal)
+            self.fail(p.E_FORBIDDEN, refusal)
+            return
         if len(self._hub.sessions) >= server.config.max_clients:
             server.counters["clients_refused"] += 1
             self.log.warning("client refused", reason="too many clients")
@@ -100,6 +91,10 @@ class Session(asyncio.Protocol):
             self.fail(exc.code, str(exc))
 
     def eof_received(self) -> bool | None:
+        if self._decoder.buffered and not self.closing:
+            self._server.counters["frames_rejected"] += 1
+            self.log.warning("client closed", code=p.E_PROTOCOL,
+                             reason=f"truncated frame ({self._decoder.buffered} bytes)")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -130,6 +125,11 @@ class Session(asyncio.Protocol):
             self.log.info("client attached", claimed_pid=msg.pid)
             return
         if isinstance(msg, p.Subscribe):
+            refusal = self._server.access.refuse_subscribe(self.peer, msg.channel)
+            if refusal is not None:
+                self.log.warning("subscribe refused", channel=msg.channel, reason=refusal)
+                self.enqueue(p.encode_item(p.Error(p.E_FORBIDDEN, refusal, msg.channel)))
+                return
             seq = self._hub.subscribe(self, msg.channel)
             if seq is None:
                 self.log.info("subscribe refused", channel=msg.channel, reason="unknown channel")
@@ -258,9 +258,9 @@ class Session(asyncio.Protocol):
 
     def summary(self) -> dict[str, Any]:
         return {
-            "pid": self.pid,
-            "uid": self.uid,
-            "gid": self.gid,
+            "pid": self.peer.pid,
+            "uid": self.peer.uid,
+            "gid": self.peer.gid,
             "name": self.name,
             "attached": self.attached,
             "subscriptions": list(self.subscriptions),

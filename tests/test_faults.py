@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -406,3 +407,20 @@ async def test_notification_queue_pressure_is_reported_and_warned(
             )
         finally:
             await tx.rollback()
+
+
+async def test_tcp_link_to_postgres_has_keepalive_armed(daemon: Daemon, pg: Any) -> None:
+    backend = await daemon.backend_pid()
+    port = await pg.fetchval("SELECT client_port FROM pg_stat_activity WHERE pid = $1", backend)
+    assert port, "the daemon connects over TCP"
+
+    def keepalive_timer() -> bool:
+        # /proc/net/tcp: local address, remote address, state, queues, then "tr:when" where
+        # tr 02 means the keepalive timer is running (pgbusd sets SO_KEEPALIVE and friends).
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port and fields[5].startswith("02:"):
+                return True
+        return False
+
+    assert await wait_until(keepalive_timer, what="a keepalive timer on the daemon's socket")

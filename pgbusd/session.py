@@ -230,11 +230,17 @@ class Session(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        """Close after the buffered bytes are written."""
+        """Close after the buffered bytes are written, or abort if the peer will not take them.
+
+        A peer that stops reading would otherwise keep its buffer (up to the write budget) and
+        this session alive for ever; it gets the handshake timeout to take the last frames.
+        """
         self.closing = True
         self._cancel_timers()
         if self.transport is not None:
             self.transport.close()
+            linger = self._server.config.handshake_timeout
+            asyncio.get_running_loop().call_later(linger, self.transport.abort)
 
     def abort(self) -> None:
         """Close at once, discarding whatever is buffered."""

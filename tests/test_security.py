@@ -481,3 +481,39 @@ async def test_password_from_a_passfile(
         assert secret not in d.log() + without.log()
     finally:
         cluster.destroy()
+
+
+async def test_a_refused_client_that_never_reads_is_not_kept_alive(
+    daemon_factory: DaemonFactory, pg: Any
+) -> None:
+    d = daemon_factory(args=["--handshake-timeout", "0.5"])
+    await d.wait_generation(1)
+    channel = d.channels[0]
+    sock = _raw(d.socket)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.sendall(ATTACH + p.encode_frame(p.Subscribe(channel)))
+        async with attached(d) as bus:
+            await wait_until(lambda: _subscriber_count(bus, channel, 1), what="subscribed")
+            # Fill its socket, so the daemon holds bytes it cannot deliver ...
+            await pg.execute(
+                "SELECT pg_notify($1, lpad(g::text, 1000, 'x')) FROM generate_series(1, 2000) g",
+                channel,
+            )
+            await wait_until(lambda: _stuck_bytes(bus), what="bytes the client will not take")
+            sock.sendall(b"\x00\x00\x00\x03abc")  # ... then misbehave
+            await wait_until(lambda: _client_count(bus, 1), what="the bad client dropped")
+    finally:
+        sock.close()
+
+
+async def _subscriber_count(bus: pgbus.Bus, channel: str, n: int) -> bool:
+    return bool((await bus.status())["channels"][channel]["subscribers"] == n)
+
+
+async def _client_count(bus: pgbus.Bus, n: int) -> bool:
+    return len((await bus.status())["clients"]) == n
+
+
+async def _stuck_bytes(bus: pgbus.Bus) -> bool:
+    return any(c["bytes_waiting"] > 100_000 for c in (await bus.status())["clients"])

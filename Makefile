@@ -8,7 +8,7 @@ DSN     ?= postgresql://postgres@127.0.0.1:5432/postgres
 CHANNEL ?= forge_changes
 SOCKET  ?= $(CURDIR)/.run/pgbusd.sock
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean demo
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,23 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# The daemon against the local PostgreSQL (DSN above), pgbusctl listen, a few NOTIFYs, a forced
+# reconnect; scripts/demo.py stops everything it started, also on failure or Ctrl-C.
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py --dsn '$(DSN)' --socket $(CURDIR)/.run/demo.sock
+
+# The benchmark suite (bench/, docs/benchmarks.md): its own daemons, workers and PostgreSQL load.
+# `make bench BENCH_ARGS=--quick` for a smoke run; every option is also a PGBUS_BENCH_* variable.
+BENCH_STAMP := $(VENV)/.installed-bench
+BENCH_ARGS  ?=
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

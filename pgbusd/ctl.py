@@ -1,23 +1,36 @@
 """``pgbusctl``: ask a running pgbusd over its socket.
 
-Exit codes of ``status``: 0 the daemon is up and listening on PostgreSQL, 1 the daemon is up but
-PostgreSQL is not connected, 3 the daemon cannot be reached. So ``pgbusctl status`` doubles as a
-health check.
+- ``status``: the daemon's state as a table (``--json`` for machines). Exit codes: 0 the daemon is
+  up and listening on PostgreSQL, 1 the daemon is up but PostgreSQL is not connected, 3 the daemon
+  cannot be reached. So ``pgbusctl status`` doubles as a health check.
+- ``listen CHANNEL...``: like psql's LISTEN, but through the daemon: one line per notification and
+  one per generation change, until Ctrl-C (exit 0).
+- ``metrics``: the status in the Prometheus text format (see :mod:`pgbusd.metrics`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
+import os
+import signal
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
 import pgbus
+from pgbus import protocol as p
+from pgbusd import metrics as prom
 
+EXIT_OK = 0
 EXIT_PG_DOWN = 1
+EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 
@@ -26,48 +39,345 @@ async def fetch_status(path: str, timeout: float) -> dict[str, Any]:
         return await asyncio.wait_for(bus.status(), timeout)
 
 
+def _unreachable(path: str, exc: BaseException) -> None:
+    click.echo(f"pgbusctl: pgbusd is unreachable at {path}: {exc}", err=True)
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _duration(seconds: float) -> str:
+    """``4.2s``, ``45s``, ``12m05s``, ``3h07m``, ``2d04h``: two units at most."""
+    if seconds < 10:
+        return f"{max(0.0, seconds):.1f}s"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _relative(ts: float | None, now: float) -> str:
+    """``2024-05-01 12:00:00 UTC (4s ago)``, or ``(in 2s)`` for a time still ahead."""
+    if ts is None:
+        return "-"
+    delta = now - ts
+    rel = f"{_duration(delta)} ago" if delta >= 0 else f"in {_duration(-delta)}"
+    return f"{_when(ts)} ({rel})"
+
+
+def _printable(text: str) -> str:
+    """``text`` as is if it prints on one line, else JSON-quoted (so control bytes stay visible)."""
+    return text if text.isprintable() else json.dumps(text, ensure_ascii=False)
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return [line(headers), *(line(r) for r in rows)]
+
+
+#: Labels of the known totals, in display order; counters added later show under their own name.
+_TOTALS = {
+    "clients": "clients",
+    "notifications_received": "received",
+    "notifications_sent": "sent",
+    "reconnects": "reconnects",
+    "clients_cut_slow": "cut slow",
+    "clients_refused": "refused",
+    "frames_rejected": "frames rejected",
+}
+
+
 def render(status: dict[str, Any]) -> str:
+    """The status document as a human-readable report."""
     pg = status["postgres"]
     totals = status["totals"]
+    now = status["started_at"] + status["uptime"]  # the daemon's clock when it answered
     lines = [
         f"pgbusd {status['version']}  daemon {status['daemon_id']}  pid {status['pid']}  "
-        f"up {status['uptime']:.0f}s",
+        f"up {_duration(status['uptime'])} (since {_when(status['started_at'])})",
         f"socket      {status['socket']}",
-        f"postgres    {pg['state']}  server {pg['server'] or '-'}  backend pid "
-        f"{pg['backend_pid'] or '-'}",
-        f"generation  {status['generation']}  reconnects {totals['reconnects']}",
-        f"health      last ok {_when(pg['last_health_ok'])}  queue usage "
-        f"{'-' if pg['queue_usage'] is None else format(pg['queue_usage'], '.4f')}",
     ]
+    if status.get("metrics_address"):
+        lines.append(f"metrics     http://{status['metrics_address']}/metrics")
+    if pg["connected"]:
+        lines.append(
+            f"postgres    connected to {pg['server'] or '-'}, backend pid "
+            f"{pg['backend_pid'] or '-'}, since {_relative(pg['connected_since'], now)}"
+        )
+    else:
+        retry = pg["next_retry_at"] if pg["state"] == "connecting" else None
+        lines.append(
+            f"postgres    {pg['state'].upper()}"
+            + (f", next retry {_relative(retry, now)}" if retry else "")
+        )
     if pg["last_error"]:
-        lines.append(f"last error  {pg['last_error']} ({_when(pg['last_error_at'])})")
-    if pg["state"] != "connected" and pg["next_retry_at"]:
-        lines.append(f"next retry  {_when(pg['next_retry_at'])}")
+        lines.append(f"last error  {_relative(pg['last_error_at'], now)}: {pg['last_error']}")
+    lines += [
+        f"generation  {status['generation']}  (reconnects {totals['reconnects']})",
+        f"health      last ok {_relative(pg['last_health_ok'], now)}",
+        "queue usage "
+        + ("-" if pg["queue_usage"] is None else f"{pg['queue_usage']:.4f}")
+        + "  (pg_notification_queue_usage() at the last health check)",
+        "",
+    ]
+    channels = status["channels"]
+    lines += _table(
+        ["CHANNEL", "SUBSCRIBERS", "RECEIVED", "LAST RECEIVED"],
+        [
+            [
+                _printable(name),
+                str(ch["subscribers"]),
+                str(ch["received"]),
+                _relative(ch["last_received"], now),
+            ]
+            for name, ch in channels.items()
+        ],
+        right={1, 2},
+    )
+    if not channels:
+        lines.append("(no channels registered)")
     lines.append("")
-    lines.append(f"{'CHANNEL':<40} {'SUBSCRIBERS':>11} {'RECEIVED':>10}  LAST RECEIVED")
-    for name, ch in status["channels"].items():
-        lines.append(
-            f"{name:<40} {ch['subscribers']:>11} {ch['received']:>10}  {_when(ch['last_received'])}"
-        )
+    lines += _table(
+        ["CLIENT PID", "UID", "NAME", "WAITING", "MSGS SENT", "SUBSCRIPTIONS"],
+        [
+            [
+                str(c["pid"]),
+                str(c["uid"]),
+                _printable(c["name"]) or "-",
+                str(c["bytes_waiting"]),
+                str(c["messages_sent"]),
+                ",".join(_printable(s) for s in c["subscriptions"]) or "-",
+            ]
+            for c in status["clients"]
+        ],
+        right={0, 1, 3, 4},
+    )
     lines.append("")
-    lines.append(f"{'CLIENT PID':>10} {'UID':>6} {'SENT':>10} {'WAITING':>9}  SUBSCRIPTIONS")
-    for c in status["clients"]:
-        lines.append(
-            f"{c['pid']:>10} {c['uid']:>6} {c['messages_sent']:>10} "
-            f"{c['bytes_waiting']:>9}  {','.join(c['subscriptions']) or '-'}"
-        )
-    lines.append("")
-    lines.append("totals      " + "  ".join(f"{k} {v}" for k, v in totals.items()))
+    shown = [(_TOTALS[k], totals[k]) for k in _TOTALS if k in totals]
+    shown += [(k.replace("_", " "), v) for k, v in totals.items() if k not in _TOTALS]
+    lines.append("totals      " + "  ".join(f"{label} {value}" for label, value in shown))
     return "\n".join(lines)
 
 
-@click.group(context_settings={"auto_envvar_prefix": "PGBUSD"})
+# -- listen --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One notification as it reached this process, with what the payload alone does not say."""
+
+    at: float
+    channel: str
+    payload: str
+    pid: int
+    seq: int
+    generation: int
+
+
+class EnvelopeBus(pgbus.Bus):
+    """A :class:`pgbus.Bus` that also queues each notification's envelope (channel, sender pid).
+
+    ``Subscription.recv()`` hands out payloads only, which is what a worker should act on; an
+    operator watching the relay also wants the sending backend's pid and one stream across all
+    channels in arrival order. This subclass taps ``Bus._dispatch``, the one place every
+    notification passes, after the bus did its own work (sequence check, hand-off to the
+    subscriptions), so the generation recorded with an envelope already reflects a gap the
+    notification revealed. The subscriptions are still opened, with a buffer of 1, because they
+    are what makes the bus subscribe (and re-subscribe after a re-attach).
+
+    The queue needs no bound of its own: printing a line is synchronous, so while stdout blocks
+    nothing is read from the daemon, and the daemon's write budget bounds what can pile up.
+    """
+
+    def __init__(self, path: str, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.envelopes: asyncio.Queue[Envelope] = asyncio.Queue()
+
+    def _dispatch(self, link: Any, msg: p.Notification) -> None:
+        super()._dispatch(link, msg)
+        self.envelopes.put_nowait(
+            Envelope(time.time(), msg.channel, msg.payload, msg.pid, msg.seq, self.generation)
+        )
+
+    async def attach(self) -> None:
+        """The first attach (what :func:`pgbus.connect` does); raises DaemonUnavailableError."""
+        await self._attach()
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _stamp(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+class ListenPrinter:
+    """Writes ``pgbusctl listen`` events, as text lines or as JSON objects (one per line)."""
+
+    def __init__(self, as_json: bool, write: Callable[[str], None]) -> None:
+        self.as_json = as_json
+        self._write = write
+
+    def _emit(self, event: dict[str, Any], text: str) -> None:
+        self._write(json.dumps(event) if self.as_json else text)
+
+    def listening(self, channels: list[str], socket: str, daemon_id: str, generation: int) -> None:
+        now = time.time()
+        self._emit(
+            {
+                "event": "listening",
+                "time": _iso(now),
+                "channels": channels,
+                "socket": socket,
+                "daemon_id": daemon_id,
+                "generation": generation,
+            },
+            f"{_stamp(now)}  listening on {', '.join(map(_printable, channels))} via {socket} "
+            f"(daemon {daemon_id}, generation {generation}); Ctrl-C to stop",
+        )
+
+    def notification(self, env: Envelope) -> None:
+        self._emit(
+            {
+                "event": "notification",
+                "time": _iso(env.at),
+                "channel": env.channel,
+                "pid": env.pid,
+                "payload": env.payload,
+                "generation": env.generation,
+                "seq": env.seq,
+            },
+            f"{_stamp(env.at)}  {_printable(env.channel)}  pid {env.pid}  "
+            f"{_printable(env.payload)}",
+        )
+
+    def generation(self, previous: int, generation: int) -> None:
+        now = time.time()
+        why = (
+            "pgbusd is listening on PostgreSQL"
+            if previous == 0
+            else "the relay reconnected; notifications sent in between were not delivered"
+        )
+        self._emit(
+            {
+                "event": "generation",
+                "time": _iso(now),
+                "generation": generation,
+                "previous": previous,
+            },
+            f"{_stamp(now)}  === generation {previous} -> {generation}: {why} ===",
+        )
+
+
+async def listen(
+    path: str, channels: list[str], timeout: float, printer: ListenPrinter, stop: asyncio.Event
+) -> int:
+    """Print what arrives on ``channels`` until ``stop`` is set; returns the exit code.
+
+    A generation line is printed before the first notification received under the new
+    generation, and after every notification of the old one.
+    """
+    bus = EnvelopeBus(path, name="pgbusctl listen", attach_timeout=timeout)
+    try:
+        await bus.attach()
+    except (pgbus.PgbusError, OSError) as exc:
+        _unreachable(path, exc)
+        return EXIT_UNREACHABLE
+    try:
+        unknown = [ch for ch in channels if ch not in bus.channels()]
+        if unknown:
+            relayed = ", ".join(bus.channels()) or "none"
+            click.echo(
+                f"pgbusctl: pgbusd does not relay {', '.join(map(repr, unknown))} "
+                f"(it relays: {relayed})",
+                err=True,
+            )
+            return EXIT_USAGE
+        watch = bus.subscribe_reconnects()
+        for channel in channels:
+            await bus.subscribe(channel, buffer=1)
+        shown = watch.borrow()
+        printer.listening(channels, path, bus.daemon_id, shown)
+
+        def show(env: Envelope) -> None:
+            nonlocal shown
+            if env.generation > shown:
+                printer.generation(shown, env.generation)
+                shown = env.generation
+            printer.notification(env)
+
+        stopping = asyncio.ensure_future(stop.wait())
+        changed = asyncio.ensure_future(watch.changed())
+        arrived = asyncio.ensure_future(bus.envelopes.get())
+        try:
+            while not stopping.done():
+                await asyncio.wait(
+                    (stopping, changed, arrived), return_when=asyncio.FIRST_COMPLETED
+                )
+                # Oldest first: the envelope already taken, then the queue, then the generation.
+                if arrived.done():
+                    show(arrived.result())
+                    arrived = asyncio.ensure_future(bus.envelopes.get())
+                while not bus.envelopes.empty():
+                    show(bus.envelopes.get_nowait())
+                if changed.done():
+                    changed.result()
+                    changed = asyncio.ensure_future(watch.changed())
+                if watch.borrow() > shown:
+                    printer.generation(shown, watch.borrow())
+                    shown = watch.borrow()
+        finally:
+            for fut in (stopping, changed, arrived):
+                fut.cancel()
+    except pgbus.UnknownChannelError as exc:
+        click.echo(f"pgbusctl: {exc}", err=True)
+        return EXIT_USAGE
+    finally:
+        await bus.close()
+    return EXIT_OK
+
+
+async def _listen_until_signalled(
+    path: str, channels: list[str], timeout: float, printer: ListenPrinter
+) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        return await listen(path, channels, timeout, printer, stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _write_line(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+# -- the commands --------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"auto_envvar_prefix": "PGBUSD", "max_content_width": 100})
 @click.option(
     "--socket",
     default=pgbus.default_socket_path,
@@ -86,12 +396,89 @@ def main(ctx: click.Context, socket: str, timeout: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of a table.")
 @click.pass_obj
 def status(obj: dict[str, Any], as_json: bool) -> None:
-    """Show the daemon's state; exit 0 only if PostgreSQL is connected."""
+    """Show the daemon's state.
+
+    Exit status: 0 PostgreSQL is connected, 1 the daemon is up but PostgreSQL is not connected,
+    3 the daemon is unreachable.
+    """
     try:
         doc = asyncio.run(fetch_status(obj["socket"], obj["timeout"]))
     except (pgbus.PgbusError, OSError, TimeoutError) as exc:
-        click.echo(f"pgbusctl: pgbusd is unreachable at {obj['socket']}: {exc}", err=True)
+        _unreachable(obj["socket"], exc)
         sys.exit(EXIT_UNREACHABLE)
     click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else render(doc))
     if not doc["postgres"]["connected"]:
         sys.exit(EXIT_PG_DOWN)
+
+
+@main.command(name="listen")
+@click.argument("channels", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_obj
+def listen_command(obj: dict[str, Any], channels: tuple[str, ...], as_json: bool) -> None:
+    """Print notifications on CHANNELS as pgbusd relays them, until Ctrl-C.
+
+    Each line: the time it arrived here (UTC), the channel, the pid of the PostgreSQL backend
+    that sent it, and the payload (JSON-quoted if it holds control characters). A line marked
+    === says the generation changed: notifications sent while the relay was reconnecting were
+    not delivered. With --json every line is a JSON object whose "event" is "listening",
+    "notification" or "generation".
+
+    Exit status: 0 on Ctrl-C or SIGTERM, 2 for a channel the daemon does not relay, 3 when the
+    daemon is unreachable.
+    """
+    sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    printer = ListenPrinter(as_json, _write_line)
+    unique = list(dict.fromkeys(channels))
+    try:
+        code = asyncio.run(_listen_until_signalled(obj["socket"], unique, obj["timeout"], printer))
+    except BrokenPipeError:
+        # The reader went away (`pgbusctl listen x | head`): a normal end, not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_OK
+    except KeyboardInterrupt:  # Ctrl-C before the loop installed its handler
+        code = EXIT_OK
+    sys.exit(code)
+
+
+@main.command()
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write to FILE atomically (rename into place), e.g. for node_exporter's textfile "
+    "collector, instead of to stdout.",
+)
+@click.pass_obj
+def metrics(obj: dict[str, Any], output: str | None) -> None:
+    """Print the daemon's counters in the Prometheus text format.
+
+    When the daemon is unreachable the output is just pgbusd_up 0 and the exit status 3.
+    """
+    code = EXIT_OK
+    try:
+        text = prom.render(asyncio.run(fetch_status(obj["socket"], obj["timeout"])))
+    except (pgbus.PgbusError, OSError, TimeoutError) as exc:
+        _unreachable(obj["socket"], exc)
+        text, code = prom.render_unreachable(), EXIT_UNREACHABLE
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        _write_atomically(output, text)
+    sys.exit(code)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Readers (node_exporter) see the old file or the new one, never a half-written one."""
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+if __name__ == "__main__":
+    main(prog_name="pgbusctl")

@@ -6,16 +6,23 @@
         watch = bus.subscribe_reconnects()
         async with await bus.subscribe("forge_changes") as sub:
             payload = await sub.recv()
+
+The blocking client for threaded workers is :mod:`pgbus.sync` (``pgbus.sync.connect()``); see
+docs/client.md for both, for typed payloads and for waiting on several subscriptions at once.
 """
 
+from pgbus import sync
 from pgbus._client import DEFAULT_SOCKET, Bus, connect, default_socket_path
-from pgbus._subscription import DEFAULT_BUFFER, Subscription, SubscriptionStatistics
+from pgbus._select import Event, GenerationChanged, Lagged, Received, Selector
+from pgbus._state import DEFAULT_BUFFER, SubscriptionStatistics
+from pgbus._subscription import Subscription
 from pgbus._watch import GenerationWatch
 from pgbus.backoff import Backoff
 from pgbus.errors import (
     BusClosedError,
     DaemonUnavailableError,
     LaggedError,
+    PayloadDecodeError,
     PgbusError,
     ProtocolError,
     RequestRefusedError,
@@ -31,14 +38,21 @@ __all__ = [
     "Bus",
     "BusClosedError",
     "DaemonUnavailableError",
+    "Event",
+    "GenerationChanged",
     "GenerationWatch",
+    "Lagged",
     "LaggedError",
+    "PayloadDecodeError",
     "PgbusError",
     "ProtocolError",
+    "Received",
     "RequestRefusedError",
+    "Selector",
     "Subscription",
     "SubscriptionStatistics",
     "UnknownChannelError",
     "connect",
     "default_socket_path",
+    "sync",
 ]

@@ -7,10 +7,12 @@ import os
 from collections import deque
 from collections.abc import Generator
 from types import TracebackType
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast, overload
 
 from pgbus import protocol as p
-from pgbus._subscription import DEFAULT_BUFFER, Subscription
+from pgbus._select import Selector
+from pgbus._state import DEFAULT_BUFFER, GenerationClock, payload_decoder
+from pgbus._subscription import Subscription, wait_woken
 from pgbus._watch import GenerationWatch
 from pgbus.backoff import Backoff
 from pgbus.errors import (
@@ -24,6 +26,8 @@ from pgbus.errors import (
 
 #: Where the daemon listens unless told otherwise (systemd's RuntimeDirectory=pgbusd).
 DEFAULT_SOCKET: Final = "/run/pgbusd/pgbusd.sock"
+
+T = TypeVar("T")
 
 
 def default_socket_path() -> str:
@@ -46,6 +50,8 @@ class _Link(asyncio.Protocol):
         self.pending: deque[asyncio.Future[p.ServerMessage]] = deque()
         self.lost = False
         self.failure: BaseException | None = None
+        #: The newest Generation tick seen, for ticks that arrive before the handshake resumes.
+        self.generation = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -68,6 +74,7 @@ class _Link(asyncio.Protocol):
             if not self.hello.done():
                 self.hello.set_result(msg)
         elif isinstance(msg, p.Generation):
+            self.generation = max(self.generation, msg.generation)
             self._bus._on_daemon_generation(self, msg.generation)
         elif isinstance(msg, p.Error) and msg.fatal:
             self.abort(DaemonUnavailableError(f"daemon closed the connection: {msg.message}"))
@@ -135,15 +142,10 @@ class Bus:
         self._backoff = Backoff(initial=reconnect_initial, maximum=reconnect_max, jitter=1.0)
         self._link: _Link | None = None
         self._channels: list[str] = []
-        self._subs: dict[str, list[Subscription]] = {}
-        self._last_seq: dict[str, int] = {}
+        self._subs: dict[str, list[Subscription[Any]]] = {}
         self.daemon_id = ""
-        self._generation = 0
-        self._daemon_generation = 0
-        self._ever_attached = False
-        self._attaching = False
-        self._step_pending = False
-        self._gen_changed: asyncio.Future[None] | None = None
+        self._clock = GenerationClock()
+        self._gen_waiters: list[asyncio.Future[None]] = []
         self._closed = False
         self._reattach_task: asyncio.Task[None] | None = None
         self._attached = asyncio.Event()
@@ -153,7 +155,7 @@ class Bus:
 
     @property
     def generation(self) -> int:
-        return self._generation
+        return self._clock.generation
 
     @property
     def attached(self) -> bool:
@@ -167,16 +169,35 @@ class Bus:
         """The daemon's registered channels (as of the last attach)."""
         return list(self._channels)
 
-    async def subscribe(self, channel: str, buffer: int = DEFAULT_BUFFER) -> Subscription:
+    @overload
+    async def subscribe(
+        self, channel: str, buffer: int = DEFAULT_BUFFER, *, type: None = None
+    ) -> Subscription[str]: ...
+    @overload
+    async def subscribe(
+        self, channel: str, buffer: int = DEFAULT_BUFFER, *, type: type[T]
+    ) -> Subscription[T]: ...
+    @overload
+    async def subscribe(
+        self, channel: str, buffer: int = DEFAULT_BUFFER, *, type: Any
+    ) -> Subscription[Any]: ...
+    async def subscribe(
+        self, channel: str, buffer: int = DEFAULT_BUFFER, *, type: Any = None
+    ) -> Subscription[Any]:
         """Subscribe to ``channel``; returns once the daemon confirmed it (or, while the daemon is
         away, once it is registered here: it is sent on re-attach, with a generation step).
 
-        Raises :class:`~pgbus.UnknownChannelError` for a channel the daemon does not relay.
+        Without ``type`` the subscription yields each payload as the exact string PostgreSQL
+        delivered. With ``type=T`` (a ``msgspec.Struct``, dataclass, TypedDict, ``list[int]``:
+        any type msgspec decodes into) each payload is decoded from JSON into ``T`` once, on
+        receipt; one that does not decode raises :class:`~pgbus.PayloadDecodeError` from its
+        ``recv()``. Raises :class:`~pgbus.UnknownChannelError` for a channel the daemon does not
+        relay, TypeError for a type msgspec cannot decode into.
         """
         self._check_open()
         if channel not in self._channels:
             raise UnknownChannelError(channel)
-        sub = Subscription(self, channel, buffer)
+        sub: Subscription[Any] = Subscription(self, channel, buffer, payload_decoder(type))
         subs = self._subs.setdefault(channel, [])
         subs.append(sub)
         link = self._link
@@ -199,6 +220,17 @@ class Bus:
         """A watch on the reconnect generation, seeded with its current value."""
         return GenerationWatch(self)
 
+    def select(
+        self, *subscriptions: Subscription[T], watch: GenerationWatch | None = None
+    ) -> Selector[T]:
+        """Wait on several subscriptions of this bus, and on ``watch``, at once.
+
+        ``async for event in bus.select(a, b, watch=w):`` yields :class:`~pgbus.Received`,
+        :class:`~pgbus.Lagged` and :class:`~pgbus.GenerationChanged` events; see
+        :class:`~pgbus.Selector` for the order. The subscriptions stay usable on their own.
+        """
+        return Selector(self, subscriptions, watch)
+
     async def status(self) -> dict[str, Any]:
         """The daemon's status document (what ``pgbusctl status --json`` prints)."""
         self._check_open()
@@ -218,6 +250,7 @@ class Bus:
         while not self._attached.is_set():
             self._check_open()
             await self._attached.wait()
+        self._check_open()  # close() sets the event to wake this
 
     async def close(self) -> None:
         """Detach and close every subscription; further use raises BusClosedError."""
@@ -268,21 +301,15 @@ class Bus:
                 raise DaemonUnavailableError(f"pgbusd at {self.path} did not answer") from exc
             raise
         finally:
-            self._attaching = False
+            self._clock.on_detached()  # a no-op once the handshake finished
 
     async def _handshake(self, link: _Link) -> None:
         hello = await link.hello
-        if hello.version != p.PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"daemon speaks protocol {hello.version}, this client {p.PROTOCOL_VERSION}",
-                code=p.E_VERSION,
-            )
-        self._attaching = True
+        check_version(hello)
         self._link = link
         self.daemon_id = hello.daemon_id
         self._channels = list(hello.channels)
-        self._daemon_generation = hello.generation
-        self._last_seq.clear()
+        self._clock.on_hello(max(hello.generation, link.generation))
         link.send(p.Attach(p.PROTOCOL_VERSION, os.getpid(), self._name))
         channels = [ch for ch, subs in self._subs.items() if subs]
         replies = [link.request(p.Subscribe(ch)) for ch in channels]
@@ -291,15 +318,9 @@ class Bus:
                 # The restarted daemon no longer relays this channel: end those subscriptions.
                 for sub in self._subs.pop(channel, []):
                     sub._mark_closed()
-        self._attaching = False
         self.attach_count += 1
-        if not self._ever_attached:
-            self._ever_attached = True
-            self._set_generation(self._daemon_generation)
-        elif self._daemon_generation >= 1:
-            self._set_generation(self._generation + 1)
-        else:
-            self._step_pending = True
+        if self._clock.on_attached():
+            self._wake_generation()
         self._attached.set()
 
     def _on_link_lost(self, link: _Link) -> None:
@@ -323,48 +344,29 @@ class Bus:
 
     def _dispatch(self, link: _Link, msg: p.Notification) -> None:
         channel = msg.channel
-        last = self._last_seq.get(channel)
-        self._last_seq[channel] = msg.seq
-        if last is not None and msg.seq != last + 1:
-            # The daemon never drops a frame for an attached client, so this is a bug or a
-            # foreign daemon; the honest answer is the same as for any other gap.
-            self._set_generation(self._generation + 1)
+        if self._clock.on_notification(channel, msg.seq):
+            self._wake_generation()  # a seq gap
         for sub in self._subs.get(channel, ()):
             sub._push(msg.payload)
 
     def _on_subscribed(self, msg: p.Subscribed) -> None:
-        self._last_seq[msg.channel] = msg.seq
+        self._clock.on_subscribed(msg.channel, msg.seq)
 
     def _on_daemon_generation(self, link: _Link, generation: int) -> None:
-        if link is not self._link or generation <= self._daemon_generation:
-            return
-        step = generation - self._daemon_generation
-        self._daemon_generation = generation
-        if self._attaching:
-            return  # the handshake's end publishes
-        if self._step_pending:
-            self._step_pending = False
-            step = 1
-        self._set_generation(self._generation + step)
-
-    def _set_generation(self, generation: int) -> None:
-        if generation > self._generation:
-            self._generation = generation
+        if link is self._link and self._clock.on_tick(generation):
             self._wake_generation()
 
     def _wake_generation(self) -> None:
-        fut, self._gen_changed = self._gen_changed, None
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+        for waiter in self._gen_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _wait_generation_change(self) -> None:
         self._check_open()
-        if self._gen_changed is None:
-            self._gen_changed = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._gen_changed)
+        await wait_woken((self._gen_waiters,))
         self._check_open()
 
-    def _remove_subscription(self, sub: Subscription) -> None:
+    def _remove_subscription(self, sub: Subscription[Any]) -> None:
         subs = self._subs.get(sub.channel)
         if not subs or sub not in subs:
             return
@@ -382,6 +384,15 @@ class Bus:
 def _ignore(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+def check_version(hello: p.Hello) -> None:
+    """Refuse a daemon that speaks another protocol version (both clients' handshakes)."""
+    if hello.version != p.PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"daemon speaks protocol {hello.version}, this client {p.PROTOCOL_VERSION}",
+            code=p.E_VERSION,
+        )
 
 
 class _Connector:

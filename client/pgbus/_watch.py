@@ -1,14 +1,16 @@
-"""The reconnect-generation watch."""
+"""The reconnect-generation watch (asyncio)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pgbus._state import GenerationCursor
+
 if TYPE_CHECKING:
     from pgbus._client import Bus
 
 
-class GenerationWatch:
+class GenerationWatch(GenerationCursor):
     """Observes the bus's reconnect generation, like a tokio ``watch::Receiver<u64>``.
 
     The generation is 0 until the daemon has connected to PostgreSQL, then moves forward (never
@@ -19,19 +21,14 @@ class GenerationWatch:
     """
 
     def __init__(self, bus: Bus) -> None:
+        super().__init__(bus)
         self._bus = bus
-        self._seen = bus.generation
-
-    def borrow(self) -> int:
-        """The current generation (does not mark it as seen)."""
-        return self._bus.generation
-
-    def has_changed(self) -> bool:
-        return self._bus.generation > self._seen
 
     async def changed(self) -> int:
-        """Wait until the generation moves past the last value this watch saw; return it."""
-        while self._bus.generation <= self._seen:
+        """Wait until the generation moves past the last value this watch saw; return it.
+
+        Raises :class:`~pgbus.BusClosedError` if the bus is closed while waiting.
+        """
+        while not self.has_changed():
             await self._bus._wait_generation_change()
-        self._seen = self._bus.generation
-        return self._seen
+        return self._observe()

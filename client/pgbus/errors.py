@@ -35,11 +35,28 @@ class LaggedError(PgbusError):
 
     The next ``recv()`` continues with the oldest payload still buffered. A subscriber that cannot
     tolerate the loss should resync from the database, exactly as on a generation change.
+    ``channel`` names the subscription's channel when the error comes from one.
     """
 
-    def __init__(self, skipped: int) -> None:
-        super().__init__(f"subscriber lagged: {skipped} notification(s) skipped")
+    def __init__(self, skipped: int, channel: str | None = None) -> None:
+        where = f" on {channel!r}" if channel is not None else ""
+        super().__init__(f"subscriber lagged{where}: {skipped} notification(s) skipped")
         self.skipped = skipped
+        self.channel = channel
+
+
+class PayloadDecodeError(PgbusError, ValueError):
+    """A payload of a typed subscription is not valid JSON for the subscription's type.
+
+    Raised by the ``recv()`` that reached the payload; ``payload`` is the raw string exactly as
+    PostgreSQL delivered it and the decoder's error is chained as the cause. Only that payload is
+    consumed: the subscription keeps working, and the next ``recv()`` returns the next one.
+    """
+
+    def __init__(self, channel: str, payload: str, reason: str) -> None:
+        super().__init__(f"payload on {channel!r} does not decode: {reason}")
+        self.channel = channel
+        self.payload = payload
 
 
 class DaemonUnavailableError(PgbusError, ConnectionError):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import pytest
 
 import pgbus
+from tests.cluster import free_port
 from tests.conftest import (
     Daemon,
     DaemonFactory,
@@ -100,7 +100,7 @@ async def test_reconnect_subscriber_starts_at_zero_and_observes_ticks(
     daemon_factory: DaemonFactory, pg: Any
 ) -> None:
     # PostgreSQL is unreachable at first: the proxy's port is reserved but nobody listens.
-    port = _free_port()
+    port = free_port()
     d = daemon_factory(dsn=f"postgresql://postgres@127.0.0.1:{port}/test")
     await d.wait_serving()
     async with attached(d) as bus:
@@ -111,10 +111,3 @@ async def test_reconnect_subscriber_starts_at_zero_and_observes_ticks(
             await terminate_backend(pg, (await d.wait_generation(1))["postgres"]["backend_pid"])
             assert await rx.changed() == 2, "reconnect publishes generation 2"
             assert rx.borrow() == 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port

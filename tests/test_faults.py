@@ -109,6 +109,7 @@ async def test_blackholed_link_is_detected_and_replaced_within_the_configured_bo
         async with attached(d) as bus:
             watch = bus.subscribe_reconnects()
             sub = await bus.subscribe(channel)
+            await wait_until(lambda: _healthy(bus), what="a link proven healthy")
             proxy.blackhole()  # no FIN, no RST: bytes just vanish
             # Polling with a deadline of the bound (plus slack for a loaded machine).
             assert await asyncio.wait_for(watch.changed(), bound + 10) == 2
@@ -312,6 +313,10 @@ async def test_client_that_never_reads_is_cut_and_a_fast_one_gets_all_50000_in_o
         assert '"slow consumer"' in d.log()
     finally:
         slow.close()
+
+
+async def _healthy(bus: pgbus.Bus) -> bool:
+    return (await bus.status())["postgres"]["last_health_ok"] is not None
 
 
 async def _subscribers(bus: pgbus.Bus, channel: str, n: int) -> bool:

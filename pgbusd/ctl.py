@@ -155,14 +155,14 @@ def render(status: dict[str, Any]) -> str:
         lines.append("(no channels registered)")
     lines.append("")
     lines += _table(
-        ["CLIENT PID", "UID", "NAME", "WAITING", "MSGS SENT", "SUBSCRIPTIONS"],
+        ["CLIENT PID", "UID", "NAME", "WAITING", "NOTIFIED", "SUBSCRIPTIONS"],
         [
             [
                 str(c["pid"]),
                 str(c["uid"]),
                 _printable(c["name"]) or "-",
                 str(c["bytes_waiting"]),
-                str(c["messages_sent"]),
+                str(c["notifications_sent"]),
                 ",".join(_printable(s) for s in c["subscriptions"]) or "-",
             ]
             for c in status["clients"]

@@ -57,6 +57,7 @@ class Hub:
         item = p.encode_item(p.Notification(channel, payload, pid, self.generation, state.seq))
         for session in subscribers:
             session.enqueue(item)
+            session.notifications_sent += 1
         self.sent += len(subscribers)
 
     def tick(self, generation: int) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from typing import TYPE_CHECKING, Any, cast
 
@@ -13,6 +15,7 @@ from pgbusd.log import get_logger
 
 if TYPE_CHECKING:
     from pgbusd.server import Server
+
 
 class Session(asyncio.Protocol):
     """The daemon's side of one client connection.
@@ -36,6 +39,7 @@ class Session(asyncio.Protocol):
         self.name = ""
         self.connected_at = time.time()
         self.sent = 0
+        self.notifications_sent = 0
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
@@ -64,6 +68,13 @@ class Session(asyncio.Protocol):
             )
             return
         self._hub.add(self)
+        # The default Unix socket buffer holds less than one loop turn of a burst, so the burst
+        # would pile up here and reach the client only afterwards. A larger kernel buffer lets the
+        # client drain while the daemon reads; half the budget keeps a stuck client's kernel share
+        # bounded by it too (the kernel caps it at net.core.wmem_max).
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(4 << 20, self._budget // 2))
         loop = asyncio.get_running_loop()
         self._handshake_timer = loop.call_later(
             server.config.handshake_timeout, self._handshake_expired
@@ -93,8 +104,11 @@ class Session(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self._decoder.buffered and not self.closing:
             self._server.counters["frames_rejected"] += 1
-            self.log.warning("client closed", code=p.E_PROTOCOL,
-                             reason=f"truncated frame ({self._decoder.buffered} bytes)")
+            self.log.warning(
+                "client closed",
+                code=p.E_PROTOCOL,
+                reason=f"truncated frame ({self._decoder.buffered} bytes)",
+            )
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -182,17 +196,20 @@ class Session(asyncio.Protocol):
         if self.closing or self.transport is None or not self._pending:
             return
         pending, self._pending = self._pending, []
-        self._pending_bytes = 0
+        size, self._pending_bytes = self._pending_bytes, 0
         self.sent += len(pending)
-        limit = p.MAX_SERVER_FRAME - 16
-        start, size = 0, 0
         write = self.transport.write
-        for i, item in enumerate(pending):
-            if size + len(item) > limit and i > start:
-                write(p.frame_items(pending[start:i]))
-                start, size = i, 0
-            size += len(item)
-        write(p.frame_items(pending[start:]))
+        limit = p.MAX_SERVER_FRAME - 16
+        if size <= limit:  # the usual case: one frame, no per-item work
+            write(p.frame_items(pending, size))
+        else:  # split into frames the client accepts
+            start, size = 0, 0
+            for i, item in enumerate(pending):
+                if size + len(item) > limit and i > start:
+                    write(p.frame_items(pending[start:i], size))
+                    start, size = i, 0
+                size += len(item)
+            write(p.frame_items(pending[start:], size))
         if self.transport.get_write_buffer_size() > self._budget:
             self._cut_slow()
 
@@ -272,5 +289,6 @@ class Session(asyncio.Protocol):
             "subscriptions": list(self.subscriptions),
             "bytes_waiting": self.write_buffer_size(),
             "messages_sent": self.sent,
+            "notifications_sent": self.notifications_sent,
             "connected_at": self.connected_at,
         }

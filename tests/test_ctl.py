@@ -244,6 +244,7 @@ async def test_status_json_counts_match_the_traffic_sent(daemon: Daemon, pg: Any
     )
     assert [sorted(c["subscriptions"]) for c in mine] == [[a], sorted([a, b])]
     assert [c["messages_sent"] for c in mine] == [1 + 3, 2 + 5], "acks plus notifications"
+    assert [c["notifications_sent"] for c in mine] == [3, 5]
     assert all(c["uid"] == os.getuid() and c["bytes_waiting"] == 0 for c in mine)
     ctl = [c for c in st["clients"] if c["name"] == "pgbusctl"]
     assert len(ctl) == 1

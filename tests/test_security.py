@@ -486,7 +486,7 @@ async def test_password_from_a_passfile(
 async def test_a_refused_client_that_never_reads_is_not_kept_alive(
     daemon_factory: DaemonFactory, pg: Any
 ) -> None:
-    d = daemon_factory(args=["--handshake-timeout", "0.5"])
+    d = daemon_factory(args=["--handshake-timeout", "0.5", "--write-budget", str(64 << 20)])
     await d.wait_generation(1)
     channel = d.channels[0]
     sock = _raw(d.socket)
@@ -495,9 +495,10 @@ async def test_a_refused_client_that_never_reads_is_not_kept_alive(
         sock.sendall(ATTACH + p.encode_frame(p.Subscribe(channel)))
         async with attached(d) as bus:
             await wait_until(lambda: _subscriber_count(bus, channel, 1), what="subscribed")
-            # Fill its socket, so the daemon holds bytes it cannot deliver ...
+            # Fill its socket (the kernel takes a few MiB), so the daemon holds bytes it cannot
+            # deliver, below the 64 MiB budget ...
             await pg.execute(
-                "SELECT pg_notify($1, lpad(g::text, 1000, 'x')) FROM generate_series(1, 2000) g",
+                "SELECT pg_notify($1, lpad(g::text, 1000, 'x')) FROM generate_series(1, 20000) g",
                 channel,
             )
             await wait_until(lambda: _stuck_bytes(bus), what="bytes the client will not take")
@@ -516,4 +517,4 @@ async def _client_count(bus: pgbus.Bus, n: int) -> bool:
 
 
 async def _stuck_bytes(bus: pgbus.Bus) -> bool:
-    return any(c["bytes_waiting"] > 100_000 for c in (await bus.status())["clients"])
+    return any(c["bytes_waiting"] > 1_000_000 for c in (await bus.status())["clients"])

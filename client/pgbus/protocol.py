@@ -188,11 +188,15 @@ def _array_header(n: int) -> bytes:
     return b"\xdd" + n.to_bytes(4, "big")
 
 
-def frame_items(items: list[bytes]) -> bytes:
-    """One frame holding already-encoded message items (length prefix + array header + items)."""
+def frame_items(items: list[bytes], size: int | None = None) -> bytes:
+    """One frame holding already-encoded message items (length prefix + array header + items).
+
+    ``size`` is ``sum(map(len, items))``, for a caller that already knows it.
+    """
     head = _array_header(len(items))
-    size = len(head) + sum(map(len, items))
-    return b"".join((_HEADER.pack(size), head, *items))
+    if size is None:
+        size = sum(map(len, items))
+    return b"".join([_HEADER.pack(len(head) + size) + head, *items])
 
 
 def encode_frame(*messages: Message) -> bytes:

@@ -1,0 +1,331 @@
+"""What a run produced: the results document, the target checks, the table and the chart."""
+
+from __future__ import annotations
+
+import math
+from array import array
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bench.scenarios import BurstResult, BurstRun, FanoutResult, LatencyResult, ScaleResult
+
+#: The targets of issue 6, compared within one run.
+THROUGHPUT_RATIO = 0.8
+FANOUT_RATIO = 1.0
+ADDED_P50_MS = 0.2
+ADDED_P99_MS = 1.0
+IDLE_RSS_MIB = 64.0
+
+
+class Target(msgspec.Struct):
+    name: str
+    holds: bool
+    detail: str
+
+
+class Results(msgspec.Struct):
+    date: str
+    commit: str
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    seconds: float = 0.0
+    throughput: list[BurstResult] = []
+    fanout: list[FanoutResult] = []
+    latency: list[LatencyResult] = []
+    scale: ScaleResult | None = None
+    errors: list[str] = []
+    targets: list[Target] = []
+
+
+def check_targets(res: Results) -> list[Target]:
+    out: list[Target] = []
+    for b in res.throughput:
+        out.append(
+            Target(
+                f"throughput {b.size} B, {b.shape}: relay >= {THROUGHPUT_RATIO} x direct",
+                b.ratio >= THROUGHPUT_RATIO,
+                f"{b.relay:,.0f}/s vs {b.direct:,.0f}/s = {b.ratio:.2f}",
+            )
+        )
+    for f in res.fanout:
+        if f.k < 10:
+            continue
+        out.append(
+            Target(
+                f"fan-out K={f.k}: relay >= {FANOUT_RATIO} x own connections, 1 backend",
+                f.ratio >= FANOUT_RATIO and f.relay.backends == 1,
+                f"{f.relay.deliveries_per_s:,.0f}/s vs {f.direct.deliveries_per_s:,.0f}/s = "
+                f"{f.ratio:.2f}; backends {f.relay.backends} vs {f.direct.backends}"
+                + (f"; direct failed: {f.direct.error}" if f.direct.error else ""),
+            )
+        )
+    for lat in res.latency:
+        if lat.rate != 1_000:
+            continue
+        out.append(
+            Target(
+                f"added latency at 1,000/s: p50 <= {ADDED_P50_MS} ms",
+                lat.added_p50_ms <= ADDED_P50_MS,
+                f"{lat.added_p50_ms:+.3f} ms ({lat.relay.p50_ms:.3f} vs {lat.direct.p50_ms:.3f})",
+            )
+        )
+        out.append(
+            Target(
+                f"added latency at 1,000/s: p99 <= {ADDED_P99_MS} ms",
+                lat.added_p99_ms <= ADDED_P99_MS,
+                f"{lat.added_p99_ms:+.3f} ms ({lat.relay.p99_ms:.3f} vs {lat.direct.p99_ms:.3f})",
+            )
+        )
+    if res.scale is not None:
+        idle = res.scale.idle
+        out.append(
+            Target(
+                f"daemon RSS with {res.scale.clients} idle clients <= {IDLE_RSS_MIB:g} MiB",
+                idle.rss_mib <= IDLE_RSS_MIB,
+                f"{idle.rss_mib:.1f} MiB",
+            )
+        )
+    return out
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+
+def _n(value: float, fmt: str = ",.0f") -> str:
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else format(value, fmt)
+    )
+
+
+def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    lines = ["", title, fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*r) for r in rows]
+    return lines
+
+
+def render(res: Results) -> str:
+    lines = [
+        f"pgbusd benchmarks  {res.date}  commit {res.commit}  "
+        f"{res.machine.get('cpu', '?')} x{res.machine.get('cpus', '?')}  "
+        f"load before/after {res.machine.get('load_before', '?')} / "
+        f"{res.machine.get('load_after', '?')}"
+    ]
+    if res.throughput:
+        lines += _table(
+            "1. Throughput of one receiver (notifications/s; median of runs)",
+            [
+                "payload",
+                "transactions",
+                "n",
+                "direct asyncpg",
+                "pgbus via daemon",
+                "b/a",
+                "daemon peak RSS MiB",
+            ],
+            [
+                [
+                    f"{b.size} B",
+                    b.shape,
+                    _n(b.n),
+                    _n(b.direct),
+                    _n(b.relay),
+                    _n(b.ratio, ".2f"),
+                    _n(b.daemon_peak_rss_mib, ".1f"),
+                ]
+                for b in res.throughput
+            ],
+        )
+        lines += _table(
+            "   CPU per notification (microseconds; median of runs)",
+            ["payload", "transactions", "direct: listener", "backend", "relay: daemon",
+             "client", "backend"],
+            [
+                [
+                    f"{b.size} B",
+                    b.shape,
+                    _n(median_of(b.direct_runs, "listener"), ".2f"),
+                    _n(median_of(b.direct_runs, "backend"), ".2f"),
+                    _n(median_of(b.relay_runs, "daemon"), ".2f"),
+                    _n(median_of(b.relay_runs, "client"), ".2f"),
+                    _n(median_of(b.relay_runs, "backend"), ".2f"),
+                ]
+                for b in res.throughput
+            ],
+        )  # fmt: skip
+    if res.fanout:
+        lines += _table(
+            "2. Fan-out to K subscriber processes (64 B, one transaction)",
+            ["K", "direct deliveries/s", "backends", "PSS MiB", "relay deliveries/s",
+             "backends", "PSS MiB", "b/a"],
+            [
+                [
+                    str(f.k),
+                    _n(f.direct.deliveries_per_s),
+                    str(f.direct.backends) if not f.direct.error else "failed",
+                    _n(f.direct.pss_mib.get("total", math.nan), ",.1f"),
+                    _n(f.relay.deliveries_per_s),
+                    str(f.relay.backends) if not f.relay.error else "failed",
+                    _n(f.relay.pss_mib.get("total", math.nan), ",.1f"),
+                    _n(f.ratio, ".2f"),
+                ]
+                for f in res.fanout
+            ],
+        )  # fmt: skip
+        lines += _table(
+            "   PSS breakdown (MiB): backends + daemon + clients",
+            ["K", "direct backends", "clients", "relay backend", "daemon", "clients"],
+            [
+                [
+                    str(f.k),
+                    _n(f.direct.pss_mib.get("backends", math.nan), ",.1f"),
+                    _n(f.direct.pss_mib.get("clients", math.nan), ",.1f"),
+                    _n(f.relay.pss_mib.get("backends", math.nan), ",.1f"),
+                    _n(f.relay.pss_mib.get("daemon", math.nan), ",.1f"),
+                    _n(f.relay.pss_mib.get("clients", math.nan), ",.1f"),
+                ]
+                for f in res.fanout
+            ],
+        )
+        for f in res.fanout:
+            for failed, name in ((f.direct, "direct"), (f.relay, "relay")):
+                if failed.error:
+                    lines.append(f"   K={f.k} {name} failed: {failed.error}")
+    if res.latency:
+        rows = []
+        for lat in res.latency:
+            for side, p in (("direct", lat.direct), ("relay", lat.relay)):
+                rows.append(
+                    [
+                        f"{lat.rate:,}/s",
+                        side,
+                        _n(p.achieved_rate),
+                        _n(p.samples),
+                        _n(p.p50_ms, ".3f"),
+                        _n(p.p99_ms, ".3f"),
+                        _n(p.p999_ms, ".3f"),
+                        _n(p.max_ms, ".3f"),
+                    ]
+                )
+            rows.append(
+                [
+                    "",
+                    "added",
+                    "",
+                    "",
+                    _n(lat.added_p50_ms, "+.3f"),
+                    _n(lat.added_p99_ms, "+.3f"),
+                    _n(lat.added_p999_ms, "+.3f"),
+                    "",
+                ]
+            )
+        lines += _table(
+            "3. Latency, NOTIFY commit to receipt (ms)",
+            ["rate", "path", "achieved/s", "samples", "p50", "p99", "p99.9", "max"],
+            rows,
+        )
+    if res.scale is not None:
+        s = res.scale
+        lines += _table(
+            f"4. Scale: {s.clients} pgbus clients in {s.processes} processes, "
+            f"{s.channels} channels",
+            ["phase", "daemon RSS MiB", "peak RSS MiB", "PSS MiB", "CPU %", "deliveries/s",
+             "p50 ms", "p99 ms"],
+            [
+                ["idle", _n(s.idle.rss_mib, ".1f"), _n(s.idle.peak_rss_mib, ".1f"),
+                 _n(s.idle.pss_mib, ".1f"), _n(s.idle.cpu_percent, ".1f"), "-", "-", "-"],
+                [f"load {s.load_achieved_rate:,.0f} notifications/s", _n(s.load.rss_mib, ".1f"),
+                 _n(s.load.peak_rss_mib, ".1f"), _n(s.load.pss_mib, ".1f"),
+                 _n(s.load.cpu_percent, ".1f"), _n(s.deliveries_per_s),
+                 _n(s.load_latency.p50_ms, ".3f"), _n(s.load_latency.p99_ms, ".3f")],
+            ],
+        )  # fmt: skip
+    if res.targets:
+        lines += ["", "Targets"]
+        lines += [
+            f"  {'holds ' if t.holds else 'MISSED'}  {t.name}: {t.detail}" for t in res.targets
+        ]
+    if res.errors:
+        lines += ["", "Errors"] + [f"  {e}" for e in res.errors]
+    return "\n".join(lines)
+
+
+def median_of(runs: list[BurstRun], role: str) -> float:
+    values = sorted(r.cpu_us[role] for r in runs if role in r.cpu_us)
+    if not values:
+        return math.nan
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+# -- the chart -------------------------------------------------------------------------------------
+
+
+def _curve(values: array[float]) -> tuple[list[float], list[float]]:
+    """(latency ms, fraction received) at up to ~3,000 points, dense in the tail."""
+    n = len(values)
+    ranks = sorted(
+        {*range(0, n, max(1, n // 1000)), *range(int(n * 0.99), n, max(1, n // 20_000)), n - 1}
+    )
+    return [1e3 * max(values[i], 1e-6) for i in ranks], [(i + 1) / n for i in ranks]
+
+
+def chart(samples: dict[str, array[float]], res: Results, path: Path) -> None:
+    """Latency distributions, direct vs daemon, one column per rate: the CDF on top, the tail
+    (the fraction not yet received, log scale) below; both on a log time axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    if not res.latency:
+        return
+    cols = len(res.latency)
+    fig, axes = plt.subplots(2, cols, figsize=(6.5 * cols, 8.2), squeeze=False)
+    colors = {"direct": "#1f77b4", "relay": "#d62728"}
+    labels = {"direct": "direct asyncpg LISTEN", "relay": "pgbus via pgbusd"}
+    ms = FuncFormatter(lambda x, _pos: f"{x:g}")
+    for col, lat in enumerate(res.latency):
+        top, bottom = axes[0][col], axes[1][col]
+        for side, pct in (("direct", lat.direct), ("relay", lat.relay)):
+            values = samples.get(f"{side} {lat.rate}/s")
+            if not values:
+                continue
+            xs, ys = _curve(values)
+            label = (
+                f"{labels[side]}: p50 {pct.p50_ms:.3f}, p99 {pct.p99_ms:.3f}, "
+                f"p99.9 {pct.p999_ms:.3f} ms"
+            )
+            top.plot(xs, ys, color=colors[side], label=label)
+            bottom.plot(xs, [max(1.0 - y, 1e-6) for y in ys], color=colors[side], label=label)
+            for q in (pct.p50_ms, pct.p99_ms, pct.p999_ms):
+                bottom.axvline(q, color=colors[side], linestyle=":", linewidth=0.8)
+        top.set_title(
+            f"{lat.rate:,} notifications/s: added p50 {lat.added_p50_ms:+.3f} ms, "
+            f"p99 {lat.added_p99_ms:+.3f} ms, p99.9 {lat.added_p999_ms:+.3f} ms",
+            fontsize=10,
+        )
+        top.set_ylabel("fraction received")
+        top.set_ylim(0, 1.001)
+        bottom.set_yscale("log")
+        bottom.set_ylim(1e-4, 1.0)
+        bottom.set_ylabel("fraction not yet received (tail)")
+        bottom.set_xlabel("NOTIFY commit to receipt (ms, log scale)")
+        for ax in (top, bottom):
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ms)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(loc="lower right" if ax is top else "upper right", fontsize=7.5)
+    fig.suptitle(
+        f"pgbusd latency, direct vs through the daemon (commit {res.commit}, {res.date})",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -145,7 +145,7 @@ class Server:
             # Socket activation: the file belongs to the socket unit. No lock, no stale-socket
             # check, and _socket_inode stays None so that _unbind leaves the file alone.
             self._server = await asyncio.get_running_loop().create_unix_server(
-                lambda: Session(self), sock=inherited, backlog=128
+                lambda: Session(self), sock=inherited, backlog=self.config.max_clients
             )
             address = inherited.getsockname()
             self.log.info("serving the socket passed by systemd", socket=address)
@@ -177,10 +177,12 @@ class Server:
             if stat.S_ISSOCK(os.lstat(path).st_mode):
                 os.unlink(path)
                 self.log.info("removed stale socket", socket=path)
+        # The backlog admits every client at once (say, all re-attaching after a restart); a
+        # short one makes a non-blocking connect() fail with EAGAIN.
         old_umask = os.umask(0o777 & ~self.config.socket_mode)
         try:
             self._server = await asyncio.get_running_loop().create_unix_server(
-                lambda: Session(self), path, backlog=128
+                lambda: Session(self), path, backlog=self.config.max_clients
             )
         finally:
             os.umask(old_umask)

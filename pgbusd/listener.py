@@ -42,6 +42,26 @@ CONFIG_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class RelayConnection(asyncpg.Connection):  # type: ignore[misc]
+    """An asyncpg connection that hands each notification to ``sink`` at once.
+
+    Stock asyncpg schedules every listener callback with ``loop.call_soon``: one handle per
+    notification, which in a burst costs the relay more than the callback itself (and loads the
+    garbage collector). The daemon's callback only hands the payload on without waiting, so it is
+    called directly, in order, from the protocol's read callback. LISTEN is still issued through
+    ``add_listener`` (which quotes the channel name).
+    """
+
+    sink: Any = None
+
+    def _process_notification(self, pid: int, channel: str, payload: str) -> None:
+        sink = self.sink
+        if sink is None:
+            super()._process_notification(pid, channel, payload)
+        else:
+            sink(self, pid, channel, payload)
+
+
 class FatalConfigError(Exception):
     """PostgreSQL connection settings that can never work (bad DSN and the like)."""
 
@@ -136,7 +156,9 @@ class Listener:
             kwargs["server_settings"] = {"application_name": "pgbusd"}
         try:
             async with asyncio.timeout(self.config.connect_timeout + 1):
-                conn = await asyncpg.connect(self.config.dsn, **kwargs)
+                conn = await asyncpg.connect(
+                    self.config.dsn, connection_class=RelayConnection, **kwargs
+                )
         except CONFIG_ERRORS as exc:
             raise FatalConfigError(str(exc)) from exc
         self._tune_socket(conn)
@@ -163,6 +185,7 @@ class Listener:
         self._lost = lost = asyncio.Event()
         conn.add_termination_listener(lambda _c: lost.set())
         self._held = []
+        conn.sink = self._on_notify
         timeout = self.config.connect_timeout
         try:
             for channel in self.config.channels:
@@ -287,6 +310,9 @@ class Listener:
     # -- asyncpg callbacks (synchronous, in order) -----------------------------------------------
 
     def _on_notify(self, _conn: Any, pid: int, channel: str, payload: str) -> None:
+        if channel == self.probe_channel:
+            self._on_probe(_conn, pid, channel, payload)
+            return
         held = self._held
         if held is not None:
             held.append((channel, payload, pid))

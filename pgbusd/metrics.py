@@ -214,6 +214,8 @@ def render_unreachable() -> str:
 MAX_REQUEST_HEAD: Final = 8192
 #: Seconds a scraper has to send its request and read the answer.
 REQUEST_TIMEOUT: Final = 10.0
+#: Requests served at once; a connection beyond it is closed without an answer.
+MAX_CONNECTIONS: Final = 64
 
 _REASONS: Final = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
 
@@ -258,6 +260,9 @@ class MetricsServer:
             await asyncio.gather(*self._handlers, return_exceptions=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._handlers) >= MAX_CONNECTIONS:  # scrapers are few; more is a flood
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)

@@ -355,6 +355,44 @@ async def test_http_drops_a_request_head_larger_than_its_limit(
     assert d.alive()
 
 
+async def test_http_refuses_connections_beyond_its_limit_and_recovers(
+    daemon_factory: DaemonFactory,
+) -> None:
+    from pgbusd.metrics import MAX_CONNECTIONS
+
+    d, address = await _metrics_daemon(daemon_factory)
+    host, port = address.rsplit(":", 1)
+    idle = [await asyncio.open_connection(host, int(port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+
+        async def handlers_busy() -> bool:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+                return await asyncio.wait_for(reader.read(), 10) == b""  # closed, no answer
+            except ConnectionResetError:
+                return True  # closed (reset), no answer
+            finally:
+                writer.close()
+
+        await wait_until(handlers_busy, what="a connection beyond the limit to be refused")
+    finally:
+        for _, writer in idle:
+            writer.close()
+    status, _, _ = await wait_until(
+        lambda: _get_or_none(f"http://{address}/metrics"), what="metrics served again"
+    )
+    assert status == 200
+    assert d.alive()
+
+
+async def _get_or_none(url: str) -> tuple[int, str, str] | None:
+    try:
+        return await asyncio.to_thread(_get, url)
+    except OSError:
+        return None
+
+
 async def test_daemon_exits_1_when_the_metrics_address_is_taken(
     daemon_factory: DaemonFactory,
 ) -> None:

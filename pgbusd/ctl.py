@@ -191,36 +191,6 @@ class Envelope:
     generation: int
 
 
-class EnvelopeBus(pgbus.Bus):
-    """A :class:`pgbus.Bus` that also queues each notification's envelope (channel, sender pid).
-
-    ``Subscription.recv()`` hands out payloads only, which is what a worker should act on; an
-    operator watching the relay also wants the sending backend's pid and one stream across all
-    channels in arrival order. This subclass taps ``Bus._dispatch``, the one place every
-    notification passes, after the bus did its own work (sequence check, hand-off to the
-    subscriptions), so the generation recorded with an envelope already reflects a gap the
-    notification revealed. The subscriptions are still opened, with a buffer of 1, because they
-    are what makes the bus subscribe (and re-subscribe after a re-attach).
-
-    The queue needs no bound of its own: printing a line is synchronous, so while stdout blocks
-    nothing is read from the daemon, and the daemon's write budget bounds what can pile up.
-    """
-
-    def __init__(self, path: str, **kwargs: Any) -> None:
-        super().__init__(path, **kwargs)
-        self.envelopes: asyncio.Queue[Envelope] = asyncio.Queue()
-
-    def _dispatch(self, link: Any, msg: p.Notification) -> None:
-        super()._dispatch(link, msg)
-        self.envelopes.put_nowait(
-            Envelope(time.time(), msg.channel, msg.payload, msg.pid, msg.seq, self.generation)
-        )
-
-    async def attach(self) -> None:
-        """The first attach (what :func:`pgbus.connect` does); raises DaemonUnavailableError."""
-        await self._attach()
-
-
 def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
 
@@ -295,9 +265,22 @@ async def listen(
     A generation line is printed before the first notification received under the new
     generation, and after every notification of the old one.
     """
-    bus = EnvelopeBus(path, name="pgbusctl listen", attach_timeout=timeout)
+    # Subscription.recv() hands out payloads, which is what a worker acts on; an operator watching
+    # the relay also wants the sending backend's pid and one stream across all channels in arrival
+    # order: the bus's notification hook gives exactly that. The queue needs no bound of its own:
+    # printing is synchronous, so while stdout blocks nothing is read from the daemon, and the
+    # daemon's write budget bounds what can pile up.
+    envelopes: asyncio.Queue[Envelope] = asyncio.Queue()
+
+    def tap(bus: pgbus.Bus, msg: p.Notification) -> None:
+        envelopes.put_nowait(
+            Envelope(time.time(), msg.channel, msg.payload, msg.pid, msg.seq, bus.generation)
+        )
+
     try:
-        await bus.attach()
+        bus = await pgbus.connect(
+            path, name="pgbusctl listen", attach_timeout=timeout, on_notification=tap
+        )
     except (pgbus.PgbusError, OSError) as exc:
         _unreachable(path, exc)
         return EXIT_UNREACHABLE
@@ -313,6 +296,8 @@ async def listen(
             return EXIT_USAGE
         watch = bus.subscribe_reconnects()
         for channel in channels:
+            # The subscriptions make the bus subscribe (and re-subscribe after a re-attach); the
+            # payloads are read from the hook's envelopes.
             await bus.subscribe(channel, buffer=1)
         shown = watch.borrow()
         printer.listening(channels, path, bus.daemon_id, shown)
@@ -326,7 +311,7 @@ async def listen(
 
         stopping = asyncio.ensure_future(stop.wait())
         changed = asyncio.ensure_future(watch.changed())
-        arrived = asyncio.ensure_future(bus.envelopes.get())
+        arrived = asyncio.ensure_future(envelopes.get())
         try:
             while not stopping.done():
                 await asyncio.wait(
@@ -335,9 +320,9 @@ async def listen(
                 # Oldest first: the envelope already taken, then the queue, then the generation.
                 if arrived.done():
                     show(arrived.result())
-                    arrived = asyncio.ensure_future(bus.envelopes.get())
-                while not bus.envelopes.empty():
-                    show(bus.envelopes.get_nowait())
+                    arrived = asyncio.ensure_future(envelopes.get())
+                while not envelopes.empty():
+                    show(envelopes.get_nowait())
                 if changed.done():
                     changed.result()
                     changed = asyncio.ensure_future(watch.changed())

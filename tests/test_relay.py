@@ -311,3 +311,27 @@ async def test_frames_are_msgpack_arrays_of_tagged_arrays(daemon: Daemon) -> Non
         assert decoded[0][1] == p.PROTOCOL_VERSION
     finally:
         sock.close()
+
+
+async def test_notification_hook_sees_every_frame_with_its_envelope(
+    daemon: Daemon, pg: Any
+) -> None:
+    a, b = daemon.channels
+    seen: list[tuple[p.Notification, int]] = []
+    async with attached(
+        daemon, on_notification=lambda bus, n: seen.append((n, bus.generation))
+    ) as bus:
+        await bus.subscribe(a)
+        await notify(pg, a, "x", "y")
+        await notify(pg, b, "not-subscribed")
+        await wait_until(lambda: len(seen) == 2, what="the hook saw both")
+        await terminate_backend(pg, await daemon.backend_pid())
+        await wait_until(lambda: bus.generation == 2, what="the reconnect")
+        await notify(pg, a, "z")
+        await wait_until(lambda: len(seen) == 3, what="the hook saw the third")
+    sender = pg.get_server_pid()
+    assert [(n.channel, n.payload, n.pid, n.seq, n.generation, g) for n, g in seen] == [
+        (a, "x", sender, 1, 1, 1),
+        (a, "y", sender, 2, 1, 1),
+        (a, "z", sender, 3, 2, 2),
+    ]

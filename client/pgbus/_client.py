@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any, Final, TypeVar, cast, overload
 
@@ -28,6 +28,9 @@ from pgbus.errors import (
 DEFAULT_SOCKET: Final = "/run/pgbusd/pgbusd.sock"
 
 T = TypeVar("T")
+
+#: ``on_notification(bus, notification)``: see :func:`connect`.
+NotificationHook = Callable[["Bus", p.Notification], None]
 
 
 def default_socket_path() -> str:
@@ -135,10 +138,12 @@ class Bus:
         reconnect_initial: float = 0.1,
         reconnect_max: float = 5.0,
         attach_timeout: float = 10.0,
+        on_notification: NotificationHook | None = None,
     ) -> None:
         self.path = path
         self._name = name
         self._attach_timeout = attach_timeout
+        self._on_notification = on_notification
         self._backoff = Backoff(initial=reconnect_initial, maximum=reconnect_max, jitter=1.0)
         self._link: _Link | None = None
         self._channels: list[str] = []
@@ -348,6 +353,8 @@ class Bus:
             self._wake_generation()  # a seq gap
         for sub in self._subs.get(channel, ()):
             sub._push(msg.payload)
+        if self._on_notification is not None:
+            self._on_notification(self, msg)
 
     def _on_subscribed(self, msg: p.Subscribed) -> None:
         self._clock.on_subscribed(msg.channel, msg.seq)
@@ -432,6 +439,7 @@ def connect(
     reconnect_initial: float = 0.1,
     reconnect_max: float = 5.0,
     attach_timeout: float = 10.0,
+    on_notification: NotificationHook | None = None,
 ) -> _Connector:
     """Attach to the pgbusd daemon at ``path`` (default: :func:`default_socket_path`).
 
@@ -439,6 +447,13 @@ def connect(
     must succeed (else :class:`~pgbus.DaemonUnavailableError`); later losses are re-attached
     automatically with jittered exponential backoff between ``reconnect_initial`` and
     ``reconnect_max`` seconds.
+
+    ``on_notification(bus, notification)``, for tools that watch the relay rather than act on
+    payloads (``pgbusctl listen``), is called synchronously with every notification frame of a
+    subscribed channel, in arrival order, after the bus has handed its payload to the
+    subscriptions: ``notification`` is the protocol's :class:`~pgbus.protocol.Notification`
+    (channel, payload, sending backend's pid, daemon generation, seq) and ``bus.generation``
+    already reflects any gap it revealed. It must not block.
     """
     return _Connector(
         path,
@@ -447,5 +462,6 @@ def connect(
             "reconnect_initial": reconnect_initial,
             "reconnect_max": reconnect_max,
             "attach_timeout": attach_timeout,
+            "on_notification": on_notification,
         },
     )

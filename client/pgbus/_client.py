@@ -11,7 +11,7 @@ from typing import Any, Final, TypeVar, cast, overload
 
 from pgbus import protocol as p
 from pgbus._select import Selector
-from pgbus._state import DEFAULT_BUFFER, GenerationClock, payload_decoder
+from pgbus._state import DEFAULT_BUFFER, GenerationClock, payload_decoder, refusal
 from pgbus._subscription import Subscription, wait_woken
 from pgbus._watch import GenerationWatch
 from pgbus.backoff import Backoff
@@ -20,7 +20,6 @@ from pgbus.errors import (
     DaemonUnavailableError,
     PgbusError,
     ProtocolError,
-    RequestRefusedError,
     UnknownChannelError,
 )
 
@@ -216,9 +215,7 @@ class Bus:
                 raise
             if isinstance(reply, p.Error):
                 self._remove_subscription(sub)
-                if reply.code == p.E_UNKNOWN_CHANNEL:
-                    raise UnknownChannelError(channel)
-                raise RequestRefusedError(reply.message, code=reply.code)
+                raise refusal(reply, channel)
         return sub
 
     def subscribe_reconnects(self) -> GenerationWatch:

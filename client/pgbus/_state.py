@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Protocol
 
 import msgspec
 
-from pgbus.errors import LaggedError, PayloadDecodeError
+from pgbus import protocol as p
+from pgbus.errors import (
+    LaggedError,
+    PayloadDecodeError,
+    PgbusError,
+    RequestRefusedError,
+    UnknownChannelError,
+)
 
 if TYPE_CHECKING:
     # A PEP 696 default, so that a bare ``Subscription`` still means the raw-string one. Only type
@@ -32,6 +39,14 @@ else:
     from typing import TypeVar
 
     T_co = TypeVar("T_co", covariant=True)
+
+
+def refusal(reply: p.Error, channel: str) -> PgbusError:
+    """The error a client raises when the daemon refuses to subscribe it to ``channel``."""
+    if reply.code == p.E_UNKNOWN_CHANNEL:
+        return UnknownChannelError(channel)
+    return RequestRefusedError(reply.message, code=reply.code)
+
 
 #: How many payloads a subscription keeps before the oldest are dropped (and LaggedError raised).
 DEFAULT_BUFFER: Final = 256

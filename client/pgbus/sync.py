@@ -44,6 +44,7 @@ from pgbus._state import (
     SubscriptionStatistics,
     T_co,
     payload_decoder,
+    refusal,
 )
 from pgbus.backoff import Backoff
 from pgbus.errors import (
@@ -51,7 +52,6 @@ from pgbus.errors import (
     DaemonUnavailableError,
     PgbusError,
     ProtocolError,
-    RequestRefusedError,
     UnknownChannelError,
 )
 
@@ -356,9 +356,7 @@ class SyncBus:
         if isinstance(msg, p.Error):
             with self._lock:
                 self._remove_subscription(sub)
-            if msg.code == p.E_UNKNOWN_CHANNEL:
-                raise UnknownChannelError(channel)
-            raise RequestRefusedError(msg.message, code=msg.code)
+            raise refusal(msg, channel)
         return sub
 
     def subscribe_reconnects(self) -> SyncGenerationWatch:

@@ -1,28 +1,63 @@
 """Fan-out: channel -> subscribed client sessions.
 
-Each notification is encoded once; the same item bytes are queued for every subscriber, and each
-session coalesces what it got in one event-loop turn into one frame. Nothing here ever waits on a
-client: the PostgreSQL reader calls :meth:`Hub.publish` synchronously.
+The PostgreSQL reader calls :meth:`Hub.publish` synchronously for every notification; nothing
+here ever waits on a client. Notifications are batched per channel for one event-loop turn: the
+first one on a channel opens a batch (a frame under construction), every notification is encoded
+once, straight into that frame's buffer, and at the end of the turn (or when the frame is full)
+the batch is *sealed*: its frame header is filled in and the one frame object is written to every
+subscriber of the channel. Per notification, that is one dict lookup and one encode, whatever the
+number of subscribers.
+
+Order per client is kept by sealing every open batch before anything else is written to any
+client (:meth:`Hub.seal_all`): a ``Subscribed``, ``Error`` or ``Generation`` goes out after every
+notification published before it, and a new subscriber is never part of a batch opened before
+it subscribed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import struct
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
 
 from pgbus import protocol as p
 
 if TYPE_CHECKING:
     from pgbusd.session import Session
 
+#: A batch frame starts with its length and a 32-bit msgpack array header, filled in on sealing.
+_BATCH_HEAD: Final = struct.Struct(">IBI")
+#: A batch is sealed once its body passes this size, so that no frame exceeds MAX_SERVER_FRAME
+#: (one more notification adds at most a payload, a channel name and a few bytes of framing).
+_BATCH_LIMIT: Final = p.MAX_SERVER_FRAME - _BATCH_HEAD.size - 2 * (p.MAX_PAYLOAD_BYTES + 64)
+#: The first element of every encoded Notification (its tag); see protocol.Notification.
+_NOTIFY_TAG: Final = p.Notification.__struct_config__.tag
 
-@dataclass(eq=False)
+_encode_into: Final = msgspec.msgpack.Encoder().encode_into
+
+#: Called for notifications on channels that are not registered (the listener's probe channel).
+Unrouted = Callable[[int, str, str], None]
+
+
 class ChannelState:
-    name: str
-    seq: int = 0
-    last_received: float | None = None
-    subscribers: dict[Session, None] = field(default_factory=dict)
+    """One registered channel: its subscribers, its counter, and its open batch if any."""
+
+    __slots__ = ("batch", "batch_first_seq", "last_received", "name", "seq", "subscribers")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        #: Notifications PostgreSQL delivered on this channel so far (this daemon process).
+        self.seq = 0
+        self.last_received: float | None = None
+        self.subscribers: dict[Session, None] = {}
+        #: The frame being built this loop turn (head space, then encoded items); empty when no
+        #: batch is open. A sealed frame belongs to the transports and is never touched again.
+        self.batch = bytearray()
+        self.batch_first_seq = 0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -35,37 +70,81 @@ class ChannelState:
 class Hub:
     """Who listens to what, the current generation, and the relay counters."""
 
-    def __init__(self, channels: tuple[str, ...]) -> None:
+    def __init__(self, channels: tuple[str, ...], unrouted: Unrouted | None = None) -> None:
         self.channels: dict[str, ChannelState] = {name: ChannelState(name) for name in channels}
         self.sessions: dict[Session, None] = {}
         self.generation = 0
-        self.received = 0
+        #: Notification deliveries to clients so far (one per subscriber).
         self.sent = 0
+        self.unrouted = unrouted
+        #: Channels with an open batch, by name: the fast path of :meth:`publish`.
+        self._open: dict[str, ChannelState] = {}
+        self._seal_handle: asyncio.Handle | None = None
+
+    @property
+    def received(self) -> int:
+        return sum(state.seq for state in self.channels.values())
 
     # -- from the PostgreSQL side ------------------------------------------------------------
 
-    def publish(self, channel: str, payload: str, pid: int) -> None:
+    def publish(self, pid: int, channel: str, payload: str) -> None:
+        """Relay one notification (the argument order of asyncpg's notification callback)."""
+        state = self._open.get(channel)
+        if state is None:
+            self._publish_first(pid, channel, payload)
+            return
+        state.seq = seq = state.seq + 1
+        batch = state.batch
+        # Encodes exactly as protocol.Notification(channel, payload, pid, generation, seq).
+        _encode_into((_NOTIFY_TAG, channel, payload, pid, self.generation, seq), batch, -1)
+        if len(batch) > _BATCH_LIMIT:
+            self._seal(state)
+
+    def _publish_first(self, pid: int, channel: str, payload: str) -> None:
+        """The first notification on ``channel`` this turn: open a batch (or just count it)."""
         state = self.channels.get(channel)
         if state is None:
+            if self.unrouted is not None:
+                self.unrouted(pid, channel, payload)
             return
-        state.seq += 1
         state.last_received = time.time()
-        self.received += 1
-        subscribers = state.subscribers
-        if not subscribers:
+        if not state.subscribers:
+            state.seq += 1
             return
-        item = p.encode_item(p.Notification(channel, payload, pid, self.generation, state.seq))
+        state.batch = bytearray(_BATCH_HEAD.size)
+        state.batch_first_seq = state.seq + 1
+        self._open[channel] = state
+        if self._seal_handle is None:
+            self._seal_handle = asyncio.get_running_loop().call_soon(self._end_of_turn)
+        self.publish(pid, channel, payload)
+
+    def _end_of_turn(self) -> None:
+        self._seal_handle = None
+        self.seal_all()
+
+    def seal_all(self) -> None:
+        """Write every open batch to its subscribers now (before anything else goes out)."""
+        if self._open:
+            for state in list(self._open.values()):
+                self._seal(state)
+
+    def _seal(self, state: ChannelState) -> None:
+        frame, state.batch = state.batch, bytearray()
+        del self._open[state.name]
+        count = state.seq - state.batch_first_seq + 1
+        _BATCH_HEAD.pack_into(frame, 0, len(frame) - p.HEADER_SIZE, 0xDD, count)
+        subscribers = list(state.subscribers)
         for session in subscribers:
-            session.enqueue(item)
-            session.notifications_sent += 1
-        self.sent += len(subscribers)
+            session.send_batch(frame, count)
+        self.sent += count * len(subscribers)
 
     def tick(self, generation: int) -> None:
         """Publish a new generation to every client (after every LISTEN succeeded)."""
+        self.seal_all()
         self.generation = generation
-        item = p.encode_item(p.Generation(generation))
-        for session in self.sessions:
-            session.enqueue(item)
+        frame = p.encode_frame(p.Generation(generation))
+        for session in list(self.sessions):
+            session.send_frame(frame)
 
     # -- from the client side ------------------------------------------------------------------
 
@@ -78,14 +157,20 @@ class Hub:
             self.channels[channel].subscribers.pop(session, None)
 
     def subscribe(self, session: Session, channel: str) -> int | None:
-        """Add ``session`` to ``channel``; returns the channel's current seq, None if unknown."""
+        """Add ``session`` to ``channel``; returns the channel's current seq, None if unknown.
+
+        Open batches are sealed first: the new subscriber gets exactly the notifications after
+        the returned seq.
+        """
         state = self.channels.get(channel)
         if state is None:
             return None
+        self.seal_all()
         state.subscribers[session] = None
         return state.seq
 
     def unsubscribe(self, session: Session, channel: str) -> None:
         state = self.channels.get(channel)
         if state is not None:
+            self.seal_all()
             state.subscribers.pop(session, None)

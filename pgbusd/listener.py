@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -43,23 +44,21 @@ CONFIG_ERRORS: tuple[type[BaseException], ...] = (
 
 
 class RelayConnection(asyncpg.Connection):  # type: ignore[misc]
-    """An asyncpg connection that hands each notification to ``sink`` at once.
+    """An asyncpg connection that hands each notification to one callback at once.
 
     Stock asyncpg schedules every listener callback with ``loop.call_soon``: one handle per
     notification, which in a burst costs the relay more than the callback itself (and loads the
-    garbage collector). The daemon's callback only hands the payload on without waiting, so it is
-    called directly, in order, from the protocol's read callback. LISTEN is still issued through
+    garbage collector). The daemon's callback only hands the payload on without waiting, so
+    :meth:`relay_to` makes asyncpg's protocol call it directly, in order, from its read callback,
+    by shadowing the (private) ``Connection._process_notification`` on this instance. Should a
+    future asyncpg stop calling that method, listeners registered with ``add_listener`` still
+    get every notification through the stock path. LISTEN is still issued through
     ``add_listener`` (which quotes the channel name).
     """
 
-    sink: Any = None
-
-    def _process_notification(self, pid: int, channel: str, payload: str) -> None:
-        sink = self.sink
-        if sink is None:
-            super()._process_notification(pid, channel, payload)
-        else:
-            sink(self, pid, channel, payload)
+    def relay_to(self, sink: Callable[[int, str, str], None]) -> None:
+        """Call ``sink(pid, channel, payload)`` for every notification from now on."""
+        self._process_notification = sink
 
 
 class FatalConfigError(Exception):
@@ -92,7 +91,9 @@ class Listener:
         self._backoff = Backoff(config.backoff_initial, config.backoff_max, jitter=0.5)
         self._stopping = asyncio.Event()
         self._lost = asyncio.Event()
-        self._held: list[tuple[str, str, int]] | None = None
+        self._held: list[tuple[int, str, str]] = []
+        self._sink: Callable[[int, str, str], None] = self._hold
+        hub.unrouted = self._on_probe  # the probe channel is the one channel the hub does not know
         self._probes: dict[str, asyncio.Future[None]] = {}
         self._probe_ids = itertools.count(1)
         self.log: Any = get_logger(component="listener")
@@ -185,12 +186,12 @@ class Listener:
         self._lost = lost = asyncio.Event()
         conn.add_termination_listener(lambda _c: lost.set())
         self._held = []
-        conn.sink = self._on_notify
+        self._relay(conn, self._hold)
         timeout = self.config.connect_timeout
         try:
             for channel in self.config.channels:
                 await asyncio.wait_for(conn.add_listener(channel, self._on_notify), timeout)
-            await asyncio.wait_for(conn.add_listener(self.probe_channel, self._on_probe), timeout)
+            await asyncio.wait_for(conn.add_listener(self.probe_channel, self._on_notify), timeout)
             listening = set(
                 await conn.fetchval(
                     "SELECT array_agg(c) FROM pg_listening_channels() c", timeout=timeout
@@ -217,7 +218,8 @@ class Listener:
                 backend_pid=self.backend_pid,
             )
         finally:
-            held, self._held = self._held, None
+            held, self._held = self._held, []
+        self._relay(conn, self.hub.publish)
         for args in held:
             self.hub.publish(*args)
 
@@ -309,17 +311,22 @@ class Listener:
 
     # -- asyncpg callbacks (synchronous, in order) -----------------------------------------------
 
-    def _on_notify(self, _conn: Any, pid: int, channel: str, payload: str) -> None:
-        if channel == self.probe_channel:
-            self._on_probe(_conn, pid, channel, payload)
-            return
-        held = self._held
-        if held is not None:
-            held.append((channel, payload, pid))
-        else:
-            self.hub.publish(channel, payload, pid)
+    def _relay(self, conn: Any, sink: Callable[[int, str, str], None]) -> None:
+        self._sink = sink
+        conn.relay_to(sink)
 
-    def _on_probe(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _on_notify(self, _conn: Any, pid: int, channel: str, payload: str) -> None:
+        """The stock asyncpg listener path; unused while RelayConnection.relay_to works."""
+        self._sink(pid, channel, payload)
+
+    def _hold(self, pid: int, channel: str, payload: str) -> None:
+        """Until the generation tick, notifications wait (see :meth:`_listen`)."""
+        self._held.append((pid, channel, payload))
+
+    def _on_probe(self, _pid: int, channel: str, payload: str) -> None:
+        """Notifications on unregistered channels: only the probe channel gets here."""
+        if channel != self.probe_channel:
+            return
         probe = self._probes.get(payload)
         if probe is not None and not probe.done():
             probe.set_result(None)

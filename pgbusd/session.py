@@ -20,10 +20,9 @@ if TYPE_CHECKING:
 class Session(asyncio.Protocol):
     """The daemon's side of one client connection.
 
-    Outbound bytes are bounded: what is queued here plus what the transport still buffers may not
-    exceed the write budget. A client past it is cut (it re-attaches and its generation moves on),
-    so a client that stops reading costs the daemon a bounded amount of memory and nobody else
-    any time.
+    Outbound bytes are bounded: what the transport still buffers may not exceed the write budget.
+    A client past it is cut (it re-attaches and its generation moves on), so a client that stops
+    reading costs the daemon a bounded amount of memory and nobody else any time.
     """
 
     def __init__(self, server: Server) -> None:
@@ -40,9 +39,6 @@ class Session(asyncio.Protocol):
         self.connected_at = time.time()
         self.sent = 0
         self.notifications_sent = 0
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self._flush_handle: asyncio.Handle | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.log: Any = get_logger()
 
@@ -114,7 +110,6 @@ class Session(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._cancel_timers()
-        self._pending.clear()
         self._hub.remove(self)
         if self.attached:
             self.log.info("client detached", subscriptions=len(self.subscriptions))
@@ -142,30 +137,24 @@ class Session(asyncio.Protocol):
             refusal = self._server.access.refuse_subscribe(self.peer, msg.channel)
             if refusal is not None:
                 self.log.warning("subscribe refused", channel=msg.channel, reason=refusal)
-                self.enqueue(p.encode_item(p.Error(p.E_FORBIDDEN, refusal, msg.channel)))
+                self.send(p.Error(p.E_FORBIDDEN, refusal, msg.channel))
                 return
             seq = self._hub.subscribe(self, msg.channel)
             if seq is None:
                 self.log.info("subscribe refused", channel=msg.channel, reason="unknown channel")
-                self.enqueue(
-                    p.encode_item(
-                        p.Error(
-                            p.E_UNKNOWN_CHANNEL,
-                            f"channel {msg.channel!r} is not registered",
-                            msg.channel,
-                        )
-                    )
-                )
+                refusal = f"channel {msg.channel!r} is not registered"
+                self.send(p.Error(p.E_UNKNOWN_CHANNEL, refusal, msg.channel))
                 return
             self.subscriptions[msg.channel] = None
-            self.enqueue(p.encode_item(p.Subscribed(msg.channel, seq)))
+            self.send(p.Subscribed(msg.channel, seq))
             self.log.debug("subscribed", channel=msg.channel)
         elif isinstance(msg, p.Unsubscribe):
             self._hub.unsubscribe(self, msg.channel)
             self.subscriptions.pop(msg.channel, None)
-            self.enqueue(p.encode_item(p.Unsubscribed(msg.channel)))
+            self.send(p.Unsubscribed(msg.channel))
         elif isinstance(msg, p.StatusRequest):
-            self.enqueue(p.encode_item(p.StatusReply(self._server.status())))
+            self._hub.seal_all()  # so that the counters include what this turn received
+            self.send(p.StatusReply(self._server.status()))
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} after attach")
 
@@ -176,41 +165,31 @@ class Session(asyncio.Protocol):
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def enqueue(self, item: bytes) -> None:
-        """Queue one encoded message; frames go out once per event-loop turn."""
-        if self.closing:
-            return
-        self._pending.append(item)
-        self._pending_bytes += len(item)
-        if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
-            if self.transport is not None and (
-                self.transport.get_write_buffer_size() + self._pending_bytes > self._budget
-            ):
-                self._cut_slow()
-        elif self._pending_bytes > self._budget:
-            self._cut_slow()
+    def send_batch(self, frame: bytearray, count: int) -> None:
+        """Write a sealed batch of ``count`` notifications (the hub writes the same frame to every
+        subscriber)."""
+        if not self.closing:
+            self.notifications_sent += count
+            self.sent += count
+            self._write(frame)
 
-    def _flush(self) -> None:
-        self._flush_handle = None
-        if self.closing or self.transport is None or not self._pending:
+    def send_frame(self, frame: bytes) -> None:
+        """Write one already-encoded frame holding one message."""
+        if not self.closing:
+            self.sent += 1
+            self._write(frame)
+
+    def send(self, message: p.Message) -> None:
+        """Write ``message`` after every notification published so far."""
+        self._hub.seal_all()
+        self.send_frame(p.encode_frame(message))
+
+    def _write(self, frame: bytes | bytearray) -> None:
+        transport = self.transport
+        if transport is None:
             return
-        pending, self._pending = self._pending, []
-        size, self._pending_bytes = self._pending_bytes, 0
-        self.sent += len(pending)
-        write = self.transport.write
-        limit = p.MAX_SERVER_FRAME - 16
-        if size <= limit:  # the usual case: one frame, no per-item work
-            write(p.frame_items(pending, size))
-        else:  # split into frames the client accepts
-            start, size = 0, 0
-            for i, item in enumerate(pending):
-                if size + len(item) > limit and i > start:
-                    write(p.frame_items(pending[start:i], size))
-                    start, size = i, 0
-                size += len(item)
-            write(p.frame_items(pending[start:], size))
-        if self.transport.get_write_buffer_size() > self._budget:
+        transport.write(frame)
+        if transport.get_write_buffer_size() > self._budget:
             self._cut_slow()
 
     def _write_now(self, *messages: p.Message) -> None:
@@ -220,11 +199,11 @@ class Session(asyncio.Protocol):
     def _cut_slow(self) -> None:
         server = self._server
         server.counters["clients_cut_slow"] += 1
-        waiting = self._pending_bytes + (
-            self.transport.get_write_buffer_size() if self.transport else 0
-        )
         self.log.warning(
-            "client cut", reason="slow consumer", bytes_waiting=waiting, budget=self._budget
+            "client cut",
+            reason="slow consumer",
+            bytes_waiting=self.write_buffer_size(),
+            budget=self._budget,
         )
         self.abort()
 
@@ -235,14 +214,14 @@ class Session(asyncio.Protocol):
         if self.closing:
             return
         self.log.warning("client closed", code=code, reason=message)
-        self._flush()
+        self._hub.seal_all()
         self._write_now(p.Error(code, message, None, True))
         self.close()
 
     def goodbye(self, reason: str) -> None:
         if self.closing:
             return
-        self._flush()
+        self._hub.seal_all()
         self._write_now(p.Goodbye(reason))
         self.close()
 
@@ -263,21 +242,15 @@ class Session(asyncio.Protocol):
         """Close at once, discarding whatever is buffered."""
         self.closing = True
         self._cancel_timers()
-        self._pending.clear()
         if self.transport is not None:
             self.transport.abort()
 
     def _cancel_timers(self) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
 
     def write_buffer_size(self) -> int:
-        return self._pending_bytes + (
-            self.transport.get_write_buffer_size() if self.transport else 0
-        )
+        return self.transport.get_write_buffer_size() if self.transport else 0
 
     def summary(self) -> dict[str, Any]:
         return {

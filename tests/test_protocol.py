@@ -52,6 +52,57 @@ def test_bytes_arriving_one_at_a_time_give_the_same_messages() -> None:
     assert decoder.buffered == 0
 
 
+def _read_through_buffer(
+    decoder: p.FrameDecoder[p.ServerMessage], stream: bytes, sizes: list[int]
+) -> list[p.ServerMessage]:
+    """Deliver ``stream`` as a socket read into the decoder's buffer would: at most ``size``
+    bytes (and at most the space offered) per read, keeping every offered view alive."""
+    got: list[p.ServerMessage] = []
+    views: list[memoryview] = []  # a read may still hold the view it was given
+    pos, i = 0, 0
+    while pos < len(stream):
+        view = decoder.get_buffer(0)
+        views.append(view)
+        assert len(view) > 0
+        n = min(len(view), sizes[i % len(sizes)], len(stream) - pos)
+        view[:n] = stream[pos : pos + n]
+        pos += n
+        i += 1
+        got += decoder.buffer_updated(n)
+    return got
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    payload_sizes=st.lists(st.integers(0, 4000), min_size=1, max_size=40),
+    per_frame=st.integers(1, 30),
+    sizes=st.lists(st.integers(1, 70_000), min_size=1, max_size=8),
+)
+def test_reading_into_the_decoder_buffer_gives_what_feeding_gives(
+    payload_sizes: list[int], per_frame: int, sizes: list[int]
+) -> None:
+    notes = [p.Notification("ch", "x" * n, 1, 1, i) for i, n in enumerate(payload_sizes)]
+    stream = b"".join(
+        p.encode_frame(*notes[i : i + per_frame]) for i in range(0, len(notes), per_frame)
+    )
+    decoder = p.server_decoder()
+    assert _read_through_buffer(decoder, stream, sizes) == notes
+    assert decoder.buffered == 0
+
+
+def test_a_frame_larger_than_the_buffer_grows_it_and_then_feed_and_reads_mix() -> None:
+    big = p.Notification("ch", "y" * p.MAX_PAYLOAD_BYTES, 1, 1, 1)
+    frame = p.encode_frame(*[big] * 120)  # about 960 KB: more than one read's space
+    assert len(frame) > p.FrameDecoder.READ_SIZE
+    decoder = p.server_decoder()
+    half = len(frame) // 2
+    assert decoder.feed(frame[:half]) == []
+    assert _read_through_buffer(decoder, frame[half:] + frame[:10], [100_000]) == [big] * 120
+    assert decoder.buffered == 10
+    assert decoder.feed(frame[10:]) == [big] * 120
+    assert decoder.buffered == 0
+
+
 def test_length_prefix_over_the_limit_is_refused_before_the_body_arrives() -> None:
     decoder = p.client_decoder()
     with pytest.raises(ProtocolError) as err:

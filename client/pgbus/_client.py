@@ -11,7 +11,14 @@ from typing import Any, Final, TypeVar, cast, overload
 
 from pgbus import protocol as p
 from pgbus._select import Selector
-from pgbus._state import DEFAULT_BUFFER, GenerationClock, payload_decoder, refusal
+from pgbus._state import (
+    DEFAULT_BUFFER,
+    GenerationClock,
+    deliver,
+    payload_decoder,
+    refusal,
+    runs,
+)
 from pgbus._subscription import Subscription, wait_woken
 from pgbus._watch import GenerationWatch
 from pgbus.backoff import Backoff
@@ -41,8 +48,11 @@ class _ConnectionLost(PgbusError):
     pass
 
 
-class _Link(asyncio.Protocol):
-    """One attachment to the daemon: decodes frames and hands messages to the bus."""
+class _Link(asyncio.BufferedProtocol):
+    """One attachment to the daemon: decodes frames and hands messages to the bus.
+
+    A buffered protocol: the event loop reads straight into the frame decoder's buffer.
+    """
 
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
@@ -58,18 +68,21 @@ class _Link(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            messages = self._decoder.feed(data)
+            messages = self._decoder.buffer_updated(nbytes)
         except ProtocolError as exc:
             self.abort(exc)
             return
         bus = self._bus
-        for msg in messages:
-            if type(msg) is p.Notification:
-                bus._dispatch(self, msg)
+        for run in runs(messages):
+            if type(run) is list:
+                bus._dispatch(run)
             else:
-                self._control(msg)
+                self._control(run)  # type: ignore[arg-type]
 
     def _control(self, msg: p.ServerMessage) -> None:
         if isinstance(msg, p.Hello):
@@ -344,14 +357,13 @@ class Bus:
 
     # -- dispatch (synchronous, from the link's read callback) ----------------------------------
 
-    def _dispatch(self, link: _Link, msg: p.Notification) -> None:
-        channel = msg.channel
-        if self._clock.on_notification(channel, msg.seq):
+    def _dispatch(self, run: list[p.Notification]) -> None:
+        if deliver(self._clock, self._subs, run):
             self._wake_generation()  # a seq gap
-        for sub in self._subs.get(channel, ()):
-            sub._push(msg.payload)
-        if self._on_notification is not None:
-            self._on_notification(self, msg)
+        hook = self._on_notification
+        if hook is not None:
+            for msg in run:
+                hook(self, msg)
 
     def _on_subscribed(self, msg: p.Subscribed) -> None:
         self._clock.on_subscribed(msg.channel, msg.seq)

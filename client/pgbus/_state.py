@@ -7,6 +7,7 @@ on a lock); what a message *means* is decided here, once:
 - :class:`GenerationClock`: how the client's reconnect generation moves.
 - :class:`PayloadQueue`: one subscription's lag-bounded FIFO, with the optional JSON decode.
 - :class:`GenerationCursor`: what one watcher has seen of the generation.
+- :func:`runs` and :func:`deliver`: notifications handed on a run at a time.
 
 Nothing here blocks, locks or touches a socket; the blocking client calls it with its lock held.
 """
@@ -14,8 +15,9 @@ Nothing here blocks, locks or touches a socket; the blocking client calls it wit
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final, Generic, Protocol
 
 import msgspec
@@ -134,6 +136,19 @@ class GenerationClock:
             return self._advance(1)
         return False
 
+    def on_run(self, channel: str, seqs: list[int]) -> bool:
+        """:meth:`on_notification` for consecutive notifications on one channel, at C speed when
+        the seqs run on without a gap (always, from a correct daemon)."""
+        first = seqs[0]
+        last = self._last_seq.get(channel)
+        if (last is None or first == last + 1) and seqs == list(range(first, first + len(seqs))):
+            self._last_seq[channel] = seqs[-1]
+            return False
+        moved = False
+        for seq in seqs:
+            moved = self.on_notification(channel, seq) or moved
+        return moved
+
     def _advance(self, step: int) -> bool:
         if step > 0:
             self.generation += step
@@ -197,7 +212,7 @@ class PayloadQueue(Generic[T_co]):
         self.channel = channel
         self._buffer = buffer
         self._decode = decode
-        self._queue: deque[Any] = deque()
+        self._queue: deque[Any] = deque(maxlen=buffer)  # full: appending drops the oldest
         self._skipped = 0
         self._closed = False
         self._delivered = 0
@@ -207,19 +222,24 @@ class PayloadQueue(Generic[T_co]):
     # -- fed by the client's reader ------------------------------------------------------------
 
     def _push(self, payload: str) -> None:
+        self._push_many([payload])
+
+    def _push_many(self, payloads: list[str]) -> None:
+        """Append ``payloads`` (received in this order), dropping the oldest beyond the buffer."""
         queue = self._queue
-        if len(queue) >= self._buffer:
-            queue.popleft()
-            self._skipped += 1
-            self._dropped += 1
+        over = len(queue) + len(payloads) - self._buffer
+        if over > 0:
+            self._skipped += over
+            self._dropped += over
         decode = self._decode
         if decode is None:
-            queue.append(payload)
+            queue.extend(payloads)
         else:
-            try:
-                queue.append(decode(payload))
-            except msgspec.DecodeError as exc:
-                queue.append(_Undecodable(payload, exc))
+            for payload in payloads[-self._buffer :]:
+                try:
+                    queue.append(decode(payload))
+                except msgspec.DecodeError as exc:
+                    queue.append(_Undecodable(payload, exc))
         self._wake()
 
     def _wake(self) -> None:
@@ -285,6 +305,55 @@ class PayloadQueue(Generic[T_co]):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<{type(self).__name__} {self.channel!r} {state} pending={len(self._queue)}>"
+
+
+_channel_of: Final = attrgetter("channel")
+_seq_of: Final = attrgetter("seq")
+_payload_of: Final = attrgetter("payload")
+
+#: One step of :func:`runs`: consecutive notifications on one channel, or any other message.
+Run = list[p.Notification] | p.ServerMessage
+
+
+def runs(messages: list[p.ServerMessage]) -> Sequence[Run]:
+    """Split ``messages`` (in order) into runs of notifications on one channel and the other
+    messages between them. The daemon sends a loop turn's notifications on a channel as one
+    frame, so the usual answer is the whole list as one run, found without a loop in Python."""
+    if set(map(type, messages)) == {p.Notification} and len(set(map(_channel_of, messages))) == 1:
+        return (messages,)  # type: ignore[return-value]  # every one is a Notification
+    out: list[Run] = []
+    run: list[p.Notification] = []
+    for msg in messages:
+        if type(msg) is p.Notification:
+            if run and run[0].channel != msg.channel:
+                out.append(run)
+                run = []
+            run.append(msg)
+        else:
+            if run:
+                out.append(run)
+                run = []
+            out.append(msg)
+    if run:
+        out.append(run)
+    return out
+
+
+def deliver(
+    clock: GenerationClock,
+    subscriptions: Mapping[str, list[Any]],
+    run: list[p.Notification],
+) -> bool:
+    """Hand a run of notifications on one channel to the channel's subscriptions (each a
+    :class:`PayloadQueue`); returns True if the clock moved (a seq gap)."""
+    channel = run[0].channel
+    moved = clock.on_run(channel, list(map(_seq_of, run)))
+    subs = subscriptions.get(channel)
+    if subs:
+        payloads = list(map(_payload_of, run))
+        for sub in subs:
+            sub._push_many(payloads)
+    return moved
 
 
 class HasGeneration(Protocol):

@@ -8,9 +8,12 @@ carries at least one message. The receiver checks the length against its maximum
 the body (:data:`MAX_CLIENT_FRAME` for frames a client sends, :data:`MAX_SERVER_FRAME` for frames
 the daemon sends); an empty or oversized length is a protocol error and closes the connection.
 
-Batching many messages in one frame is what makes the relay cheap: the daemon encodes each
-notification once, then writes the same item bytes to every subscriber under a per-client array
-header, and a client decodes a whole batch with one call.
+Any msgpack array header may open the body (the daemon uses the 32-bit form for batches, whose
+count it fills in last). Batching many messages in one frame is what makes the relay cheap: the
+daemon encodes each notification once, straight into the frame of its channel for the current
+event-loop turn, writes that same frame to every subscriber of the channel, and a client decodes
+the whole batch with one call. A client may rely on the order of messages, never on how they are
+split into frames.
 
 Messages
 --------
@@ -210,43 +213,82 @@ M = TypeVar("M", bound=Message)
 
 
 class FrameDecoder(Generic[M]):
-    """Incremental, socket-free frame parser: feed it bytes, get back complete messages.
+    """Incremental, socket-free frame parser: give it bytes, get back complete messages.
 
-    ``feed`` raises :class:`~pgbus.errors.ProtocolError` (and only that) for anything that is not
-    a valid stream of frames of this side's message type; after an error the stream is unusable.
+    Two ways to give it bytes: :meth:`feed` (any bytes-like object), or read straight into its
+    buffer: ``n = sock.recv_into(decoder.get_buffer())`` then ``decoder.buffer_updated(n)`` (the
+    shape of :class:`asyncio.BufferedProtocol`), which spares copying large frames.
+
+    Both raise :class:`~pgbus.errors.ProtocolError` (and only that) for anything that is not a
+    valid stream of frames of this side's message type; after an error the stream is unusable.
     The buffered bytes never exceed one maximal frame plus one read.
     """
 
-    __slots__ = ("_buf", "_decoder", "_max_frame", "_need")
+    __slots__ = ("_buf", "_decoder", "_end", "_max_frame", "_need", "_start", "_view")
+
+    #: Free space offered for one read when no frame under way needs more.
+    READ_SIZE: Final = 256 * 1024
 
     def __init__(self, message_type: Any, max_frame: int) -> None:
         self._decoder: msgspec.msgpack.Decoder[list[M]] = msgspec.msgpack.Decoder(
             list[message_type]
         )
         self._max_frame = max_frame
+        # Received bytes not yet decoded are _buf[_start:_end]. The bytearray is never resized
+        # (a read may still hold a view of it): it is replaced by a larger one when needed.
         self._buf = bytearray()
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+        #: Bytes needed from _start before the next step can be taken (a header, or a frame).
         self._need = HEADER_SIZE
 
     @property
     def buffered(self) -> int:
         """Bytes received that are not yet part of a complete frame."""
-        return len(self._buf)
+        return self._end - self._start
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[M]:
-        buf = self._buf
-        if buf:
-            buf += data
-            if len(buf) < self._need:
-                return []
-            data = bytes(buf)
-            buf.clear()
-        elif len(data) < self._need:
-            buf += data
+        """Decode ``data`` after whatever was buffered; returns the messages it completed."""
+        if self._end == self._start:  # nothing buffered: decode in place, keep only the tail
+            view = memoryview(data)
+            out, pos = self._parse(view, 0, len(view))
+            if pos < len(view):
+                rest = len(view) - pos
+                self.get_buffer(rest)[:rest] = view[pos:]
+                self._end += rest
+            return out
+        size = len(data)
+        self.get_buffer(size)[:size] = data
+        return self.buffer_updated(size)
+
+    def get_buffer(self, size: int = 0) -> memoryview:
+        """Writable space for the next read: at least ``size`` bytes, and room for the rest of
+        the frame under way. Fill a prefix of it, then call :meth:`buffer_updated`."""
+        live = self._end - self._start
+        want = max(size, self._need - live, self.READ_SIZE if size <= 0 else 0)
+        if len(self._buf) - self._end < want:
+            if live + want <= len(self._buf):  # move the partial frame to the front
+                self._view[:live] = self._view[self._start : self._end]
+            else:
+                grown = bytearray(max(live + want, 2 * len(self._buf)))
+                grown[:live] = self._view[self._start : self._end]
+                self._buf, self._view = grown, memoryview(grown)
+            self._start, self._end = 0, live
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> list[M]:
+        """``nbytes`` were written at the start of the last :meth:`get_buffer`; decode them."""
+        self._end += nbytes
+        if self._end - self._start < self._need:
             return []
+        out, self._start = self._parse(self._view, self._start, self._end)
+        if self._start == self._end:
+            self._start = self._end = 0
+        return out
+
+    def _parse(self, view: memoryview, pos: int, end: int) -> tuple[list[M], int]:
+        """Decode the complete frames in ``view[pos:end]``; returns them and where they end."""
         out: list[M] = []
-        view = memoryview(data)
-        end = len(view)
-        pos = 0
         while end - pos >= HEADER_SIZE:
             (size,) = _HEADER.unpack_from(view, pos)
             if size > self._max_frame:
@@ -259,14 +301,11 @@ class FrameDecoder(Generic[M]):
             stop = pos + HEADER_SIZE + size
             if stop > end:
                 self._need = stop - pos
-                break
+                return out, pos
             out.extend(self._decode(view[pos + HEADER_SIZE : stop]))
             pos = stop
-        else:
-            self._need = HEADER_SIZE
-        if pos < end:
-            buf += view[pos:]
-        return out
+        self._need = HEADER_SIZE
+        return out, pos
 
     def _decode(self, body: memoryview) -> list[M]:
         try:

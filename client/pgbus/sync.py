@@ -43,8 +43,10 @@ from pgbus._state import (
     PayloadQueue,
     SubscriptionStatistics,
     T_co,
+    deliver,
     payload_decoder,
     refusal,
+    runs,
 )
 from pgbus.backoff import Backoff
 from pgbus.errors import (
@@ -68,8 +70,6 @@ T = TypeVar("T")
 #: Conditions (over the bus's lock) of the threads waiting on one source.
 _Waiters = list[threading.Condition]
 
-_READ_SIZE = 1 << 18
-
 
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
@@ -86,7 +86,6 @@ class _SyncLink:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.decoder = p.server_decoder()
-        self.buffer = memoryview(bytearray(_READ_SIZE))  # reused: the decoder copies what it keeps
         self.pending: deque[Future[p.ServerMessage]] = deque()
         self.hello: p.Hello | None = None
         #: The re-subscriptions sent with the attach (set when the hello arrives).
@@ -605,7 +604,7 @@ class SyncBus:
 
     def _pump(self, link: _SyncLink, until: Callable[[], bool], deadline: float | None) -> None:
         """Read and handle messages until ``until()`` holds; raises when the link ends."""
-        sock, buffer = link.sock, link.buffer
+        sock, decoder = link.sock, link.decoder
         while not until():
             if deadline is not None:
                 remaining = deadline - time.monotonic()
@@ -613,25 +612,23 @@ class SyncBus:
                     raise TimeoutError
                 sock.settimeout(remaining)
             try:
-                size = sock.recv_into(buffer)
+                size = sock.recv_into(decoder.get_buffer())
             except TimeoutError:
                 raise
             except OSError as exc:
                 raise link.failure or DaemonUnavailableError(f"pgbusd connection: {exc}") from exc
             if not size:
                 raise link.failure or DaemonUnavailableError("daemon closed the connection")
-            self._handle(link, link.decoder.feed(buffer[:size]))
+            self._handle(link, decoder.buffer_updated(size))
 
     def _handle(self, link: _SyncLink, messages: list[p.ServerMessage]) -> None:
         with self._lock:
-            for msg in messages:
-                if type(msg) is p.Notification:
-                    if self._clock.on_notification(msg.channel, msg.seq):
+            for run in runs(messages):
+                if type(run) is list:
+                    if deliver(self._clock, self._subs, run):
                         _notify(self._state_waiters)  # a seq gap
-                    for sub in self._subs.get(msg.channel, ()):
-                        sub._push(msg.payload)
                 else:
-                    self._control(link, msg)
+                    self._control(link, run)  # type: ignore[arg-type]
 
     def _control(self, link: _SyncLink, msg: p.ServerMessage) -> None:
         if isinstance(msg, p.Hello):

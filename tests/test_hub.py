@@ -1,0 +1,170 @@
+"""The hub's batching, in process: what each subscriber is written, and in what order.
+
+The sessions here are recorders of what the hub writes to them (the hub's side of the session
+interface: ``send_batch`` and ``send_frame``); the frames are decoded with the clients' decoder.
+End-to-end delivery through sockets and PostgreSQL is covered by test_relay and test_seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pgbus import protocol as p
+from pgbusd.hub import Hub
+
+
+class Recorder:
+    """Stands where a Session stands for the hub; keeps every frame written to it."""
+
+    def __init__(self, hub: Hub, *channels: str) -> None:
+        self.frames: list[bytes | bytearray] = []
+        self.counts: list[int] = []
+        self.subscriptions: dict[str, None] = {}
+        self.written = asyncio.Event()
+        hub.add(self)  # type: ignore[arg-type]
+        for channel in channels:
+            self.subscribe(hub, channel)
+
+    def subscribe(self, hub: Hub, channel: str) -> int | None:
+        self.subscriptions[channel] = None
+        return hub.subscribe(self, channel)  # type: ignore[arg-type]
+
+    def send_batch(self, frame: bytearray, count: int) -> None:
+        self.frames.append(frame)
+        self.counts.append(count)
+        self.written.set()
+
+    def send_frame(self, frame: bytes) -> None:
+        self.frames.append(frame)
+        self.written.set()
+
+    def messages(self) -> list[p.ServerMessage]:
+        decoder = p.server_decoder()
+        out: list[p.ServerMessage] = []
+        for frame in self.frames:
+            assert len(frame) <= p.HEADER_SIZE + p.MAX_SERVER_FRAME
+            got = decoder.feed(bytes(frame))
+            assert got, "a frame holds at least one message"
+            out += got
+        assert decoder.buffered == 0
+        return out
+
+
+async def end_of_turn(*recorders: Recorder) -> None:
+    """Wait for the hub's end-of-turn seal to reach ``recorders``."""
+    for rec in recorders:
+        await asyncio.wait_for(rec.written.wait(), 5)
+
+
+def notes(channel: str, first_seq: int, payloads: list[str], generation: int = 0) -> list[Any]:
+    return [
+        p.Notification(channel, payload, 100 + i, generation, first_seq + i)
+        for i, payload in enumerate(payloads)
+    ]
+
+
+async def test_a_turn_is_one_frame_per_channel_and_the_same_frame_for_every_subscriber() -> None:
+    hub = Hub(("a", "b"))
+    a1, a2, b = Recorder(hub, "a"), Recorder(hub, "a"), Recorder(hub, "b")
+    for i in range(5):
+        hub.publish(100 + i, "a", f"a{i}")
+        hub.publish(100 + i, "b", f"b{i}")
+    assert not a1.frames, "nothing is written before the end of the loop turn"
+    await end_of_turn(a1, a2, b)
+    assert len(a1.frames) == len(a2.frames) == len(b.frames) == 1
+    assert a1.frames[0] is a2.frames[0], "one encoding, written to every subscriber"
+    assert a1.messages() == notes("a", 1, [f"a{i}" for i in range(5)])
+    assert b.messages() == notes("b", 1, [f"b{i}" for i in range(5)])
+    assert a1.counts == [5]
+    assert hub.received == 10
+    assert hub.sent == 15
+
+
+async def test_a_batch_is_split_before_it_would_exceed_the_frame_limit() -> None:
+    hub = Hub(("big",))
+    rec = Recorder(hub, "big")
+    payloads = [f"{i:06d}".ljust(p.MAX_PAYLOAD_BYTES, "x") for i in range(400)]
+    for i, payload in enumerate(payloads):
+        hub.publish(100 + i, "big", payload)
+    await end_of_turn(rec)
+    assert len(rec.frames) >= 3, "3.2 MB cannot travel in one frame"
+    assert rec.messages() == notes("big", 1, payloads)
+    assert sum(rec.counts) == 400
+
+
+async def test_multibyte_payloads_are_framed_by_their_encoded_size() -> None:
+    hub = Hub(("u",))
+    rec = Recorder(hub, "u")
+    payloads = ["é" * 3999] * 300  # 7998 bytes each in UTF-8, half that in characters
+    for i, payload in enumerate(payloads):
+        hub.publish(100 + i, "u", payload)
+    await end_of_turn(rec)
+    assert rec.messages() == notes("u", 1, payloads)
+
+
+async def test_a_subscriber_joining_mid_turn_gets_exactly_what_follows_its_seq() -> None:
+    hub = Hub(("c",))
+    old = Recorder(hub, "c")
+    for i in range(3):
+        hub.publish(100 + i, "c", f"x{i}")
+    new = Recorder(hub)
+    assert new.subscribe(hub, "c") == 3
+    assert len(old.frames) == 1, "subscribing sealed the open batch for the old subscriber"
+    for i in range(3, 5):
+        hub.publish(100 + i, "c", f"x{i}")
+    await end_of_turn(new)
+    assert old.messages() == notes("c", 1, [f"x{i}" for i in range(5)])
+    assert new.messages() == [
+        p.Notification("c", "x3", 103, 0, 4),
+        p.Notification("c", "x4", 104, 0, 5),
+    ]
+
+
+async def test_a_tick_goes_out_after_everything_published_before_it() -> None:
+    hub = Hub(("c",))
+    rec = Recorder(hub, "c")
+    hub.publish(1, "c", "before")
+    hub.tick(7)
+    hub.publish(2, "c", "after")
+    await end_of_turn(rec)
+    await asyncio.wait_for(_frames(rec, 3), 5)
+    assert rec.messages() == [
+        p.Notification("c", "before", 1, 0, 1),
+        p.Generation(7),
+        p.Notification("c", "after", 2, 7, 2),
+    ]
+
+
+async def _frames(rec: Recorder, n: int) -> None:
+    while len(rec.frames) < n:
+        rec.written.clear()
+        await rec.written.wait()
+
+
+async def test_unsubscribing_seals_first_and_stops_delivery() -> None:
+    hub = Hub(("c",))
+    rec = Recorder(hub, "c")
+    hub.publish(1, "c", "kept")
+    hub.unsubscribe(rec, "c")  # type: ignore[arg-type]
+    hub.publish(2, "c", "not for rec")
+    assert rec.messages() == [p.Notification("c", "kept", 1, 0, 1)]
+    other = Recorder(hub, "c")
+    hub.publish(3, "c", "third")
+    await end_of_turn(other)
+    assert other.messages() == [p.Notification("c", "third", 3, 0, 3)]
+    assert rec.messages() == [p.Notification("c", "kept", 1, 0, 1)]
+
+
+async def test_unregistered_channels_go_to_unrouted_and_unheard_ones_are_only_counted() -> None:
+    seen: list[tuple[int, str, str]] = []
+    hub = Hub(("quiet",), unrouted=lambda *args: seen.append(args))
+    hub.publish(9, "probe", "token")
+    hub.publish(9, "quiet", "nobody listens")
+    assert seen == [(9, "probe", "token")]
+    assert hub.channels["quiet"].seq == 1
+    assert hub.channels["quiet"].last_received is not None
+    rec = Recorder(hub, "quiet")
+    hub.publish(9, "quiet", "now someone does")
+    await end_of_turn(rec)
+    assert rec.messages() == [p.Notification("quiet", "now someone does", 9, 0, 2)]

@@ -52,6 +52,7 @@ class ChannelState:
         self.name = name
         #: Notifications PostgreSQL delivered on this channel so far (this daemon process).
         self.seq = 0
+        #: When the latest loop turn that delivered notifications on this channel began to.
         self.last_received: float | None = None
         self.subscribers: dict[Session, None] = {}
         #: The frame being built this loop turn (head space, then encoded items); empty when no

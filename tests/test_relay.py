@@ -335,3 +335,29 @@ async def test_notification_hook_sees_every_frame_with_its_envelope(
         (a, "y", sender, 2, 1, 1),
         (a, "z", sender, 3, 2, 2),
     ]
+
+
+async def test_relay_connection_hands_notifications_to_its_sink_in_place_of_asyncpg_listeners(
+    pg: Any,
+) -> None:
+    """Pins the private asyncpg hook the daemon's hot path relies on (RelayConnection.relay_to).
+
+    If asyncpg stops calling ``Connection._process_notification``, the daemon still works
+    through the stock listener path, only slower; this test is what notices.
+    """
+    from pgbusd.listener import RelayConnection
+
+    channel = unique_channel("relay_to")
+    conn = await asyncpg.connect(DSN, connection_class=RelayConnection)
+    try:
+        relayed: list[tuple[int, str, str]] = []
+        stock: list[tuple[int, str, str]] = []
+        await conn.add_listener(channel, lambda _c, *args: stock.append(args))
+        conn.relay_to(lambda *args: relayed.append(args))
+        await notify(pg, channel, "one", "two")
+        await wait_until(lambda: len(relayed) == 2, what="both notifications at the sink")
+        sender = pg.get_server_pid()
+        assert relayed == [(sender, channel, "one"), (sender, channel, "two")]
+        assert stock == [], "the stock listener path was bypassed"
+    finally:
+        await conn.close()

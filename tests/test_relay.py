@@ -140,11 +140,14 @@ async def test_subscribe_while_daemon_is_away_takes_effect_on_reattach(
     a, b = daemon.channels
     async with attached(daemon) as bus:
         await bus.subscribe(a)
+        watch = bus.subscribe_reconnects()
         daemon.kill()
         await wait_until(lambda: not bus.attached, what="bus detached")
         sub_b = await bus.subscribe(b)
         daemon.start()
-        await bus.wait_attached()
+        # Attached is not yet listening: the restarted daemon may still be connecting to
+        # PostgreSQL. The generation step is the promise that what follows is relayed.
+        assert await asyncio.wait_for(watch.changed(), 15) == 2
         await notify(pg, b, "late")
         assert await asyncio.wait_for(sub_b.recv(), 10) == "late"
 

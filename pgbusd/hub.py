@@ -31,9 +31,12 @@ if TYPE_CHECKING:
 
 #: A batch frame starts with its length and a 32-bit msgpack array header, filled in on sealing.
 _BATCH_HEAD: Final = struct.Struct(">IBI")
-#: A batch is sealed once its body passes this size, so that no frame exceeds MAX_SERVER_FRAME
-#: (one more notification adds at most a payload, a channel name and a few bytes of framing).
-_BATCH_LIMIT: Final = p.MAX_SERVER_FRAME - _BATCH_HEAD.size - 2 * (p.MAX_PAYLOAD_BYTES + 64)
+#: The most one encoded notification can take. PostgreSQL's limits (7999 bytes of payload, 63 of
+#: channel name) count bytes of the server encoding, and asyncpg receives UTF-8, in which one byte
+#: of a single-byte server encoding can take three (WIN1252's 0x80 is U+20AC); 4x is a safe bound.
+_MAX_ITEM: Final = 4 * (p.MAX_PAYLOAD_BYTES + p.MAX_CHANNEL_BYTES) + 64
+#: A batch is sealed once it passes this size, so that no frame exceeds MAX_SERVER_FRAME.
+_BATCH_LIMIT: Final = p.MAX_SERVER_FRAME - _BATCH_HEAD.size - _MAX_ITEM
 #: The first element of every encoded Notification (its tag); see protocol.Notification.
 _NOTIFY_TAG: Final = p.Notification.__struct_config__.tag
 

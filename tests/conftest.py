@@ -68,6 +68,15 @@ def wait_until_sync(predicate: Callable[[], Any], timeout: float = 10.0, what: s
         time.sleep(0.02)
 
 
+#: The name of the client :meth:`Daemon.status` attaches as.
+STATUS_PROBE = "tests-status-probe"
+
+
+def clients_of(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """The clients in a status document, without the probes of :meth:`Daemon.status`."""
+    return [c for c in status["clients"] if c["name"] != STATUS_PROBE]
+
+
 class Daemon:
     """A pgbusd subprocess with its own socket directory and log file."""
 
@@ -118,8 +127,13 @@ class Daemon:
         return self.proc is not None and self.proc.poll() is None
 
     async def status(self) -> dict[str, Any] | None:
+        """The daemon's status, asked by a short-lived client named :data:`STATUS_PROBE`.
+
+        The daemon may still list that client in a status taken soon after (it has not read the
+        close yet): count clients with :func:`clients_of`, which leaves such ghosts out.
+        """
         try:
-            async with pgbus.connect(self.socket, attach_timeout=2) as bus:
+            async with pgbus.connect(self.socket, attach_timeout=2, name=STATUS_PROBE) as bus:
                 return await asyncio.wait_for(bus.status(), 2)
         except (pgbus.PgbusError, OSError, TimeoutError):
             return None

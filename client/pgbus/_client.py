@@ -261,7 +261,12 @@ class Bus:
         return reply.status
 
     async def wait_attached(self) -> None:
-        """Wait until the bus is attached to a daemon (returns at once if it is)."""
+        """Wait until the bus is attached to a daemon (returns at once if it is).
+
+        Attached is not yet listening: a daemon still connecting to PostgreSQL accepts clients
+        (at generation 0). That notifications are relayed from some point on is what a change of
+        the generation (:meth:`subscribe_reconnects`) promises, not the attach.
+        """
         while not self._attached.is_set():
             self._check_open()
             await self._attached.wait()

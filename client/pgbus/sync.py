@@ -390,7 +390,12 @@ class SyncBus:
         return msg.status
 
     def wait_attached(self, timeout: float | None = None) -> None:
-        """Wait until the bus is attached to a daemon (returns at once if it is)."""
+        """Wait until the bus is attached to a daemon (returns at once if it is).
+
+        Attached is not yet listening: a daemon still connecting to PostgreSQL accepts clients
+        (at generation 0). That notifications are relayed from some point on is what a change of
+        the generation (:meth:`subscribe_reconnects`) promises, not the attach.
+        """
         with self._lock:
             deadline = _deadline(timeout)
             while not self._attached:

@@ -281,11 +281,10 @@ class MetricsServer:
                 await writer.wait_closed()
 
     async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, bytes, bool, list[str]]:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
+        request_line = await _read_request_line(reader)
+        if request_line is None:
             return 400, b"request head too large\n", False, []
-        parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+        parts = request_line.decode("latin-1").split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
             return 400, b"malformed request line\n", False, []
         method, target, _ = parts
@@ -295,6 +294,26 @@ class MetricsServer:
         if method not in ("GET", "HEAD"):
             return 405, b"use GET\n", False, ["Allow: GET, HEAD"]
         return 200, render(self._status()).encode(), head_only, []
+
+
+async def _read_request_line(reader: asyncio.StreamReader) -> bytes | None:
+    """Read a request head to its blank line (lines may end in CRLF or a bare LF, as RFC 9112
+    allows a server to accept); returns its first line, or None if the head is too large."""
+    first: bytes | None = None
+    size = 0
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            return None
+        size += len(line)
+        if size > MAX_REQUEST_HEAD:
+            return None
+        line = line.removesuffix(b"\n").removesuffix(b"\r")
+        if first is None:
+            first = line
+        if not line:
+            return first
 
 
 def _response(status: int, body: bytes, head_only: bool, extra: list[str]) -> bytes:

@@ -341,12 +341,12 @@ async def test_http_answers_404_elsewhere_405_for_post_and_head_without_body(
     assert (await _raw_http(address, "nonsense"))[0] == "HTTP/1.1 400 Bad Request"
 
 
-async def _raw_http(address: str, request_line: str) -> list[str]:
+async def _raw_http(address: str, request_line: str, eol: str = "\r\n") -> list[str]:
     """Send one request by hand; the response split into lines (the body is the last)."""
     host, port = address.rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
-        writer.write(f"{request_line}\r\nHost: {address}\r\n\r\n".encode())
+        writer.write(f"{request_line}{eol}Host: {address}{eol}{eol}".encode())
         data = await asyncio.wait_for(reader.read(), 10)
     finally:
         writer.close()
@@ -354,11 +354,21 @@ async def _raw_http(address: str, request_line: str) -> list[str]:
     return [*head.split("\r\n"), body]
 
 
+async def test_http_accepts_bare_lf_line_ends(daemon_factory: DaemonFactory) -> None:
+    _, address = await _metrics_daemon(daemon_factory)
+    reply = await _raw_http(address, "GET /metrics HTTP/1.1", eol="\n")
+    assert reply[0] == "HTTP/1.1 200 OK"
+    assert "pgbusd_up 1" in reply[-1]
+
+
 async def test_http_drops_a_request_head_larger_than_its_limit(
     daemon_factory: DaemonFactory,
 ) -> None:
     d, address = await _metrics_daemon(daemon_factory)
     reply = await _raw_http(address, "GET /metrics HTTP/1.1\r\nX-Big: " + "x" * 10_000)
+    assert reply[0] == "HTTP/1.1 400 Bad Request"
+    many = "".join(f"\r\nX-{i}: {'y' * 90}" for i in range(200))  # short lines, 20 KB in all
+    reply = await _raw_http(address, "GET /metrics HTTP/1.1" + many)
     assert reply[0] == "HTTP/1.1 400 Bad Request"
     assert d.alive()
 

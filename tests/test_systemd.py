@@ -32,7 +32,7 @@ from tests.conftest import (
 )
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
-UNIT_FILES = ("pgbusd.service", "pgbusd@.service", "pgbusd.socket")
+UNIT_FILES = ("pgbusd.service", "pgbusd@.service", "pgbusd.socket", "pgbusd@.socket")
 #: The pgbusd of this checkout's environment, for ExecStart= in the verified copies.
 PGBUSD = Path(sys.executable).with_name("pgbusd")
 #: WATCHDOG_USEC the tests pass: a ping every 0.1 s.

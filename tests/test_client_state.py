@@ -84,12 +84,14 @@ def _drain_lagged(queue: PayloadQueue[Any]) -> tuple[list[Any], int]:
 
 
 @given(st.integers(1, 6), st.lists(st.lists(st.text(max_size=3), max_size=9), max_size=6))
-def test_push_many_equals_pushing_one_at_a_time(buffer: int, batches: list[list[str]]) -> None:
+def test_push_many_in_batches_equals_one_at_a_time_and_the_model(
+    buffer: int, batches: list[list[str]]
+) -> None:
     one: PayloadQueue[str] = PayloadQueue("a", buffer, None)
     many: PayloadQueue[str] = PayloadQueue("a", buffer, None)
     for batch in batches:
         for payload in batch:
-            one._push(payload)
+            one._push_many([payload])
         many._push_many(batch)
     total = sum(map(len, batches))
     expected = [x for batch in batches for x in batch][-buffer:] if total else []

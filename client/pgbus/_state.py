@@ -202,8 +202,8 @@ class PayloadQueue(Generic[T_co]):
     that does not decode keeps its place and raises :class:`~pgbus.PayloadDecodeError` when it is
     reached, and the queue goes on with the next.
 
-    This is the sans-I/O half of a subscription: the clients subclass it, call :meth:`_push` from
-    their reader and override :meth:`_wake` to wake their waiters.
+    This is the sans-I/O half of a subscription: the clients subclass it, call
+    :meth:`_push_many` from their reader and override :meth:`_wake` to wake their waiters.
     """
 
     def __init__(self, channel: str, buffer: int, decode: Callable[[str], T_co] | None) -> None:
@@ -220,9 +220,6 @@ class PayloadQueue(Generic[T_co]):
         self._undecodable = 0
 
     # -- fed by the client's reader ------------------------------------------------------------
-
-    def _push(self, payload: str) -> None:
-        self._push_many([payload])
 
     def _push_many(self, payloads: list[str]) -> None:
         """Append ``payloads`` (received in this order), dropping the oldest beyond the buffer."""

@@ -1,0 +1,67 @@
+"""The benchmark suite (make bench), run small: every section, the table, the JSON and the chart.
+
+This checks that ``make bench`` works and reports what issue 6 asks for, side by side; it asserts
+no speed (timings belong in the benchmark's own output, never in a test).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import DSN
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    *("--burst", "400", "--burst-many", "100", "--sizes", "64,1024", "--repeat", "1"),
+    *("--fanout", "1,3", "--fanout-burst", "200"),
+    *("--rates", "200", "--latency-seconds", "0.5"),
+    *("--scale-clients", "20", "--scale-channels", "4", "--scale-rate", "100"),
+    *("--scale-seconds", "0.5", "--idle-seconds", "0.5"),
+]
+
+
+def test_bench_runs_every_section_side_by_side_and_writes_table_json_and_chart(
+    tmp_path: Path,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--dsn", DSN, "--out", str(tmp_path), *TINY],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = result.stdout
+    for heading in ("1. Throughput", "2. Fan-out", "3. Latency", "4. Scale", "Targets"):
+        assert heading in table, f"{heading!r} missing from the table"
+
+    res = json.loads((tmp_path / "latest.json").read_text())
+    assert res["errors"] == []
+    assert len(res["commit"]) >= 7
+    assert {(t["size"], t["shape"]) for t in res["throughput"]} == {
+        (size, shape) for size in (64, 1024) for shape in ("one transaction", "many")
+    }
+    for t in res["throughput"]:
+        assert t["direct"] > 0
+        assert t["relay"] > 0
+        assert t["ratio"] == t["relay"] / t["direct"]
+    for f in res["fanout"]:
+        assert (f["direct"]["backends"], f["relay"]["backends"]) == (f["k"], 1)
+        assert f["direct"]["deliveries_per_s"] > 0
+        assert f["relay"]["deliveries_per_s"] > 0
+        assert f["relay"]["pss_mib"]["daemon"] > 0
+    assert [f["k"] for f in res["fanout"]] == [1, 3]
+    (lat,) = res["latency"]
+    assert lat["direct"]["samples"] == lat["relay"]["samples"] == 100
+    assert lat["added_p50_ms"] == lat["relay"]["p50_ms"] - lat["direct"]["p50_ms"]
+    scale = res["scale"]
+    assert scale["clients"] == 20
+    assert scale["idle"]["rss_mib"] > 0
+    assert scale["deliveries"] == scale["load_latency"]["samples"] > 0
+
+    charts = list(tmp_path.glob("bench-*.png"))
+    assert len(charts) == 1
+    assert charts[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pgbus import protocol
-from pgbus._client import DEFAULT_SOCKET
+from pgbus import DEFAULT_SOCKET, protocol
 from pgbusd import access
 
 

@@ -27,6 +27,8 @@ from pgbus._engine import (
 )
 
 HELLO = p.Hello(p.PROTOCOL_VERSION, "d1", 1, ["a", "b"], p.MAX_CLIENT_FRAME)
+#: The same channels from a daemon of another lineage (restarted after a crash): no resume.
+RESTARTED = p.Hello(p.PROTOCOL_VERSION, "d2", 1, ["a", "b"], p.MAX_CLIENT_FRAME)
 
 
 def sent(att: Attachment) -> list[p.ClientMessage]:
@@ -95,7 +97,7 @@ def test_reattach_resubscribes_every_channel_and_is_attached_only_once_all_are_a
     assert engine.generation == 1
 
     second = engine.attach()
-    feed(second, HELLO)
+    feed(second, RESTARTED)
     assert sent(second) == [
         p.Attach(p.PROTOCOL_VERSION, engine.pid, ""),
         p.Subscribe("a"),
@@ -133,7 +135,7 @@ def test_a_daemon_that_says_hello_and_dies_leaves_the_subscriptions_for_the_next
     att.lost()
 
     dying = engine.attach()
-    feed(dying, HELLO)
+    feed(dying, RESTARTED)
     assert sent(dying)[1:] == [p.Subscribe("a")]
     changes = dying.lost()
     assert changes.state
@@ -142,7 +144,7 @@ def test_a_daemon_that_says_hello_and_dies_leaves_the_subscriptions_for_the_next
     assert engine.subscriptions == {"a": [s]}
     assert dying.receive_data(p.encode_frame(p.Subscribed("a", 0))) is NO_CHANGES, "ended"
 
-    last = attached(engine)
+    last = attached(engine, RESTARTED)
     feed(last, p.Notification("a", "x", 1, 1, 1), p.Notification("a", "y", 1, 1, 2))
     assert s.drain() == ["x", "y"], "each notification once, from the one live attachment"
     assert engine.generation == 2
@@ -332,6 +334,90 @@ def test_reattach_to_a_daemon_not_yet_on_postgres_steps_at_its_first_tick() -> N
     assert engine.generation == 1
     feed(att, p.Generation(1))
     assert engine.generation == 2
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+
+def _away(engine: Engine, *channels: str, seq: int = 4) -> list[Any]:
+    """Attached, subscribed to ``channels`` with ``seq`` notifications each, then cut off."""
+    att = attached(engine)
+    subs = [sub(engine, ch) for ch in channels]
+    for s in subs:
+        engine.subscribe(s)
+    feed(att, *(p.Subscribed(ch, 0) for ch in channels))
+    feed(
+        att,
+        *(p.Notification(ch, f"{ch}{i}", 1, 1, i) for ch in channels for i in range(1, seq + 1)),
+    )
+    for s in subs:
+        s.drain()
+    att.lost()
+    return subs
+
+
+def test_a_reattach_to_the_same_lineage_and_generation_resumes_without_a_step() -> None:
+    engine = Engine()
+    a, b = _away(engine, "a", "b")
+    att = engine.attach()
+    feed(att, HELLO)
+    assert sent(att)[1:] == [p.Subscribe("a", 4), p.Subscribe("b", 4)]
+    feed(att, p.Subscribed("a", 4), p.Notification("a", "a5", 1, 1, 5))
+    changes = feed(att, p.Subscribed("b", 4))
+    assert changes.state
+    assert att.attached
+    assert att.resumed
+    assert engine.generation == 1, "nothing was missed: no step"
+    feed(att, p.Notification("b", "b5", 1, 1, 5))
+    assert (a.drain(), b.drain()) == (["a5"], ["b5"])
+
+
+def test_a_resume_the_daemon_cannot_cover_on_one_channel_is_one_step() -> None:
+    engine = Engine()
+    _away(engine, "a", "b")
+    att = engine.attach()
+    feed(att, HELLO)
+    feed(att, p.Subscribed("a", 4), p.Subscribed("b", 9))  # 5..9 on b are gone
+    assert att.attached
+    assert not att.resumed
+    assert engine.generation == 2
+
+
+@pytest.mark.parametrize(
+    "hello",
+    [RESTARTED, p.Hello(p.PROTOCOL_VERSION, "d1", 2, ["a", "b"], p.MAX_CLIENT_FRAME)],
+    ids=["another-lineage", "another-generation"],
+)
+def test_no_resume_is_tried_across_lineages_or_generations(hello: p.Hello) -> None:
+    engine = Engine()
+    _away(engine, "a")
+    att = engine.attach()
+    feed(att, hello)
+    assert sent(att)[1:] == [p.Subscribe("a")]
+    feed(att, p.Subscribed("a", 4))
+    assert not att.resumed
+    assert engine.generation == 2, "one step, as for any re-attach"
+
+
+def test_a_subscription_made_while_away_has_no_seq_so_the_reattach_steps() -> None:
+    engine = Engine()
+    _away(engine, "a")
+    engine.subscribe(sub(engine, "b"))
+    att = engine.attach()
+    feed(att, HELLO)
+    assert sent(att)[1:] == [p.Subscribe("a"), p.Subscribe("b")]
+    feed(att, p.Subscribed("a", 4), p.Subscribed("b", 0))
+    assert engine.generation == 2
+
+
+def test_a_reload_goodbye_asks_for_an_immediate_reattach_once() -> None:
+    engine = Engine()
+    att = attached(engine)
+    feed(att, p.Goodbye(p.E_RELOAD))
+    att.lost()
+    assert engine.retry_at_once
+    engine.attach()
+    assert not engine.retry_at_once
 
 
 # -- payloads ------------------------------------------------------------------------------------

@@ -271,7 +271,7 @@ class Bus(BusBase):
                     await link.ended
                 self._link = None
                 while not self._engine.closed:
-                    await asyncio.sleep(self._backoff.next_delay())
+                    await asyncio.sleep(self._reattach_delay())
                     try:
                         await self._attach()
                     except (PgbusError, OSError):

@@ -115,6 +115,9 @@ class GenerationClock:
       acknowledged: at the end of the handshake if the daemon is at generation 1 or more, else at
       its first tick. A subscriber that resyncs when it sees the step cannot miss a notification
       committed after it looked.
+    - Unless the re-attach *resumed*: the same lineage at the same generation replayed every
+      notification the client missed (see the protocol's "Resume"). Then nothing was lost and
+      it does not move.
     - A ``seq`` that skips on a channel within one attachment moves it by one. The daemon never
       drops a notification for an attached client, so this is a bug or a foreign daemon; the honest
       answer is the same as for any other gap.
@@ -140,15 +143,29 @@ class GenerationClock:
         self._step_pending = False
         self._last_seq: dict[str, int] = {}
 
-    def on_hello(self, daemon_generation: int) -> None:
-        """A handshake began: the daemon announced its generation."""
+    @property
+    def daemon_generation(self) -> int:
+        """The daemon's generation as this client last heard it."""
+        return self._daemon
+
+    def last_seq(self, channel: str) -> int | None:
+        """The seq of the last notification (or confirmation) on ``channel`` in this lineage."""
+        return self._last_seq.get(channel)
+
+    def on_hello(self, daemon_generation: int, *, resuming: bool = False) -> None:
+        """A handshake began: the daemon announced its generation. Unless the client tries to
+        resume, the seqs it saw belong to a past it can no longer continue."""
         self._attaching = True
         self._daemon = daemon_generation
-        self._last_seq.clear()
+        if not resuming:
+            self._last_seq.clear()
 
-    def on_attached(self) -> bool:
-        """The handshake finished: every re-subscription is acknowledged."""
+    def on_attached(self, *, resumed: bool = False) -> bool:
+        """The handshake finished: every re-subscription is acknowledged (``resumed``: and every
+        one continued exactly where the client was)."""
         self._attaching = False
+        if resumed:
+            return False
         if not self._ever_attached:
             self._ever_attached = True
             return self._advance(self._daemon - self.generation)
@@ -644,6 +661,8 @@ class Engine:
         #: Why the bus ended, when it did not end by :meth:`close` (a bug, chained to the errors).
         self.failure: BaseException | None = None
         self.on_notification: NotificationHook | None = None
+        #: The daemon asked to be re-attached to without a backoff delay (a reload's Goodbye).
+        self.retry_at_once = False
         self._attachment: Attachment | None = None
         self._changes: Changes | None = None
 
@@ -677,6 +696,7 @@ class Engine:
             raise RuntimeError("the previous attachment has not ended")
         att = Attachment(self)
         self._attachment = att
+        self.retry_at_once = False
         return att
 
     # -- the application's requests ----------------------------------------------------------------
@@ -812,6 +832,8 @@ class Attachment:
         self.subscribing: dict[str, Request] = {}
         #: Why this connection ended, or must end (shown to whoever waited on it).
         self.failure: PgbusError | None = None
+        #: Whether this attach continues the last one without a gap, as far as known so far.
+        self.resumed = False
 
     @property
     def ended(self) -> bool:
@@ -917,7 +939,10 @@ class Attachment:
                 DaemonUnavailableError(f"daemon closed the connection: {msg.message}")  # type: ignore[union-attr]
             )
         elif kind is p.Goodbye:
-            self.failure = DaemonUnavailableError(f"daemon said goodbye: {msg.reason}")  # type: ignore[union-attr]
+            reason = msg.reason  # type: ignore[union-attr]
+            self.failure = DaemonUnavailableError(f"daemon said goodbye: {reason}")
+            # A reload: the successor already serves the socket. Come back at once (and resume).
+            engine.retry_at_once = reason == p.E_RELOAD
         else:
             self._on_reply(msg)
 
@@ -931,12 +956,27 @@ class Attachment:
             self._drop(exc)
             return
         engine = self._engine
+        clock = engine.clock
+        channels = list(engine.subscriptions)
+        # Resume (see the protocol): the same lineage at the same generation, and a seq known for
+        # every channel to re-subscribe. Then each re-subscription asks for what came after.
+        after = [clock.last_seq(ch) for ch in channels]
+        self.resumed = (
+            engine.attach_count > 0
+            and hello.daemon_id == engine.daemon_id
+            and hello.generation == clock.daemon_generation
+            and None not in after
+        )
         engine.daemon_id = hello.daemon_id
         engine.channels = list(hello.channels)
-        engine.clock.on_hello(hello.generation)
+        clock.on_hello(hello.generation, resuming=self.resumed)
         self.state = _HANDSHAKE
         self._send(p.Attach(p.PROTOCOL_VERSION, engine.pid, engine.name))
-        self._handshake = [self.request(p.Subscribe(ch)) for ch in engine.subscriptions]
+        if not self.resumed:
+            after = [None] * len(channels)
+        self._handshake = [
+            self.request(p.Subscribe(ch, seq)) for ch, seq in zip(channels, after, strict=True)
+        ]
         self._maybe_attached()
 
     def _on_reply(self, msg: p.ServerMessage) -> None:
@@ -972,6 +1012,8 @@ class Attachment:
                 req._resolve(reply, refusal(reply, channel))
             else:
                 assert isinstance(reply, p.Subscribed)
+                if message.after is not None and reply.seq != message.after:
+                    self.resumed = False  # the daemon no longer holds what came after: a gap
                 engine.clock.on_subscribed(channel, reply.seq)
                 self.subscribed.add(channel)
                 req._resolve(reply)
@@ -990,7 +1032,7 @@ class Attachment:
             self.state = _ATTACHED
             self._handshake = []
             engine.attach_count += 1
-            engine.clock.on_attached()
+            engine.clock.on_attached(resumed=self.resumed)
             engine._note_state()  # attached, and maybe a generation step
 
     # -- the end -----------------------------------------------------------------------------------
@@ -1083,6 +1125,15 @@ class BusBase:
 
     def _check_open(self) -> None:
         self._engine._check_open()
+
+    def _reattach_delay(self) -> float:
+        """Seconds to wait before the next attach attempt: none right after a reload's Goodbye
+        (the successor already serves), else the jittered backoff."""
+        engine = self._engine
+        if engine.retry_at_once:
+            engine.retry_at_once = False
+            return 0.0
+        return self._backoff.next_delay()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "attached" if self.attached else "detached"

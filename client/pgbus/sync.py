@@ -321,7 +321,7 @@ class SyncBus(BusBase):
 
     def _reattach(self) -> tuple[socket.socket, Attachment] | None:
         """The next attachment, after backoff; None once the bus is closed."""
-        while not self._stop.wait(self._backoff.next_delay()):
+        while not self._stop.wait(self._reattach_delay()):
             try:
                 attached = self._attach()
             except BusClosedError:

@@ -7,6 +7,7 @@ written exactly once, here.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -16,6 +17,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from pgbus import protocol
 from pgbus._client import DEFAULT_SOCKET
 from pgbusd import access
+
+#: The longest any time option may be: a day. Longer is surely a mistake, and the values end in
+#: event-loop timers and kernel socket options (TCP_USER_TIMEOUT) that have limits of their own.
+MAX_SECONDS = 86_400.0
+#: The most clients: it is also the listen() backlog, a C int.
+MAX_CLIENTS = 1 << 20
 
 
 class ConfigError(ValueError):
@@ -130,13 +137,24 @@ class Config:
             "handshake_timeout",
             "shutdown_timeout",
         ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(name, f"{name} must be positive")
+            seconds = getattr(self, name)
+            # NaN passes every comparison that would refuse it, and infinity or 1e308 end in
+            # timers and socket options that cannot take them: both are refused here.
+            if not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
+                raise ConfigError(
+                    name,
+                    f"{name} must be a number of seconds above 0 and at most {MAX_SECONDS:g} "
+                    f"(got {seconds!r})",
+                )
         for name in ("write_budget", "max_clients"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"{name} must be at least 1")
-        if not 0 < self.queue_warn <= 1:
-            raise ConfigError("queue_warn", "queue_warn must be in (0, 1]")
+        if not 0 < self.queue_warn <= 1:  # also refuses NaN
+            raise ConfigError(
+                "queue_warn", f"queue_warn must be in (0, 1] (got {self.queue_warn!r})"
+            )
+        if self.max_clients > MAX_CLIENTS:
+            raise ConfigError("max_clients", f"max_clients must be at most {MAX_CLIENTS}")
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError("socket_mode", "socket_mode must be between 000 and 777 (octal)")
         if self.socket.startswith(("@", "\x00")):

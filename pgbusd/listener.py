@@ -34,6 +34,9 @@ from pgbusd.config import Config
 from pgbusd.hub import Hub
 from pgbusd.log import get_logger
 
+#: Linux refuses a longer TCP_KEEPIDLE (seconds).
+_MAX_TCP_KEEPIDLE = 32767
+
 #: Connection failures that no retry can fix: the daemon exits on them.
 CONFIG_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.ClientConfigurationError,
@@ -162,7 +165,11 @@ class Listener:
                 )
         except CONFIG_ERRORS as exc:
             raise FatalConfigError(str(exc)) from exc
-        self._tune_socket(conn)
+        try:
+            self._tune_socket(conn)
+        except BaseException:
+            conn.terminate()
+            raise
         return conn
 
     def _tune_socket(self, conn: Any) -> None:
@@ -172,7 +179,7 @@ class Listener:
         if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
             self.server_address = "unix socket"
             return
-        idle = max(1, int(self.config.health_interval))
+        idle = min(_MAX_TCP_KEEPIDLE, max(1, int(self.config.health_interval)))
         timeout_ms = int((self.config.health_interval + self.config.health_timeout) * 1000)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)

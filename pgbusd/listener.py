@@ -72,13 +72,47 @@ class _Unhealthy(Exception):
     pass
 
 
-class Listener:
-    """Owns the daemon's one asyncpg connection. Runtime state only; settings come from Config."""
+class Probes:
+    """Self-NOTIFY round trips in flight: the daemon's private probe channel and its tokens.
 
-    def __init__(self, config: Config, hub: Hub, daemon_id: str) -> None:
+    The hub routes every notification on a channel it does not relay here (:meth:`route`); the
+    listener sends a token with :meth:`start` and waits for it to come back.
+    """
+
+    def __init__(self, daemon_id: str) -> None:
+        self.channel = f"pgbusd.probe.{daemon_id}"
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._tokens = itertools.count(1)
+
+    def start(self) -> tuple[str, asyncio.Future[None]]:
+        """A new token and the future that is done once it came back."""
+        token = str(next(self._tokens))
+        arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = arrived
+        return token, arrived
+
+    def discard(self, token: str) -> None:
+        self._waiting.pop(token, None)
+
+    def route(self, _pid: int, channel: str, payload: str) -> None:
+        """The hub's ``unrouted`` callback: only the probe channel gets here."""
+        if channel != self.channel:
+            return
+        arrived = self._waiting.get(payload)
+        if arrived is not None and not arrived.done():
+            arrived.set_result(None)
+
+
+class Listener:
+    """Owns the daemon's one asyncpg connection. Runtime state only; settings come from Config.
+
+    ``hub`` must route notifications on unregistered channels to ``probes.route``.
+    """
+
+    def __init__(self, config: Config, hub: Hub, probes: Probes) -> None:
         self.config = config
         self.hub = hub
-        self.probe_channel = f"pgbusd.probe.{daemon_id}"
+        self.probes = probes
         self.generation = 0
         self.state = "connecting"
         self.last_error: str | None = None
@@ -96,10 +130,11 @@ class Listener:
         self._lost = asyncio.Event()
         self._held: list[tuple[int, str, str]] = []
         self._sink: Callable[[int, str, str], None] = self._hold
-        hub.unrouted = self._on_probe  # the probe channel is the one channel the hub does not know
-        self._probes: dict[str, asyncio.Future[None]] = {}
-        self._probe_ids = itertools.count(1)
         self.log: Any = get_logger(component="listener")
+
+    @property
+    def probe_channel(self) -> str:
+        return self.probes.channel
 
     @property
     def connected(self) -> bool:
@@ -262,9 +297,7 @@ class Listener:
                 self._backoff.reset()
 
     async def _health_check(self, conn: Any) -> None:
-        token = str(next(self._probe_ids))
-        probe: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._probes[token] = probe
+        token, probe = self.probes.start()
         timeout = self.config.health_timeout
         answered = False
         try:
@@ -286,7 +319,7 @@ class Listener:
         except Exception as exc:
             raise _Unhealthy(repr(exc)) from exc
         finally:
-            self._probes.pop(token, None)
+            self.probes.discard(token)
         self.last_health_ok = time.time()
         self.queue_usage = float(usage)
         if self.queue_usage >= self.config.queue_warn:
@@ -329,14 +362,6 @@ class Listener:
     def _hold(self, pid: int, channel: str, payload: str) -> None:
         """Until the generation tick, notifications wait (see :meth:`_listen`)."""
         self._held.append((pid, channel, payload))
-
-    def _on_probe(self, _pid: int, channel: str, payload: str) -> None:
-        """Notifications on unregistered channels: only the probe channel gets here."""
-        if channel != self.probe_channel:
-            return
-        probe = self._probes.get(payload)
-        if probe is not None and not probe.done():
-            probe.set_result(None)
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -15,6 +15,10 @@ The loop, once per connection:
 5. on loss (termination, failed or timed-out check): ``terminate()`` and go to 1. A failed attempt
    waits per the backoff (500 ms doubling to 30 s, jittered); a lost healthy connection is retried
    at once.
+
+Notifications go from asyncpg's read callback straight to :meth:`Hub.publish`; anything that
+raises there is contained, logged, counted (``relay_errors``) and told to clients as a
+generation step.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from pgbus.backoff import Backoff
 from pgbusd.config import Config
 from pgbusd.hub import Hub
 from pgbusd.log import get_logger
+
+#: What asyncpg's read callback hands every notification to: ``sink(pid, channel, payload)``.
+Sink = Callable[[int, str, str], None]
 
 #: Linux refuses a longer TCP_KEEPIDLE (seconds).
 _MAX_TCP_KEEPIDLE = 32767
@@ -59,9 +66,28 @@ class RelayConnection(asyncpg.Connection):  # type: ignore[misc]
     ``add_listener`` (which quotes the channel name).
     """
 
-    def relay_to(self, sink: Callable[[int, str, str], None]) -> None:
-        """Call ``sink(pid, channel, payload)`` for every notification from now on."""
-        self._process_notification = sink
+    def relay_to(
+        self, sink: Sink, on_error: Callable[[Exception, str], None] | None = None
+    ) -> None:
+        """Call ``sink(pid, channel, payload)`` for every notification from now on.
+
+        Whatever ``sink`` raises goes to ``on_error(exc, channel)``, never to asyncpg: asyncpg
+        would keep it as the failure of the connection's next query (a health check failing for
+        a bug in the fan-out, the traceback lost). The guard is a try block around the one call,
+        which costs nothing until something raises. Without ``on_error`` there is no guard:
+        only for a sink that cannot raise.
+        """
+        if on_error is None:
+            self._process_notification = sink
+            return
+
+        def relay(pid: int, channel: str, payload: str) -> None:
+            try:
+                sink(pid, channel, payload)
+            except Exception as exc:
+                on_error(exc, channel)
+
+        self._process_notification = relay
 
 
 class FatalConfigError(Exception):
@@ -109,6 +135,10 @@ class Listener:
     ``hub`` must route notifications on unregistered channels to ``probes.route``.
     """
 
+    #: Relay errors logged with their traceback at most once per this many seconds (each one is
+    #: counted; a bug that hits every notification must not turn a burst into a log flood).
+    RELAY_ERROR_LOG_INTERVAL = 1.0
+
     def __init__(self, config: Config, hub: Hub, probes: Probes) -> None:
         self.config = config
         self.hub = hub
@@ -122,6 +152,7 @@ class Listener:
         self.last_health_ok: float | None = None
         self.queue_usage: float | None = None
         self.reconnects = 0
+        self.relay_errors = 0
         self.server_address: str | None = None
         self.backend_pid: int | None = None
         self._conn: Any = None
@@ -129,7 +160,10 @@ class Listener:
         self._stopping = asyncio.Event()
         self._lost = asyncio.Event()
         self._held: list[tuple[int, str, str]] = []
-        self._sink: Callable[[int, str, str], None] = self._hold
+        self._sink: Sink = self._hold
+        self._relay_errors_logged_at = -self.RELAY_ERROR_LOG_INTERVAL
+        self._relay_errors_unlogged = 0
+        self._gap_pending = False
         self.log: Any = get_logger(component="listener")
 
     @property
@@ -262,8 +296,11 @@ class Listener:
         finally:
             held, self._held = self._held, []
         self._relay(conn, self.hub.publish)
-        for args in held:
-            self.hub.publish(*args)
+        for pid, channel, payload in held:
+            try:
+                self.hub.publish(pid, channel, payload)
+            except Exception as exc:
+                self._relay_failed(exc, channel)
 
     async def _supervise(self, conn: Any) -> tuple[str, bool]:
         """Health-check until the connection is lost or the daemon stops.
@@ -351,17 +388,57 @@ class Listener:
 
     # -- asyncpg callbacks (synchronous, in order) -----------------------------------------------
 
-    def _relay(self, conn: Any, sink: Callable[[int, str, str], None]) -> None:
+    def _relay(self, conn: Any, sink: Sink) -> None:
         self._sink = sink
-        conn.relay_to(sink)
+        conn.relay_to(sink, self._relay_failed)
 
     def _on_notify(self, _conn: Any, pid: int, channel: str, payload: str) -> None:
         """The stock asyncpg listener path; unused while RelayConnection.relay_to works."""
-        self._sink(pid, channel, payload)
+        try:
+            self._sink(pid, channel, payload)
+        except Exception as exc:
+            self._relay_failed(exc, channel)
 
     def _hold(self, pid: int, channel: str, payload: str) -> None:
         """Until the generation tick, notifications wait (see :meth:`_listen`)."""
         self._held.append((pid, channel, payload))
+
+    def _relay_failed(self, exc: Exception, channel: str) -> None:
+        """A notification could not be relayed: a bug in the fan-out, contained here.
+
+        It is counted and logged with its traceback, and the generation steps (at the end of
+        this loop turn, once however many failed in it): subscribers may have missed the
+        notification, and the promise is that nobody misses one without being told. The
+        connection stays up.
+        """
+        self.relay_errors += 1
+        now = time.monotonic()
+        if now - self._relay_errors_logged_at >= self.RELAY_ERROR_LOG_INTERVAL:
+            self._relay_errors_logged_at = now
+            self.log.error(
+                "relay failed",
+                channel=channel,
+                relay_errors=self.relay_errors,
+                not_logged=self._relay_errors_unlogged,
+                exc_info=exc,
+            )
+            self._relay_errors_unlogged = 0
+        else:
+            self._relay_errors_unlogged += 1
+        if not self._gap_pending:
+            self._gap_pending = True
+            asyncio.get_running_loop().call_soon(self._tell_gap)
+
+    def _tell_gap(self) -> None:
+        self._gap_pending = False
+        if self.state != "connected":
+            return  # the next connection's tick tells
+        self.generation += 1
+        self.log.warning("generation steps after a relay error", generation=self.generation)
+        try:
+            self.hub.tick(self.generation)
+        except Exception as exc:
+            self.log.error("generation tick failed", generation=self.generation, exc_info=exc)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -377,4 +454,5 @@ class Listener:
             "next_retry_at": self.next_retry_at,
             "last_health_ok": self.last_health_ok,
             "queue_usage": self.queue_usage,
+            "relay_errors": self.relay_errors,
         }

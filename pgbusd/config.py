@@ -89,7 +89,15 @@ class Config:
     connect_timeout: float = _opt(10.0, "Seconds one PostgreSQL connection attempt may take.")
     health_interval: float = _opt(10.0, "Seconds between health checks of the LISTEN connection.")
     health_timeout: float = _opt(
-        5.0, "Seconds a health check (query and self-NOTIFY round trip) may take."
+        5.0,
+        "Seconds a health check may wait with nothing at all received on the connection before "
+        "the link counts as dead (a link busy delivering notifications is alive).",
+    )
+    probe_interval: float = _opt(
+        300.0,
+        "Seconds between self-NOTIFY round trips (done at a health check; the first check of "
+        "every connection always does one). Each is a NOTIFY commit, which wakes every "
+        "listening backend of the database: keep it rare.",
     )
     backoff_initial: float = _opt(0.5, "First reconnect delay in seconds (doubles per failure).")
     backoff_max: float = _opt(30.0, "Largest reconnect delay in seconds.")
@@ -132,6 +140,7 @@ class Config:
             "connect_timeout",
             "health_interval",
             "health_timeout",
+            "probe_interval",
             "backoff_initial",
             "backoff_max",
             "handshake_timeout",

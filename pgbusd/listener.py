@@ -8,13 +8,14 @@ The loop, once per connection:
 3. only then bump the generation and tick every client (notifications that arrive during step 2
    are held back and released right after the tick, so the tick precedes everything the new
    connection delivers);
-4. supervise: every ``health_interval`` a query with a timeout that reads
-   ``pg_notification_queue_usage()`` and sends a NOTIFY on the probe channel, which must come
-   back through this same connection (proving the delivery path, not only the socket). The
-   backoff resets after the first healthy check;
-5. on loss (termination, failed or timed-out check): ``terminate()`` and go to 1. A failed attempt
-   waits per the backoff (500 ms doubling to 30 s, jittered); a lost healthy connection is retried
-   at once.
+4. supervise: every ``health_interval`` a query (``pg_notification_queue_usage()``) that proves
+   the link; at the first check, and then every ``probe_interval``, also a NOTIFY on the probe
+   channel, which must come back through this same connection (proving the delivery path, not
+   only the socket). A check fails when ``health_timeout`` passes with *nothing* received: a
+   link streaming a burst is alive, however long the answer waits behind it. The backoff resets
+   once the first self-NOTIFY came back;
+5. on loss (termination, failed check): ``terminate()`` and go to 1. A failed attempt waits per
+   the backoff (500 ms doubling to 30 s, jittered); a lost connection is retried at once.
 
 Notifications go from asyncpg's read callback straight to :meth:`Hub.publish`; anything that
 raises there is contained, logged, counted (``relay_errors``) and told to clients as a
@@ -28,8 +29,8 @@ import contextlib
 import itertools
 import socket
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -37,6 +38,8 @@ from pgbus.backoff import Backoff
 from pgbusd.config import Config
 from pgbusd.hub import Hub
 from pgbusd.log import get_logger
+
+_T = TypeVar("_T")
 
 #: What asyncpg's read callback hands every notification to: ``sink(pid, channel, payload)``.
 Sink = Callable[[int, str, str], None]
@@ -96,6 +99,13 @@ class FatalConfigError(Exception):
 
 class _Unhealthy(Exception):
     pass
+
+
+#: The self-NOTIFY. It is committed, so it waits for the cluster's notify lock, which another
+#: session's commit holds while it writes its notifications to the queue (seconds, for a few
+#: hundred thousand): ``lock_timeout`` (for this transaction only) makes such a wait an error
+#: that tells, rather than a silence that looks like a dead link.
+_PROBE_SQL = "SELECT set_config('lock_timeout', $3, true), pg_notify($1, $2)"
 
 
 class Probes:
@@ -305,59 +315,45 @@ class Listener:
     async def _supervise(self, conn: Any) -> tuple[str, bool]:
         """Health-check until the connection is lost or the daemon stops.
 
-        Returns why it ended and whether the connection ever passed a health check.
+        Every ``health_interval`` the connection must answer a query; every ``probe_interval``
+        (and at the first check, until one passes) a self-NOTIFY must also come back through
+        it. Returns why it ended and whether a self-NOTIFY ever came back on this connection.
         """
-        interval = self.config.health_interval
-        healthy_once = False
+        wait = 0.0  # the first check at once
+        proven = False
+        probe_due = 0.0
         while True:
             stop = asyncio.ensure_future(self._stopping.wait())
             lost = asyncio.ensure_future(self._lost.wait())
             try:
-                await asyncio.wait(
-                    (stop, lost),
-                    timeout=0 if not healthy_once else interval,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
+                await asyncio.wait((stop, lost), timeout=wait, return_when="FIRST_COMPLETED")
             finally:
                 stop.cancel()
                 lost.cancel()
+            wait = self.config.health_interval
             if self._stopping.is_set():
-                return "stopping", healthy_once
+                return "stopping", proven
             if self._lost.is_set():
-                return "terminated by the server", healthy_once
+                return "terminated by the server", proven
             try:
-                await self._health_check(conn)
+                await self._check_alive(conn)
+                # A deferred probe (see _probe) leaves probe_due passed: again at the next check.
+                if (not proven or time.monotonic() >= probe_due) and await self._probe(conn):
+                    probe_due = time.monotonic() + self.config.probe_interval
+                    if not proven:
+                        proven = True
+                        self._backoff.reset()
             except _Unhealthy as exc:
-                return f"health check failed: {exc}", healthy_once
-            if not healthy_once:
-                healthy_once = True
-                self._backoff.reset()
+                return f"health check failed: {exc}", proven
+            except Exception as exc:
+                return f"health check failed: {exc!r}", proven
+            self.last_health_ok = time.time()
 
-    async def _health_check(self, conn: Any) -> None:
-        token, probe = self.probes.start()
-        timeout = self.config.health_timeout
-        answered = False
-        try:
-            async with asyncio.timeout(timeout):
-                usage = await conn.fetchval(
-                    "SELECT pg_notification_queue_usage() FROM pg_notify($1, $2)",
-                    self.probe_channel,
-                    token,
-                )
-                answered = True
-                await probe
-        except TimeoutError:
-            if not answered:
-                raise _Unhealthy(f"query timed out after {timeout}s") from None
-            raise _Unhealthy(
-                f"self-NOTIFY did not come back within {timeout}s (is a transaction pooler "
-                "between pgbusd and PostgreSQL?)"
-            ) from None
-        except Exception as exc:
-            raise _Unhealthy(repr(exc)) from exc
-        finally:
-            self.probes.discard(token)
-        self.last_health_ok = time.time()
+    async def _check_alive(self, conn: Any) -> None:
+        """The link answers a query: the cheap check, proving the socket (not the delivery)."""
+        usage = await self._progressing(
+            conn.fetchval("SELECT pg_notification_queue_usage()"), "the health check query"
+        )
         self.queue_usage = float(usage)
         if self.queue_usage >= self.config.queue_warn:
             self.log.warning(
@@ -366,11 +362,77 @@ class Listener:
                 threshold=self.config.queue_warn,
             )
 
+    async def _probe(self, conn: Any) -> bool:
+        """Send a NOTIFY to the probe channel; it must come back through this connection.
+
+        Proves the delivery path, not only the socket: a transaction pooler accepts LISTEN and
+        answers queries but delivers nothing. Returns False, having proved nothing, if another
+        session's NOTIFY commit held the notify lock past half the health timeout (the probe
+        is retried at the next check); the link answered, so it is alive.
+        """
+        token, arrived = self.probes.start()
+        lock_timeout = f"{max(1, int(self.config.health_timeout * 500))}ms"
+        try:
+            try:
+                await self._progressing(
+                    conn.execute(_PROBE_SQL, self.probe_channel, token, lock_timeout),
+                    "the self-NOTIFY",
+                )
+            except asyncpg.LockNotAvailableError:
+                self.log.info(
+                    "self-NOTIFY deferred: another session's NOTIFY commit holds the notify lock"
+                )
+                return False
+            # Committed: it comes back after everything committed before it.
+            await self._progressing(
+                arrived,
+                "the self-NOTIFY",
+                silence="did not come back within {}s (is a transaction pooler between pgbusd "
+                "and PostgreSQL?)",
+            )
+        finally:
+            self.probes.discard(token)
+        return True
+
+    async def _progressing(
+        self,
+        awaitable: Awaitable[_T],
+        what: str,
+        silence: str = "got no answer within {}s",
+    ) -> _T:
+        """Await ``awaitable`` for as long as the connection makes progress.
+
+        It fails (``_Unhealthy``) once ``health_timeout`` passes with nothing received, or when
+        the connection is lost; what ``awaitable`` raises is raised. Notifications count as
+        progress: while a burst streams
+        in, an answer waits behind it on the same socket, however long the burst takes. They
+        are counted by the hub anyway (``Hub.received``), so watching them costs the relay
+        nothing.
+        """
+        timeout = self.config.health_timeout
+        task = asyncio.ensure_future(awaitable)
+        lost = asyncio.ensure_future(self._lost.wait())
+        seen = self.hub.received
+        try:
+            while True:
+                await asyncio.wait((task, lost), timeout=timeout, return_when="FIRST_COMPLETED")
+                if task.done():
+                    break
+                if lost.done():
+                    raise _Unhealthy(f"{what}: the connection was closed")
+                received = self.hub.received
+                if received == seen:
+                    raise _Unhealthy(f"{what} {silence.format(timeout)}")
+                seen = received
+        finally:
+            lost.cancel()
+            task.cancel()
+        return task.result()
+
     async def _failed(self, exc: BaseException | str, step: str, *, loud: bool = False) -> None:
         delay = self._backoff.next_delay()
         self._note_error(f"{step}: {exc if isinstance(exc, str) else repr(exc)}")
         self.state = "connecting"
-        self.next_retry_at = time.time() + delay
         emit = self.log.error if loud else self.log.warning
         emit(
             "postgres unusable" if loud else "postgres unavailable",
@@ -379,6 +441,10 @@ class Listener:
             retry_in=round(delay, 3),
             failures=self._backoff.failures,
         )
+        await self._wait_retry(delay)
+
+    async def _wait_retry(self, delay: float) -> None:
+        self.next_retry_at = time.time() + delay
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=delay)
 

@@ -204,6 +204,7 @@ class Listener:
                 await self._failed(exc, "listen", loud=True)
                 continue
             reason, proven = await self._supervise(conn)
+            terminated = self._lost.is_set() or conn.is_closed()
             self._conn = None
             if not conn.is_closed():
                 conn.terminate()
@@ -212,13 +213,31 @@ class Listener:
             if self._stopping.is_set():
                 break
             self.reconnects += 1
-            if not proven:
-                # Never passed a health check: count it as a failed attempt and back off, so a
-                # server that accepts LISTEN but never delivers is not hammered.
+            if terminated:
+                reason = "terminated by the server"
+            elif not proven:
+                # Never passed a self-NOTIFY round trip: count it as a failed attempt and back
+                # off, so a server that accepts LISTEN but never delivers is not hammered.
                 await self._failed(reason, "health", loud=True)
                 continue
+            delay = 0.0
+            if not proven:
+                # Listening, then cut before the first round trip came back: a lost connection
+                # like any other, retried at once; but it counts, so that a server that cuts
+                # every new session is retried with backoff from the second time on.
+                first = self._backoff.failures == 0
+                delay = self._backoff.next_delay()
+                if first:
+                    delay = 0.0
             self._note_error(reason)
-            self.log.warning("postgres connection lost", reason=reason, generation=self.generation)
+            self.log.warning(
+                "postgres connection lost",
+                reason=reason,
+                generation=self.generation,
+                retry_in=round(delay, 3),
+            )
+            if delay:
+                await self._wait_retry(delay)
 
     async def stop(self) -> None:
         """Stop the loop and close the connection (gracefully, falling back to terminate)."""

@@ -8,10 +8,12 @@ the daemon, or another session's big NOTIFY commit holding the cluster's notify 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from typing import Any
 
-from tests.conftest import DaemonFactory, attached, wait_until
+from tests.conftest import DaemonFactory, attached, terminate_backend, wait_until
+from tests.proxy import TcpProxy
 
 #: One transaction of this many 1 KiB notifications holds PostgreSQL's notify lock for about two
 #: seconds while it writes them to the queue (PostgreSQL 15, this 2-core VM), then streams 0.5 GB
@@ -68,6 +70,33 @@ async def test_big_notify_commit_elsewhere_does_not_drop_a_healthy_link(
     assert st["totals"]["reconnects"] == 0
     assert st["channels"][channel]["received"] == BURST
     assert "postgres connection lost" not in d.log()
+
+
+async def test_backend_terminated_before_the_first_round_trip_is_a_lost_connection(
+    daemon_factory: DaemonFactory, pg: Any
+) -> None:
+    """Listening, then terminated by the server: not an unusable server, a lost connection.
+
+    The proxy swallowing notifications keeps the connection where the fault has to strike: it
+    listens, the generation has ticked, and its first self-NOTIFY has not come back (nor will,
+    within the long health timeout).
+    """
+    async with TcpProxy() as proxy:
+        proxy.swallow_notifications = True
+        d = daemon_factory(dsn=proxy.dsn(), args=["--health-timeout", "300"])
+        st = await d.wait_generation(1)
+        await terminate_backend(pg, st["postgres"]["backend_pid"])
+        proxy.swallow_notifications = False
+        st = await d.wait_generation(2, timeout=60)
+        log = d.log()  # before the proxy goes, and the connection with it
+    assert st["postgres"]["last_error"] == "terminated by the server"
+    assert st["totals"]["reconnects"] == 1
+    assert '"level": "error"' not in log, "a lost connection is no error"
+    (lost,) = [
+        e for e in map(json.loads, log.splitlines()) if e["event"] == "postgres connection lost"
+    ]
+    assert lost["level"] == "warning"
+    assert lost["retry_in"] == 0, "reconnected at once, no backoff"
 
 
 def _health_ok(d: Any) -> Any:

@@ -92,11 +92,33 @@ async def test_backend_terminated_before_the_first_round_trip_is_a_lost_connecti
     assert st["postgres"]["last_error"] == "terminated by the server"
     assert st["totals"]["reconnects"] == 1
     assert '"level": "error"' not in log, "a lost connection is no error"
-    (lost,) = [
-        e for e in map(json.loads, log.splitlines()) if e["event"] == "postgres connection lost"
-    ]
+    (lost,) = _lost(log)
     assert lost["level"] == "warning"
     assert lost["retry_in"] == 0, "reconnected at once, no backoff"
+
+
+async def test_backends_terminated_again_and_again_before_a_round_trip_are_retried_with_backoff(
+    daemon_factory: DaemonFactory, pg: Any
+) -> None:
+    """A server that cuts every new session is not hammered: only the first loss retries at once."""
+    async with TcpProxy() as proxy:
+        proxy.swallow_notifications = True  # no connection ever completes a round trip
+        d = daemon_factory(
+            dsn=proxy.dsn(), args=["--health-timeout", "300", "--backoff-initial", "0.2"]
+        )
+        for generation in (1, 2, 3):
+            st = await d.wait_generation(generation)
+            await terminate_backend(pg, st["postgres"]["backend_pid"])
+        await wait_until(lambda: len(_lost(d.log())) == 3, what="three lost connections")
+        log = d.log()
+    assert [e["retry_in"] > 0 for e in _lost(log)] == [False, True, True]
+    assert '"level": "error"' not in log
+
+
+def _lost(log: str) -> list[dict[str, Any]]:
+    return [
+        e for e in map(json.loads, log.splitlines()) if e["event"] == "postgres connection lost"
+    ]
 
 
 def _health_ok(d: Any) -> Any:

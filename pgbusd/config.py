@@ -20,6 +20,8 @@ from pgbusd import access
 #: The longest any time option may be: a day. Longer is surely a mistake, and the values end in
 #: event-loop timers and kernel socket options (TCP_USER_TIMEOUT) that have limits of their own.
 MAX_SECONDS = 86_400.0
+#: The replay buffer lives in the daemon's memory, and a reload copies it to the successor.
+MAX_REPLAY_BYTES = 1 << 30
 #: The most clients: it is also the listen() backlog, a C int.
 MAX_CLIENTS = 1 << 20
 
@@ -103,9 +105,19 @@ class Config:
     write_budget: int = _opt(
         8 << 20, "Bytes that may wait for one client before it is cut as too slow."
     )
+    replay_bytes: int = _opt(
+        16 << 20,
+        "Bytes of recent notifications kept (all channels together) so that a client that "
+        "re-attaches, or moves to a reloaded daemon, resumes without a gap. 0 keeps none.",
+    )
     max_clients: int = _opt(1024, "Clients attached at once; one more is refused.")
     handshake_timeout: float = _opt(5.0, "Seconds a new client has to attach.")
     shutdown_timeout: float = _opt(5.0, "Seconds clients get to drain on shutdown.")
+    reload_timeout: float = _opt(
+        30.0,
+        "Seconds a reload's successor has to start, reach PostgreSQL and take over; past it "
+        "the reload fails and this daemon serves on.",
+    )
     queue_warn: float = _opt(
         0.5, "Warn when pg_notification_queue_usage() passes this fraction (0 to 1)."
     )
@@ -144,6 +156,7 @@ class Config:
             "backoff_max",
             "handshake_timeout",
             "shutdown_timeout",
+            "reload_timeout",
         ):
             seconds = getattr(self, name)
             # NaN passes every comparison that would refuse it, and infinity or 1e308 end in
@@ -157,6 +170,10 @@ class Config:
         for name in ("write_budget", "max_clients"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"{name} must be at least 1")
+        if not 0 <= self.replay_bytes <= MAX_REPLAY_BYTES:
+            raise ConfigError(
+                "replay_bytes", f"replay_bytes must be between 0 and {MAX_REPLAY_BYTES}"
+            )
         if not 0 < self.queue_warn <= 1:  # also refuses NaN
             raise ConfigError(
                 "queue_warn", f"queue_warn must be in (0, 1] (got {self.queue_warn!r})"

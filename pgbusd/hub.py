@@ -17,6 +17,7 @@ it subscribed.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import struct
 import time
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 
 from pgbus import protocol as p
+from pgbusd.handoff import ChannelSnapshot
+from pgbusd.replay import ChannelLog, ReplayLog
 
 if TYPE_CHECKING:
     from pgbusd.session import Session
@@ -47,14 +50,24 @@ Unrouted = Callable[[int, str, str], None]
 
 
 class ChannelState:
-    """One registered channel: its subscribers, its counter, and its open batch if any."""
+    """One registered channel: its subscribers, its counter, its open batch if any, and its
+    replay log (the frames of its latest notifications)."""
 
-    __slots__ = ("batch", "batch_first_seq", "last_received", "name", "seq", "subscribers")
+    __slots__ = (
+        "batch",
+        "batch_first_seq",
+        "last_received",
+        "log",
+        "name",
+        "seq",
+        "subscribers",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
-        #: Notifications PostgreSQL delivered on this channel so far (this daemon process).
+        #: Notifications PostgreSQL delivered on this channel so far (this lineage).
         self.seq = 0
+        self.log = ChannelLog()
         #: When the latest loop turn that delivered notifications on this channel began to.
         self.last_received: float | None = None
         self.subscribers: dict[Session, None] = {}
@@ -72,12 +85,26 @@ class ChannelState:
 
 
 class Hub:
-    """Who listens to what, the current generation, and the relay counters."""
+    """Who listens to what, the lineage and its generation, the replay buffer, and the relay
+    counters.
 
-    def __init__(self, channels: tuple[str, ...], unrouted: Unrouted | None = None) -> None:
+    ``daemon_id`` names the lineage (see the protocol): a fresh random id, or the one of the
+    predecessor this daemon took over from (:meth:`restore`).
+    """
+
+    def __init__(
+        self,
+        channels: tuple[str, ...],
+        unrouted: Unrouted | None = None,
+        *,
+        replay_bytes: int = 0,
+        daemon_id: str | None = None,
+    ) -> None:
         self.channels: dict[str, ChannelState] = {name: ChannelState(name) for name in channels}
         self.sessions: dict[Session, None] = {}
+        self.daemon_id = daemon_id or secrets.token_hex(8)
         self.generation = 0
+        self.replay = ReplayLog(replay_bytes)
         #: Notification deliveries to clients so far (one per subscriber).
         self.sent = 0
         self._unrouted = unrouted
@@ -105,16 +132,15 @@ class Hub:
             self._seal(state)
 
     def _publish_first(self, pid: int, channel: str, payload: str) -> None:
-        """The first notification on ``channel`` this turn: open a batch (or just count it)."""
+        """The first notification on ``channel`` this turn: open a batch. (A channel nobody
+        listens to now is batched all the same: its frames go to the replay buffer, for a
+        client that comes back.)"""
         state = self.channels.get(channel)
         if state is None:
             if self._unrouted is not None:
                 self._unrouted(pid, channel, payload)
             return
         state.last_received = time.time()
-        if not state.subscribers:
-            state.seq += 1
-            return
         state.batch = bytearray(_BATCH_HEAD.size)
         state.batch_first_seq = state.seq + 1
         self._open[channel] = state
@@ -141,6 +167,7 @@ class Hub:
         for session in subscribers:
             session.send_batch(frame, count)
         self.sent += count * len(subscribers)
+        self.replay.append(state.log, state.batch_first_seq, count, frame)
 
     def tick(self, generation: int) -> None:
         """Publish a new generation to every client (after every LISTEN succeeded)."""
@@ -149,6 +176,32 @@ class Hub:
         frame = p.encode_frame(p.Generation(generation))
         for session in list(self.sessions):
             session.send_frame(frame)
+
+    # -- a hand-off ----------------------------------------------------------------------------
+
+    def snapshot(self) -> tuple[str, int, list[ChannelSnapshot]]:
+        """The lineage, its generation and every channel's seq and replay log (sealed first)."""
+        self.seal_all()
+        return (
+            self.daemon_id,
+            self.generation,
+            [
+                ChannelSnapshot(name, st.seq + 1, st.last_received, st.log.export())
+                for name, st in self.channels.items()
+            ],
+        )
+
+    def restore(self, daemon_id: str, generation: int, channels: list[ChannelSnapshot]) -> None:
+        """Continue the predecessor's lineage: its id, generation, seqs and replay logs (for the
+        channels this daemon relays; the others are gone)."""
+        self.daemon_id = daemon_id
+        self.generation = generation
+        for snap in channels:
+            state = self.channels.get(snap.name)
+            if state is not None:
+                state.seq = snap.next_seq - 1
+                state.last_received = snap.last_received
+                self.replay.restore(state.log, snap.frames, snap.next_seq)
 
     # -- from the client side ------------------------------------------------------------------
 
@@ -172,6 +225,21 @@ class Hub:
         self.seal_all()
         state.subscribers[session] = None
         return state.seq
+
+    def can_resume(self, channel: str, after: int) -> bool:
+        """Whether the replay log still holds every notification on ``channel`` after seq
+        ``after`` (sealed first, so that it holds everything received so far)."""
+        state = self.channels.get(channel)
+        if state is None:
+            return False
+        self.seal_all()
+        return after <= state.seq and state.log.covers(after)
+
+    def replay_after(self, channel: str, after: int) -> tuple[bytes | bytearray, int] | None:
+        """The next frame of ``channel``'s log after seq ``after`` and its last seq; None once
+        ``after`` is the newest (see :meth:`pgbusd.replay.ChannelLog.next_frame`)."""
+        self.seal_all()
+        return self.channels[channel].log.next_frame(after)
 
     def unsubscribe(self, session: Session, channel: str) -> None:
         state = self.channels.get(channel)

@@ -36,6 +36,7 @@ import asyncpg
 
 from pgbus.backoff import Backoff
 from pgbusd.config import Config
+from pgbusd.handoff import HandoffError
 from pgbusd.hub import Hub
 from pgbusd.log import get_logger
 
@@ -139,20 +140,45 @@ class Probes:
             arrived.set_result(None)
 
 
+class Takeover:
+    """A successor's part of a hand-off reload, as its listener lives it (see handoff.py).
+
+    The first connection also LISTENs on ``marker_channel`` and holds back everything it
+    receives; ``listening`` is set once every LISTEN is in effect. Everything held before the
+    marker notification is dropped (the predecessor relayed it); ``marker`` gets its payload.
+    Then the connection waits for ``adopted``: the predecessor's generation, set once its state
+    is taken. The held notifications are relayed, without a tick. A failure of ``adopted``, or
+    of the connection before it, ends :meth:`Listener.run` with HandoffError.
+    """
+
+    def __init__(self, marker_channel: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.marker_channel = marker_channel
+        self.listening = asyncio.Event()
+        self.marker: asyncio.Future[str] = loop.create_future()
+        self.adopted: asyncio.Future[int] = loop.create_future()
+
+
 class Listener:
     """Owns the daemon's one asyncpg connection. Runtime state only; settings come from Config.
 
     ``hub`` must route notifications on unregistered channels to ``probes.route``.
+    ``takeover``: this daemon is the successor of a hand-off reload (see :class:`Takeover`).
     """
 
     #: Relay errors logged with their traceback at most once per this many seconds (each one is
     #: counted; a bug that hits every notification must not turn a burst into a log flood).
     RELAY_ERROR_LOG_INTERVAL = 1.0
 
-    def __init__(self, config: Config, hub: Hub, probes: Probes) -> None:
+    def __init__(
+        self, config: Config, hub: Hub, probes: Probes, takeover: Takeover | None = None
+    ) -> None:
         self.config = config
         self.hub = hub
         self.probes = probes
+        self._takeover = takeover
+        #: While a predecessor splits the stream: what came after its marker (see split()).
+        self._split_held: list[tuple[int, str, str]] | None = None
         self.generation = 0
         self.state = "connecting"
         self.last_error: str | None = None
@@ -200,12 +226,15 @@ class Listener:
                 await self._listen(conn)
             except Exception as exc:
                 conn.terminate()
+                if self._takeover is not None:
+                    raise HandoffError(f"taking over PostgreSQL: {exc}") from exc
                 # A refused LISTEN (hot standby) or a mismatch is not a network blip: say so loudly.
                 await self._failed(exc, "listen", loud=True)
                 continue
             reason, proven = await self._supervise(conn)
             terminated = self._lost.is_set() or conn.is_closed()
             self._conn = None
+            self.release_split()  # a reload under way is off; what its marker held goes out first
             if not conn.is_closed():
                 conn.terminate()
             self.state = "connecting"
@@ -240,8 +269,11 @@ class Listener:
                 await self._wait_retry(delay)
 
     async def stop(self) -> None:
-        """Stop the loop and close the connection (gracefully, falling back to terminate)."""
+        """Stop the loop and close the connection (gracefully, falling back to terminate).
+
+        What a hand-off's marker held back is dropped: the successor relays it."""
         self._stopping.set()
+        self._split_held = None
         conn, self._conn = self._conn, None
         self.state = "stopped"
         if conn is not None and not conn.is_closed():
@@ -293,43 +325,122 @@ class Listener:
         self._held = []
         self._relay(conn, self._hold)
         timeout = self.config.connect_timeout
-        try:
-            for channel in self.config.channels:
-                await asyncio.wait_for(conn.add_listener(channel, self._on_notify), timeout)
-            await asyncio.wait_for(conn.add_listener(self.probe_channel, self._on_notify), timeout)
-            listening = set(
-                await conn.fetchval(
-                    "SELECT array_agg(c) FROM pg_listening_channels() c", timeout=timeout
-                )
-                or ()
+        takeover = self._takeover
+        wanted = [*self.config.channels, self.probe_channel]
+        if takeover is not None:
+            wanted.append(takeover.marker_channel)
+        for channel in wanted:
+            await asyncio.wait_for(conn.add_listener(channel, self._on_notify), timeout)
+        listening = set(
+            await conn.fetchval(
+                "SELECT array_agg(c) FROM pg_listening_channels() c", timeout=timeout
             )
-            wanted = {*self.config.channels, self.probe_channel}
-            if listening != wanted:
-                raise RuntimeError(
-                    f"server listens on {sorted(listening)}, expected {sorted(wanted)}"
-                )
-            self.backend_pid = conn.get_server_pid()
-            self._conn = conn
+            or ()
+        )
+        if listening != set(wanted):
+            raise RuntimeError(f"server listens on {sorted(listening)}, expected {sorted(wanted)}")
+        self.backend_pid = conn.get_server_pid()
+        self._conn = conn
+        if takeover is None:
             self.generation += 1
-            self.state = "connected"
-            self.connected_since = time.time()
-            self.next_retry_at = None
+        else:
+            self._relay(conn, self._hold_until_marker)
+            takeover.listening.set()
+            self.generation = await self._adopted(takeover)
+            self._takeover = None
+        self.state = "connected"
+        self.connected_since = time.time()
+        self.next_retry_at = None
+        if takeover is None:
             self.hub.tick(self.generation)
-            self.log.info(
-                "listening",
-                generation=self.generation,
-                channels=list(self.config.channels),
-                server=self.server_address,
-                backend_pid=self.backend_pid,
-            )
-        finally:
-            held, self._held = self._held, []
+        self.log.info(
+            "listening" if takeover is None else "listening, taken over",
+            generation=self.generation,
+            channels=list(self.config.channels),
+            server=self.server_address,
+            backend_pid=self.backend_pid,
+        )
+        held, self._held = self._held, []
         self._relay(conn, self.hub.publish)
+        self._publish_held(held)
+
+    def _publish_held(self, held: list[tuple[int, str, str]]) -> None:
         for pid, channel, payload in held:
             try:
                 self.hub.publish(pid, channel, payload)
             except Exception as exc:
                 self._relay_failed(exc, channel)
+
+    # -- a hand-off reload -------------------------------------------------------------------
+
+    async def _adopted(self, takeover: Takeover) -> int:
+        """The successor waits for its predecessor's state; the connection must hold on."""
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            await asyncio.wait((lost, takeover.adopted), return_when="FIRST_COMPLETED")
+        finally:
+            lost.cancel()
+        if not takeover.adopted.done():
+            raise HandoffError("the connection to PostgreSQL was lost during the hand-off")
+        return takeover.adopted.result()
+
+    def _hold_until_marker(self, pid: int, channel: str, payload: str) -> None:
+        """A successor holds everything; what came before the predecessor's marker is dropped."""
+        takeover = self._takeover
+        if takeover is not None and channel == takeover.marker_channel:
+            self._held.clear()
+            if not takeover.marker.done():
+                takeover.marker.set_result(payload)
+            self._relay(self._conn, self._hold)
+            return
+        self._held.append((pid, channel, payload))
+
+    async def split(self, marker_channel: str, token: str, timeout: float) -> None:
+        """The predecessor's split: LISTEN on ``marker_channel``, commit the marker (payload
+        ``token``) and return once it came back. Everything before it was relayed; everything
+        after it is held back from then on, until :meth:`release_split` (the hand-off failed)
+        or :meth:`stop` (the successor relays it). HandoffError if it cannot be done."""
+        conn = self._conn
+        if conn is None or not self.connected:
+            raise HandoffError("PostgreSQL is not connected: reload once it is")
+        seen: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        publish = self.hub.publish
+
+        def until_marker(pid: int, channel: str, payload: str) -> None:
+            if channel == marker_channel and payload == token:
+                self._split_held = []
+                self._relay(conn, self._hold_split)
+                if not seen.done():
+                    seen.set_result(None)
+                return
+            publish(pid, channel, payload)
+
+        try:
+            async with asyncio.timeout(timeout):
+                await conn.add_listener(marker_channel, self._on_notify)
+                self._relay(conn, until_marker)
+                await conn.execute("SELECT pg_notify($1, $2)", marker_channel, token)
+                await seen
+        except BaseException as exc:
+            if self._conn is conn and not seen.done():
+                self._relay(conn, publish)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise HandoffError(f"the marker notification did not come back: {exc!r}") from exc
+
+    def _hold_split(self, pid: int, channel: str, payload: str) -> None:
+        if self._split_held is not None:
+            self._split_held.append((pid, channel, payload))
+
+    def release_split(self) -> None:
+        """The hand-off failed after the marker: relay what was held back, and then live."""
+        held, self._split_held = self._split_held, None
+        if held is None:
+            return
+        conn = self._conn
+        if conn is not None:
+            self._relay(conn, self.hub.publish)
+        self._publish_held(held)
 
     async def _supervise(self, conn: Any) -> tuple[str, bool]:
         """Health-check until the connection is lost or the daemon stops.

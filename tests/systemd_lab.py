@@ -254,9 +254,11 @@ class LabHome:
     def __init__(self) -> None:
         remove_stale()
         self.path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=tempfile.gettempdir()))
-        lock = self.path / ".lock"
-        lock.touch()
-        self._lock: IO[bytes] | None = _lock(lock)
+        # Locked before it has its name, so that remove_stale() never sees it free.
+        unnamed = self.path / ".lock.new"
+        unnamed.touch()
+        self._lock: IO[bytes] | None = _lock(unnamed)
+        unnamed.rename(self.path / ".lock")
         self._sigterm: Any = None
         self.checkout = self.path / "src"
         self.venv: Path | None = None

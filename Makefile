@@ -8,7 +8,7 @@ DSN     ?= postgresql://postgres@127.0.0.1:5432/postgres
 CHANNEL ?= forge_changes
 SOCKET  ?= $(CURDIR)/.run/pgbusd.sock
 
-.PHONY: install run test lint bench clean demo
+.PHONY: install run test test-systemd lint bench clean demo
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# Only the tests under a live systemd, booted in private namespaces on an overlay of / (needs
+# root; docs/systemd.md, "Proven under a live systemd"). `make test` runs them too.
+test-systemd: $(STAMP)
+	$(BIN)/pytest -m systemd_lab
 
 # The daemon against the local PostgreSQL (DSN above), pgbusctl listen, a few NOTIFYs, a forced
 # reconnect; scripts/demo.py stops everything it started, also on failure or Ctrl-C.

@@ -27,6 +27,7 @@ import click
 import pgbus
 from pgbus import protocol as p
 from pgbusd import metrics as prom
+from pgbusd.status import Status, parse
 
 EXIT_OK = 0
 EXIT_PG_DOWN = 1
@@ -35,6 +36,7 @@ EXIT_UNREACHABLE = 3
 
 
 async def fetch_status(path: str, timeout: float) -> dict[str, Any]:
+    """The daemon's status document, as it came."""
     async with pgbus.connect(path, name="pgbusctl", attach_timeout=timeout) as bus:
         return await asyncio.wait_for(bus.status(), timeout)
 
@@ -92,60 +94,50 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[s
     return [line(headers), *(line(r) for r in rows)]
 
 
-#: Labels of the known totals, in display order; counters added later show under their own name.
-_TOTALS = {
-    "clients": "clients",
-    "notifications_received": "received",
-    "notifications_sent": "sent",
-    "reconnects": "reconnects",
-    "clients_cut_slow": "cut slow",
-    "clients_refused": "refused",
-    "frames_rejected": "frames rejected",
-}
-
-
-def render(status: dict[str, Any]) -> str:
+def render(status: Status) -> str:
     """The status document as a human-readable report."""
-    pg = status["postgres"]
-    totals = status["totals"]
-    now = status["started_at"] + status["uptime"]  # the daemon's clock when it answered
+    pg = status.postgres
+    totals = status.totals
+    now = status.started_at + status.uptime  # the daemon's clock when it answered
     lines = [
-        f"pgbusd {status['version']}  daemon {status['daemon_id']}  pid {status['pid']}  "
-        f"up {_duration(status['uptime'])} (since {_when(status['started_at'])})",
-        f"socket      {status['socket']}",
+        f"pgbusd {status.version}  daemon {status.daemon_id}  pid {status.pid}  "
+        f"up {_duration(status.uptime)} (since {_when(status.started_at)})",
+        f"socket      {status.socket}",
     ]
-    if status.get("metrics_address"):
-        lines.append(f"metrics     http://{status['metrics_address']}/metrics")
-    if pg["connected"]:
+    if status.metrics_address:
+        lines.append(f"metrics     http://{status.metrics_address}/metrics")
+    if pg.connected:
         lines.append(
-            f"postgres    connected to {pg['server'] or '-'}, backend pid "
-            f"{pg['backend_pid'] or '-'}, since {_relative(pg['connected_since'], now)}"
+            f"postgres    connected to {pg.server or '-'}, backend pid "
+            f"{pg.backend_pid or '-'}, since {_relative(pg.connected_since, now)}"
         )
     else:
-        retry = pg["next_retry_at"] if pg["state"] == "connecting" else None
+        retry = pg.next_retry_at if pg.state == "connecting" else None
         lines.append(
-            f"postgres    {pg['state'].upper()}"
+            f"postgres    {pg.state.upper()}"
             + (f", next retry {_relative(retry, now)}" if retry else "")
         )
-    if pg["last_error"]:
-        lines.append(f"last error  {_relative(pg['last_error_at'], now)}: {pg['last_error']}")
+    if pg.last_error:
+        lines.append(f"last error  {_relative(pg.last_error_at, now)}: {pg.last_error}")
     lines += [
-        f"generation  {status['generation']}  (reconnects {totals['reconnects']})",
-        f"health      last ok {_relative(pg['last_health_ok'], now)}",
+        f"generation  {status.generation}  (reconnects {totals.reconnects})",
+        f"health      last ok {_relative(pg.last_health_ok, now)}",
         "queue usage "
-        + ("-" if pg["queue_usage"] is None else f"{pg['queue_usage']:.4f}")
+        + ("-" if pg.queue_usage is None else f"{pg.queue_usage:.4f}")
         + "  (pg_notification_queue_usage() at the last health check)",
-        "",
     ]
-    channels = status["channels"]
+    if pg.relay_errors:
+        lines.append(f"relay errors {pg.relay_errors}  (contained; see the daemon's log)")
+    lines.append("")
+    channels = status.channels
     lines += _table(
         ["CHANNEL", "SUBSCRIBERS", "RECEIVED", "LAST RECEIVED"],
         [
             [
                 _printable(name),
-                str(ch["subscribers"]),
-                str(ch["received"]),
-                _relative(ch["last_received"], now),
+                str(ch.subscribers),
+                str(ch.received),
+                _relative(ch.last_received, now),
             ]
             for name, ch in channels.items()
         ],
@@ -158,20 +150,27 @@ def render(status: dict[str, Any]) -> str:
         ["CLIENT PID", "UID", "NAME", "WAITING", "NOTIFIED", "SUBSCRIPTIONS"],
         [
             [
-                str(c["pid"]),
-                str(c["uid"]),
-                _printable(c["name"]) or "-",
-                str(c["bytes_waiting"]),
-                str(c["notifications_sent"]),
-                ",".join(_printable(s) for s in c["subscriptions"]) or "-",
+                str(c.pid),
+                str(c.uid),
+                _printable(c.name) or "-",
+                str(c.bytes_waiting),
+                str(c.notifications_sent),
+                ",".join(_printable(s) for s in c.subscriptions) or "-",
             ]
-            for c in status["clients"]
+            for c in status.clients
         ],
         right={0, 1, 3, 4},
     )
     lines.append("")
-    shown = [(_TOTALS[k], totals[k]) for k in _TOTALS if k in totals]
-    shown += [(k.replace("_", " "), v) for k, v in totals.items() if k not in _TOTALS]
+    shown = [
+        ("clients", totals.clients),
+        ("received", totals.notifications_received),
+        ("sent", totals.notifications_sent),
+        ("reconnects", totals.reconnects),
+        ("cut slow", totals.clients_cut_slow),
+        ("refused", totals.clients_refused),
+        ("frames rejected", totals.frames_rejected),
+    ]
     lines.append("totals      " + "  ".join(f"{label} {value}" for label, value in shown))
     return "\n".join(lines)
 
@@ -391,8 +390,10 @@ def status(obj: dict[str, Any], as_json: bool) -> None:
     except (pgbus.PgbusError, OSError, TimeoutError) as exc:
         _unreachable(obj["socket"], exc)
         sys.exit(EXIT_UNREACHABLE)
-    click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else render(doc))
-    if not doc["postgres"]["connected"]:
+    parsed = parse(doc)
+    # --json prints the document as the daemon sent it (a newer daemon's extra fields included).
+    click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else render(parsed))
+    if not parsed.postgres.connected:
         sys.exit(EXIT_PG_DOWN)
 
 
@@ -442,7 +443,7 @@ def metrics(obj: dict[str, Any], output: str | None) -> None:
     """
     code = EXIT_OK
     try:
-        text = prom.render(asyncio.run(fetch_status(obj["socket"], obj["timeout"])))
+        text = prom.render(parse(asyncio.run(fetch_status(obj["socket"], obj["timeout"]))))
     except (pgbus.PgbusError, OSError, TimeoutError) as exc:
         _unreachable(obj["socket"], exc)
         text, code = prom.render_unreachable(), EXIT_UNREACHABLE

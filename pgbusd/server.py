@@ -10,12 +10,14 @@ import secrets
 import signal
 import stat
 import time
-from collections import Counter
 from typing import Any
+
+import msgspec
 
 import pgbusd
 from pgbus import protocol as p
 from pgbusd import access, sdnotify
+from pgbusd import status as st
 from pgbusd.config import Config
 from pgbusd.hub import Hub
 from pgbusd.listener import FatalConfigError, Listener
@@ -42,9 +44,7 @@ class Server:
         self.listener = Listener(config, self.hub, self.daemon_id)
         self.access = config.access_policy()
         self.started_at = time.time()
-        self.counters: Counter[str] = Counter(
-            clients_refused=0, frames_rejected=0, clients_cut_slow=0
-        )
+        self.counters = st.Counters()
         self.log: Any = get_logger(daemon_id=self.daemon_id)
         self._server: asyncio.AbstractServer | None = None
         self._lock_fd: int | None = None
@@ -221,29 +221,37 @@ class Server:
         self.log.info("serving metrics", url=f"http://{metrics.address}/metrics")
         return True
 
-    def status(self) -> dict[str, Any]:
-        """The document ``pgbusctl status`` shows (JSON-compatible; no secrets)."""
+    def status(self) -> st.Status:
+        """The status document (no secrets): what ``pgbusctl status`` shows, /metrics renders."""
+        self.hub.seal_all()  # so that the counters include what this loop turn received
         now = time.time()
-        sessions = list(self.hub.sessions)
-        return {
-            "daemon_id": self.daemon_id,
-            "pid": os.getpid(),
-            "version": pgbusd.__version__,
-            "protocol": p.PROTOCOL_VERSION,
-            "started_at": self.started_at,
-            "uptime": now - self.started_at,
-            "socket": self.config.socket,
-            "metrics_address": self._metrics.address if self._metrics is not None else None,
-            "generation": self.listener.generation,
-            "postgres": self.listener.summary(),
-            "channels": {name: st.summary() for name, st in self.hub.channels.items()},
-            "clients": [s.summary() for s in sessions],
-            "totals": {
-                "clients": len(sessions),
-                "notifications_received": self.hub.received,
-                "notifications_sent": self.hub.sent,
-                "reconnects": self.listener.reconnects,
-                **self.counters,
+        clients = [session.summary() for session in self.hub.sessions]
+        counters = self.counters
+        return st.Status(
+            daemon_id=self.daemon_id,
+            pid=os.getpid(),
+            version=pgbusd.__version__,
+            protocol=p.PROTOCOL_VERSION,
+            started_at=self.started_at,
+            uptime=now - self.started_at,
+            socket=self.config.socket,
+            metrics_address=self._metrics.address if self._metrics is not None else None,
+            generation=self.listener.generation,
+            postgres=msgspec.convert(self.listener.summary(), st.PostgresStatus),
+            channels={
+                name: msgspec.convert(state.summary(), st.ChannelStatus)
+                for name, state in self.hub.channels.items()
             },
-            "dsn": self.config.redacted_dsn(),
-        }
+            clients=clients,
+            totals=st.Totals(
+                clients=len(clients),
+                notifications_received=self.hub.received,
+                notifications_sent=self.hub.sent,
+                reconnects=self.listener.reconnects,
+                clients_refused=counters.clients_refused,
+                frames_rejected=counters.frames_rejected,
+                clients_cut_slow=counters.clients_cut_slow,
+                bytes_waiting=sum(c.bytes_waiting for c in clients),
+            ),
+            dsn=self.config.redacted_dsn(),
+        )

@@ -8,10 +8,13 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, cast
 
+import msgspec
+
 from pgbus import protocol as p
 from pgbus.errors import ProtocolError
 from pgbusd.access import UNKNOWN_PEER, peer_of
 from pgbusd.log import get_logger
+from pgbusd.status import ClientStatus
 
 if TYPE_CHECKING:
     from pgbusd.server import Server
@@ -51,12 +54,12 @@ class Session(asyncio.Protocol):
         server = self._server
         refusal = server.access.refuse_attach(peer)
         if refusal is not None:
-            server.counters["clients_refused"] += 1
+            server.counters.clients_refused += 1
             self.log.warning("client refused", reason=refusal)
             self.fail(p.E_FORBIDDEN, refusal)
             return
         if len(self._hub.sessions) >= server.config.max_clients:
-            server.counters["clients_refused"] += 1
+            server.counters.clients_refused += 1
             self.log.warning("client refused", reason="too many clients")
             self.fail(
                 p.E_TOO_MANY_CLIENTS,
@@ -94,12 +97,12 @@ class Session(asyncio.Protocol):
                 if self.closing:
                     return
         except ProtocolError as exc:
-            self._server.counters["frames_rejected"] += 1
+            self._server.counters.frames_rejected += 1
             self.fail(exc.code, str(exc))
 
     def eof_received(self) -> bool | None:
         if self._decoder.buffered and not self.closing:
-            self._server.counters["frames_rejected"] += 1
+            self._server.counters.frames_rejected += 1
             self.log.warning(
                 "client closed",
                 code=p.E_PROTOCOL,
@@ -153,14 +156,13 @@ class Session(asyncio.Protocol):
             self.subscriptions.pop(msg.channel, None)
             self.send(p.Unsubscribed(msg.channel))
         elif isinstance(msg, p.StatusRequest):
-            self._hub.seal_all()  # so that the counters include what this turn received
-            self.send(p.StatusReply(self._server.status()))
+            self.send(p.StatusReply(msgspec.to_builtins(self._server.status())))
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} after attach")
 
     def _handshake_expired(self) -> None:
         if not self.attached and not self.closing:
-            self._server.counters["frames_rejected"] += 1
+            self._server.counters.frames_rejected += 1
             self.fail(p.E_HANDSHAKE, "no attach within the handshake timeout")
 
     # -- writing ---------------------------------------------------------------------------------
@@ -198,7 +200,7 @@ class Session(asyncio.Protocol):
 
     def _cut_slow(self) -> None:
         server = self._server
-        server.counters["clients_cut_slow"] += 1
+        server.counters.clients_cut_slow += 1
         self.log.warning(
             "client cut",
             reason="slow consumer",
@@ -252,16 +254,17 @@ class Session(asyncio.Protocol):
     def write_buffer_size(self) -> int:
         return self.transport.get_write_buffer_size() if self.transport else 0
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "pid": self.peer.pid,
-            "uid": self.peer.uid,
-            "gid": self.peer.gid,
-            "name": self.name,
-            "attached": self.attached,
-            "subscriptions": list(self.subscriptions),
-            "bytes_waiting": self.write_buffer_size(),
-            "messages_sent": self.sent,
-            "notifications_sent": self.notifications_sent,
-            "connected_at": self.connected_at,
-        }
+    def summary(self) -> ClientStatus:
+        return ClientStatus(
+            pid=self.peer.pid,
+            uid=self.peer.uid,
+            gid=self.peer.gid,
+            name=self.name,
+            attached=self.attached,
+            subscriptions=list(self.subscriptions),
+            bytes_waiting=self.write_buffer_size(),
+            messages_sent=self.sent,
+            notifications_sent=self.notifications_sent,
+            connected_at=self.connected_at,
+            subscription_count=len(self.subscriptions),
+        )

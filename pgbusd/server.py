@@ -23,7 +23,7 @@ from pgbusd.hub import Hub
 from pgbusd.listener import FatalConfigError, Listener
 from pgbusd.log import get_logger
 from pgbusd.metrics import MetricsServer
-from pgbusd.session import Session
+from pgbusd.session import Session, SessionContext
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -45,6 +45,16 @@ class Server:
         self.access = config.access_policy()
         self.started_at = time.time()
         self.counters = st.Counters()
+        self._session_context = SessionContext(
+            daemon_id=self.daemon_id,
+            hub=self.hub,
+            access=self.access,
+            counters=self.counters,
+            status_reply=self._status_reply,
+            write_budget=config.write_budget,
+            max_clients=config.max_clients,
+            handshake_timeout=config.handshake_timeout,
+        )
         self.log: Any = get_logger(daemon_id=self.daemon_id)
         self._server: asyncio.AbstractServer | None = None
         self._lock_fd: int | None = None
@@ -139,13 +149,16 @@ class Server:
 
     # -- the socket --------------------------------------------------------------------------
 
+    def _new_session(self) -> Session:
+        return Session(self._session_context)
+
     async def _bind(self) -> None:
         inherited = sdnotify.inherited_socket()
         if inherited is not None:
             # Socket activation: the file belongs to the socket unit. No lock, no stale-socket
             # check, and _socket_inode stays None so that _unbind leaves the file alone.
             self._server = await asyncio.get_running_loop().create_unix_server(
-                lambda: Session(self), sock=inherited, backlog=self.config.max_clients
+                self._new_session, sock=inherited, backlog=self.config.max_clients
             )
             address = inherited.getsockname()
             self.log.info("serving the socket passed by systemd", socket=address)
@@ -182,7 +195,7 @@ class Server:
         old_umask = os.umask(0o777 & ~self.config.socket_mode)
         try:
             self._server = await asyncio.get_running_loop().create_unix_server(
-                lambda: Session(self), path, backlog=self.config.max_clients
+                self._new_session, path, backlog=self.config.max_clients
             )
         finally:
             os.umask(old_umask)
@@ -255,3 +268,7 @@ class Server:
             ),
             dsn=self.config.redacted_dsn(),
         )
+
+    def _status_reply(self) -> bytes:
+        """The StatusReply frame a session sends."""
+        return p.encode_frame(p.StatusReply(msgspec.to_builtins(self.status())))

@@ -6,18 +6,34 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
-
-import msgspec
 
 from pgbus import protocol as p
 from pgbus.errors import ProtocolError
-from pgbusd.access import UNKNOWN_PEER, peer_of
+from pgbusd.access import UNKNOWN_PEER, AccessPolicy, peer_of
 from pgbusd.log import get_logger
-from pgbusd.status import ClientStatus
+from pgbusd.status import ClientStatus, Counters
 
 if TYPE_CHECKING:
-    from pgbusd.server import Server
+    from pgbusd.hub import Hub
+
+
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    """Everything a session uses from the daemon around it: settings, the policy, the shared hub
+    and counters, and the status document. The server builds one and hands it to every session."""
+
+    daemon_id: str
+    hub: Hub
+    access: AccessPolicy
+    counters: Counters
+    #: The encoded StatusReply frame of the daemon's status now.
+    status_reply: Callable[[], bytes]
+    write_budget: int
+    max_clients: int
+    handshake_timeout: float
 
 
 class Session(asyncio.Protocol):
@@ -28,10 +44,10 @@ class Session(asyncio.Protocol):
     reading costs the daemon a bounded amount of memory and nobody else any time.
     """
 
-    def __init__(self, server: Server) -> None:
-        self._server = server
-        self._hub = server.hub
-        self._budget = server.config.write_budget
+    def __init__(self, context: SessionContext) -> None:
+        self._ctx = context
+        self._hub = context.hub
+        self._budget = context.write_budget
         self._decoder = p.client_decoder()
         self.transport: asyncio.Transport | None = None
         self.subscriptions: dict[str, None] = {}
@@ -51,19 +67,19 @@ class Session(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.peer = peer = peer_of(transport.get_extra_info("socket"))
         self.log = get_logger(client_pid=peer.pid, client_uid=peer.uid, client_gid=peer.gid)
-        server = self._server
-        refusal = server.access.refuse_attach(peer)
+        ctx = self._ctx
+        refusal = ctx.access.refuse_attach(peer)
         if refusal is not None:
-            server.counters.clients_refused += 1
+            ctx.counters.clients_refused += 1
             self.log.warning("client refused", reason=refusal)
             self.fail(p.E_FORBIDDEN, refusal)
             return
-        if len(self._hub.sessions) >= server.config.max_clients:
-            server.counters.clients_refused += 1
+        if len(self._hub.sessions) >= ctx.max_clients:
+            ctx.counters.clients_refused += 1
             self.log.warning("client refused", reason="too many clients")
             self.fail(
                 p.E_TOO_MANY_CLIENTS,
-                f"the daemon serves at most {server.config.max_clients} clients",
+                f"the daemon serves at most {ctx.max_clients} clients",
             )
             return
         self._hub.add(self)
@@ -75,13 +91,11 @@ class Session(asyncio.Protocol):
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(4 << 20, self._budget // 2))
         loop = asyncio.get_running_loop()
-        self._handshake_timer = loop.call_later(
-            server.config.handshake_timeout, self._handshake_expired
-        )
+        self._handshake_timer = loop.call_later(ctx.handshake_timeout, self._handshake_expired)
         self._write_now(
             p.Hello(
                 p.PROTOCOL_VERSION,
-                server.daemon_id,
+                ctx.daemon_id,
                 self._hub.generation,
                 list(self._hub.channels),
                 p.MAX_CLIENT_FRAME,
@@ -97,12 +111,12 @@ class Session(asyncio.Protocol):
                 if self.closing:
                     return
         except ProtocolError as exc:
-            self._server.counters.frames_rejected += 1
+            self._ctx.counters.frames_rejected += 1
             self.fail(exc.code, str(exc))
 
     def eof_received(self) -> bool | None:
         if self._decoder.buffered and not self.closing:
-            self._server.counters.frames_rejected += 1
+            self._ctx.counters.frames_rejected += 1
             self.log.warning(
                 "client closed",
                 code=p.E_PROTOCOL,
@@ -137,7 +151,7 @@ class Session(asyncio.Protocol):
             self.log.info("client attached", claimed_pid=msg.pid)
             return
         if isinstance(msg, p.Subscribe):
-            refusal = self._server.access.refuse_subscribe(self.peer, msg.channel)
+            refusal = self._ctx.access.refuse_subscribe(self.peer, msg.channel)
             if refusal is not None:
                 self.log.warning("subscribe refused", channel=msg.channel, reason=refusal)
                 self.send(p.Error(p.E_FORBIDDEN, refusal, msg.channel))
@@ -156,13 +170,13 @@ class Session(asyncio.Protocol):
             self.subscriptions.pop(msg.channel, None)
             self.send(p.Unsubscribed(msg.channel))
         elif isinstance(msg, p.StatusRequest):
-            self.send(p.StatusReply(msgspec.to_builtins(self._server.status())))
+            self.send_frame(self._ctx.status_reply())
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} after attach")
 
     def _handshake_expired(self) -> None:
         if not self.attached and not self.closing:
-            self._server.counters.frames_rejected += 1
+            self._ctx.counters.frames_rejected += 1
             self.fail(p.E_HANDSHAKE, "no attach within the handshake timeout")
 
     # -- writing ---------------------------------------------------------------------------------
@@ -199,8 +213,7 @@ class Session(asyncio.Protocol):
             self.transport.write(p.encode_frame(*messages))
 
     def _cut_slow(self) -> None:
-        server = self._server
-        server.counters.clients_cut_slow += 1
+        self._ctx.counters.clients_cut_slow += 1
         self.log.warning(
             "client cut",
             reason="slow consumer",
@@ -237,7 +250,7 @@ class Session(asyncio.Protocol):
         self._cancel_timers()
         if self.transport is not None:
             self.transport.close()
-            linger = self._server.config.handshake_timeout
+            linger = self._ctx.handshake_timeout
             asyncio.get_running_loop().call_later(linger, self.transport.abort)
 
     def abort(self) -> None:

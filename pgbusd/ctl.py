@@ -2,7 +2,9 @@
 
 - ``status``: the daemon's state as a table (``--json`` for machines). Exit codes: 0 the daemon is
   up and listening on PostgreSQL, 1 the daemon is up but PostgreSQL is not connected, 3 the daemon
-  cannot be reached. So ``pgbusctl status`` doubles as a health check.
+  cannot be reached, or answers with a status document this pgbusctl cannot read (another
+  version). So ``pgbusctl status`` doubles as a health check, and never reports an unreadable
+  answer as a PostgreSQL outage.
 - ``listen CHANNEL...``: like psql's LISTEN, but through the daemon: one line per notification and
   one per generation change, until Ctrl-C (exit 0).
 - ``metrics``: the status in the Prometheus text format (see :mod:`pgbusd.metrics`).
@@ -25,20 +27,43 @@ from typing import Any
 import click
 
 import pgbus
+import pgbusd
 from pgbus import protocol as p
 from pgbusd import metrics as prom
-from pgbusd.status import Status, parse
+from pgbusd.status import IncompatibleStatusError, Status, parse
 
 EXIT_OK = 0
 EXIT_PG_DOWN = 1
 EXIT_USAGE = 2
+#: The daemon cannot be reached, or its answer cannot be read (another version of the daemon).
 EXIT_UNREACHABLE = 3
+
+
+class _NoStatus(Exception):
+    """No usable status: the daemon is unreachable or answered in another shape (the message)."""
 
 
 async def fetch_status(path: str, timeout: float) -> dict[str, Any]:
     """The daemon's status document, as it came."""
     async with pgbus.connect(path, name="pgbusctl", attach_timeout=timeout) as bus:
         return await asyncio.wait_for(bus.status(), timeout)
+
+
+def _ask(path: str, timeout: float) -> tuple[dict[str, Any], Status]:
+    """The document as it came and as a :class:`Status`; :class:`_NoStatus` saying why not."""
+    try:
+        doc = asyncio.run(fetch_status(path, timeout))
+    except (pgbus.PgbusError, OSError, TimeoutError) as exc:
+        raise _NoStatus(f"pgbusd is unreachable at {path}: {exc}") from exc
+    try:
+        return doc, parse(doc)
+    except IncompatibleStatusError as exc:
+        version = doc.get("version")
+        theirs = f"pgbusd {version}" if isinstance(version, str) else "a daemon of another version"
+        raise _NoStatus(
+            f"{theirs} at {path} sent a status document that pgbusctl {pgbusd.__version__} "
+            f"cannot read ({exc}); use the pgbusctl of the daemon's version"
+        ) from exc
 
 
 def _unreachable(path: str, exc: BaseException) -> None:
@@ -383,14 +408,13 @@ def status(obj: dict[str, Any], as_json: bool) -> None:
     """Show the daemon's state.
 
     Exit status: 0 PostgreSQL is connected, 1 the daemon is up but PostgreSQL is not connected,
-    3 the daemon is unreachable.
+    3 the daemon is unreachable or sent a status document of another version's shape.
     """
     try:
-        doc = asyncio.run(fetch_status(obj["socket"], obj["timeout"]))
-    except (pgbus.PgbusError, OSError, TimeoutError) as exc:
-        _unreachable(obj["socket"], exc)
+        doc, parsed = _ask(obj["socket"], obj["timeout"])
+    except _NoStatus as exc:
+        click.echo(f"pgbusctl: {exc}", err=True)
         sys.exit(EXIT_UNREACHABLE)
-    parsed = parse(doc)
     # --json prints the document as the daemon sent it (a newer daemon's extra fields included).
     click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else render(parsed))
     if not parsed.postgres.connected:
@@ -439,13 +463,14 @@ def listen_command(obj: dict[str, Any], channels: tuple[str, ...], as_json: bool
 def metrics(obj: dict[str, Any], output: str | None) -> None:
     """Print the daemon's counters in the Prometheus text format.
 
-    When the daemon is unreachable the output is just pgbusd_up 0 and the exit status 3.
+    When the daemon is unreachable, or sends a status document of another version's shape, the
+    output is just pgbusd_up 0 and the exit status 3.
     """
     code = EXIT_OK
     try:
-        text = prom.render(parse(asyncio.run(fetch_status(obj["socket"], obj["timeout"]))))
-    except (pgbus.PgbusError, OSError, TimeoutError) as exc:
-        _unreachable(obj["socket"], exc)
+        text = prom.render(_ask(obj["socket"], obj["timeout"])[1])
+    except _NoStatus as exc:
+        click.echo(f"pgbusctl: {exc}", err=True)
         text, code = prom.render_unreachable(), EXIT_UNREACHABLE
     if output is None:
         click.echo(text, nl=False)

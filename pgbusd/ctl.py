@@ -30,7 +30,7 @@ import pgbus
 import pgbusd
 from pgbus import protocol as p
 from pgbusd import metrics as prom
-from pgbusd.status import IncompatibleStatusError, Status, parse
+from pgbusd.status import ClientStatus, IncompatibleStatusError, Omitted, Status, parse
 
 EXIT_OK = 0
 EXIT_PG_DOWN = 1
@@ -119,6 +119,28 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[s
     return [line(headers), *(line(r) for r in rows)]
 
 
+def _subscriptions(client: ClientStatus) -> str:
+    if client.subscribed and not client.subscriptions:  # left out of a large document
+        return f"({client.subscribed} channels)"
+    return ",".join(_printable(s) for s in client.subscriptions) or "-"
+
+
+def _omitted(omitted: Omitted) -> str:
+    parts = [
+        f"{n} {what}"
+        for n, what in (
+            (omitted.subscriptions, "subscription names"),
+            (omitted.channels, "channels"),
+            (omitted.clients, "clients"),
+        )
+        if n
+    ]
+    return (
+        f"omitted     {', '.join(parts)}: the status reply is limited to "
+        f"{p.MAX_SERVER_FRAME >> 20} MiB (counts and totals are complete)"
+    )
+
+
 def render(status: Status) -> str:
     """The status document as a human-readable report."""
     pg = status.postgres
@@ -153,6 +175,8 @@ def render(status: Status) -> str:
     ]
     if pg.relay_errors:
         lines.append(f"relay errors {pg.relay_errors}  (contained; see the daemon's log)")
+    if status.omitted:
+        lines.append(_omitted(status.omitted))
     lines.append("")
     channels = status.channels
     lines += _table(
@@ -168,8 +192,10 @@ def render(status: Status) -> str:
         ],
         right={1, 2},
     )
-    if not channels:
+    if not status.channel_count:
         lines.append("(no channels registered)")
+    elif status.omitted.channels:
+        lines.append(f"(and {status.omitted.channels} more channels)")
     lines.append("")
     lines += _table(
         ["CLIENT PID", "UID", "NAME", "WAITING", "NOTIFIED", "SUBSCRIPTIONS"],
@@ -180,12 +206,14 @@ def render(status: Status) -> str:
                 _printable(c.name) or "-",
                 str(c.bytes_waiting),
                 str(c.notifications_sent),
-                ",".join(_printable(s) for s in c.subscriptions) or "-",
+                _subscriptions(c),
             ]
             for c in status.clients
         ],
         right={0, 1, 3, 4},
     )
+    if status.omitted.clients:
+        lines.append(f"(and {status.omitted.clients} more clients, with fewer bytes waiting)")
     lines.append("")
     shown = [
         ("clients", totals.clients),

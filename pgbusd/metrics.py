@@ -2,7 +2,9 @@
 
 ``pgbusctl metrics`` (for node_exporter's textfile collector) and the daemon's optional
 ``--metrics-address`` endpoint both render a :class:`pgbusd.status.Status` with :func:`render`,
-so the two can never disagree with each other or with ``pgbusctl status``.
+so the two can never disagree with each other or with ``pgbusctl status``. The endpoint renders
+the whole document; ``pgbusctl metrics`` renders what fits in one status reply (1 MiB), and
+``pgbusd_status_omitted`` says how many channel and client entries that left out.
 
 The output is the Prometheus text exposition format 0.0.4: a ``# HELP`` and a ``# TYPE`` line per
 family, label values escaped (backslash, double quote, newline), counters named ``*_total``.
@@ -111,6 +113,12 @@ FAMILIES: Final[tuple[tuple[str, str, str], ...]] = (
         "Exceptions raised while relaying a notification and contained by the daemon (each is "
         "logged; the notification may not have reached every subscriber).",
     ),
+    (
+        "pgbusd_status_omitted",
+        "gauge",
+        "Entries left out of the status document these metrics were rendered from, to keep it "
+        "under the 1 MiB frame limit (their series are missing; totals are complete).",
+    ),
 )
 
 Labels = Mapping[str, str]
@@ -167,7 +175,7 @@ def _samples(status: Status) -> Iterator[Sample]:
     if waiting is None:  # an older daemon, which always listed every client
         waiting = sum(c.bytes_waiting for c in status.clients)
     yield "pgbusd_clients_bytes_waiting", {}, waiting
-    yield "pgbusd_channels", {}, len(channels)
+    yield "pgbusd_channels", {}, status.channel_count
     for name, ch in channels.items():
         yield "pgbusd_notifications_received_total", {"channel": name}, ch.received
     for name, ch in channels.items():
@@ -183,6 +191,8 @@ def _samples(status: Status) -> Iterator[Sample]:
     yield "pgbusd_clients_refused_total", {}, totals.clients_refused
     yield "pgbusd_frames_rejected_total", {}, totals.frames_rejected
     yield "pgbusd_relay_errors_total", {}, pg.relay_errors
+    yield "pgbusd_status_omitted", {"part": "channels"}, status.omitted.channels
+    yield "pgbusd_status_omitted", {"part": "clients"}, status.omitted.clients
 
 
 def _exposition(samples: Iterator[Sample]) -> str:
@@ -233,7 +243,7 @@ class MetricsServer:
 
     Deliberately tiny (no keep-alive, no chunking, no TLS, no authentication): a scraper sends
     one request per connection. Rendering happens on the event loop, like a ``pgbusctl status``
-    request, so it sees a consistent snapshot.
+    request, so it sees a consistent snapshot; it is the whole document, not cut to a frame.
     """
 
     def __init__(self, status: Callable[[], Status], host: str, port: int) -> None:

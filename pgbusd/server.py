@@ -235,7 +235,8 @@ class Server:
         return True
 
     def status(self) -> st.Status:
-        """The status document (no secrets): what ``pgbusctl status`` shows, /metrics renders."""
+        """The whole status document (no secrets): what /metrics renders, and what a status
+        request gets once :func:`pgbusd.status.fit` has cut it to the frame limit."""
         self.hub.seal_all()  # so that the counters include what this loop turn received
         now = time.time()
         clients = [session.summary() for session in self.hub.sessions]
@@ -270,5 +271,5 @@ class Server:
         )
 
     def _status_reply(self) -> bytes:
-        """The StatusReply frame a session sends."""
-        return p.encode_frame(p.StatusReply(msgspec.to_builtins(self.status())))
+        """The StatusReply frame a session sends: the document, cut to the frame limit."""
+        return st.reply_frame(st.fit(self.status()))

@@ -1,4 +1,4 @@
-"""The status document: its schema, and how a reader reads it back.
+"""The status document: its schema, and how it is kept under the frame limit.
 
 The document is what ``pgbusctl status --json`` prints and what the metrics are rendered from. On
 the wire it is a plain mapping (``StatusReply.status``; the client library stays schema-agnostic):
@@ -10,14 +10,25 @@ Compatibility: every field the first release (0.1.0) sent is required; every fie
 a default, so a document of an older daemon still parses. Fields a reader does not know are
 ignored, so a newer daemon's superset parses too. A document of another shape raises
 :class:`IncompatibleStatusError`.
+
+Size: a daemon frame holds at most :data:`~pgbus.protocol.MAX_SERVER_FRAME` bytes (1 MiB), and a
+document with thousands of channels and clients can be larger. :func:`fit` cuts it down in a fixed
+order and says what it left out in :class:`Omitted`: first the longest subscription lists of
+clients (a client's ``subscriptions`` is then empty, its ``subscription_count`` stays), then
+channel and client entries (channels in registration order, clients with the most bytes waiting
+first). Totals, counts and the PostgreSQL part are always complete.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import msgspec
+
+from pgbus import protocol as p
+
+# -- the schema -----------------------------------------------------------------------------------
 
 
 class PostgresStatus(msgspec.Struct, kw_only=True):
@@ -55,6 +66,7 @@ class ClientStatus(msgspec.Struct, kw_only=True):
     gid: int
     name: str
     attached: bool
+    #: Complete, or empty when the list was left out to keep the document under the frame limit.
     subscriptions: list[str]
     bytes_waiting: int
     messages_sent: int
@@ -83,6 +95,20 @@ class Totals(msgspec.Struct, kw_only=True):
     bytes_waiting: int | None = None
 
 
+class Omitted(msgspec.Struct, kw_only=True):
+    """What :func:`fit` left out to keep the document under the frame limit (all 0: nothing)."""
+
+    #: Subscription names left out (their clients' ``subscriptions`` are empty).
+    subscriptions: int = 0
+    #: Channel entries left out (they still count in ``totals`` and the channel count).
+    channels: int = 0
+    #: Client entries left out (they still count in ``totals.clients``).
+    clients: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.subscriptions or self.channels or self.clients)
+
+
 class Status(msgspec.Struct, kw_only=True):
     """The daemon's status document."""
 
@@ -100,6 +126,12 @@ class Status(msgspec.Struct, kw_only=True):
     clients: list[ClientStatus]
     totals: Totals
     dsn: str | None
+    omitted: Omitted = msgspec.field(default_factory=Omitted)
+
+    @property
+    def channel_count(self) -> int:
+        """Channels the daemon relays, listed or not."""
+        return len(self.channels) + self.omitted.channels
 
 
 class Counters(msgspec.Struct):
@@ -121,3 +153,108 @@ def parse(doc: Mapping[str, Any]) -> Status:
         return msgspec.convert(doc, Status)
     except msgspec.ValidationError as exc:
         raise IncompatibleStatusError(str(exc)) from exc
+
+
+# -- the size limit -------------------------------------------------------------------------------
+
+_encode: Final = msgspec.msgpack.Encoder().encode
+#: Bytes a StatusReply frame body takes besides the document itself.
+_REPLY_OVERHEAD: Final = len(p.encode_frame(p.StatusReply({}))) - p.HEADER_SIZE - len(_encode({}))
+#: Characters of a free-text field (an error message, the DSN) shown at most.
+MAX_TEXT: Final = 2000
+
+
+def _clip(text: str | None) -> str | None:
+    if text is None or len(text) <= MAX_TEXT:
+        return text
+    return f"{text[:MAX_TEXT]}... ({len(text) - MAX_TEXT} more characters)"
+
+
+def fit(status: Status, limit: int = p.MAX_SERVER_FRAME) -> Status:
+    """``status``, cut down if need be so that its ``StatusReply`` frame body takes at most
+    ``limit`` bytes; ``omitted`` says what was left out (see the module docstring for the order).
+    """
+    budget = limit - _REPLY_OVERHEAD
+    pg = status.postgres
+    status = msgspec.structs.replace(
+        status,
+        dsn=_clip(status.dsn),
+        postgres=msgspec.structs.replace(pg, last_error=_clip(pg.last_error)),
+    )
+    # Subscription lists first: each is kept whole or left out, the longest ones out first.
+    listed = [len(_encode(c.subscriptions)) - 1 for c in status.clients]  # beyond an empty list
+    bare = [msgspec.structs.replace(c, subscriptions=[]) for c in status.clients]
+    base = len(_encode(msgspec.structs.replace(status, clients=bare)))
+    if base + sum(listed) <= budget:
+        return status
+    room = budget - base - 8  # the omitted counts may grow from 1 byte to 3 each (and then some)
+    clients = list(bare)
+    dropped = 0
+    for i in sorted(range(len(listed)), key=lambda i: listed[i]):
+        if listed[i] > room:
+            dropped += len(status.clients[i].subscriptions)
+            continue
+        room -= listed[i]
+        clients[i] = status.clients[i]
+    status = msgspec.structs.replace(
+        status, clients=clients, omitted=Omitted(subscriptions=dropped)
+    )
+    if len(_encode(status)) <= budget:
+        return status
+    return _trim_entries(msgspec.structs.replace(status, clients=bare), budget)
+
+
+def _trim_entries(status: Status, budget: int) -> Status:
+    """Keep as many channel and client entries as fit (no subscription list is kept)."""
+    omitted = Omitted(
+        subscriptions=sum(c.subscribed for c in status.clients),
+        channels=len(status.channels),
+        clients=len(status.clients),
+    )
+    empty = msgspec.structs.replace(status, channels={}, clients=[], omitted=omitted)
+    # The map and array headers grow from 1 byte to at most 5 each once entries are back in.
+    room = budget - len(_encode(empty)) - 8
+    channels = list(status.channels.items())
+    channel_sizes = [len(_encode(name)) + len(_encode(ch)) for name, ch in channels]
+    client_sizes = [len(_encode(c)) for c in status.clients]
+    need_channels, need_clients = sum(channel_sizes), sum(client_sizes)
+    # Each part gets half the room, and what the other does not need.
+    half = max(0, room) // 2
+    if need_channels <= half:
+        channel_room = need_channels
+    elif need_clients <= half:
+        channel_room = room - need_clients
+    else:
+        channel_room = half
+    client_room = room - channel_room
+    kept_channels: dict[str, ChannelStatus] = {}
+    for (name, ch), size in zip(channels, channel_sizes, strict=True):
+        if size > channel_room:
+            break
+        channel_room -= size
+        kept_channels[name] = ch
+    # The clients most behind first (they are the ones an operator looks for), shown in order.
+    kept: list[int] = []
+    for i in sorted(range(len(client_sizes)), key=lambda i: -status.clients[i].bytes_waiting):
+        if client_sizes[i] > client_room:
+            break
+        client_room -= client_sizes[i]
+        kept.append(i)
+    return msgspec.structs.replace(
+        status,
+        channels=kept_channels,
+        clients=[status.clients[i] for i in sorted(kept)],
+        omitted=Omitted(
+            subscriptions=omitted.subscriptions,
+            channels=len(channels) - len(kept_channels),
+            clients=len(client_sizes) - len(kept),
+        ),
+    )
+
+
+def reply_frame(status: Status) -> bytes:
+    """The ``StatusReply`` frame of ``status``, which :func:`fit` must have cut to the limit."""
+    frame = p.encode_frame(p.StatusReply(msgspec.to_builtins(status)))
+    if len(frame) - p.HEADER_SIZE > p.MAX_SERVER_FRAME:
+        raise ValueError(f"status reply of {len(frame)} bytes exceeds the frame limit")
+    return frame

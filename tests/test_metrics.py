@@ -86,6 +86,7 @@ def status_doc(**overrides: Any) -> dict[str, Any]:
             "bytes_waiting": 123,
         },
         "dsn": "postgresql://relay:***@db.example/app",
+        "omitted": {"subscriptions": 0, "channels": 0, "clients": 0},
     }
     doc.update(overrides)
     return doc
@@ -139,15 +140,26 @@ def test_every_status_field_becomes_its_named_metric() -> None:
     assert value(got, "pgbusd_clients_refused_total") == 1
     assert value(got, "pgbusd_frames_rejected_total") == 4
     assert value(got, "pgbusd_relay_errors_total") == 6
+    assert value(got, "pgbusd_status_omitted", part="channels") == 0
+    assert value(got, "pgbusd_status_omitted", part="clients") == 0
 
 
 def test_an_older_daemons_document_renders_with_what_it_has() -> None:
     doc = status_doc()
-    del doc["totals"]["bytes_waiting"], doc["postgres"]["relay_errors"]
+    del doc["totals"]["bytes_waiting"], doc["postgres"]["relay_errors"], doc["omitted"]
     doc["clients"][0]["bytes_waiting"] = 1000
     got = parse(render(doc))
     assert value(got, "pgbusd_clients_bytes_waiting") == 1023, "added up over its clients"
     assert value(got, "pgbusd_relay_errors_total") == 0
+
+
+def test_entries_left_out_of_a_large_document_are_counted_not_lost() -> None:
+    doc = status_doc(omitted={"subscriptions": 0, "channels": 3000, "clients": 40})
+    got = parse(render(doc))
+    assert value(got, "pgbusd_channels") == 2 + 3000
+    assert value(got, "pgbusd_clients") == 2, "totals.clients counts every client"
+    assert value(got, "pgbusd_status_omitted", part="channels") == 3000
+    assert value(got, "pgbusd_status_omitted", part="clients") == 40
 
 
 def test_each_family_has_one_help_and_one_type_line_before_its_samples() -> None:

@@ -1,13 +1,15 @@
-"""The status document: its schema, and pgbusctl against a daemon of another version.
+"""The status document: its schema, and its size limit.
 
-Unit tests build documents without sockets; pgbusctl runs as a subprocess against a scripted peer
-that speaks the protocol over a real Unix socket.
+Unit tests build documents without sockets; the rest use a real daemon, real clients, pgbusctl as
+a subprocess, or a scripted peer that speaks the protocol over a real Unix socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgbus import protocol as p
-from pgbusd.status import IncompatibleStatusError, parse
+from pgbusd.status import (
+    MAX_TEXT,
+    ChannelStatus,
+    ClientStatus,
+    IncompatibleStatusError,
+    Status,
+    fit,
+    parse,
+    reply_frame,
+)
+from tests.conftest import Daemon, DaemonFactory, attached
 from tests.test_ctl import run_ctl
 from tests.test_metrics import status_doc
 
@@ -28,11 +40,13 @@ def test_a_document_of_the_first_release_parses_with_defaults_for_later_fields()
     doc = status_doc()
     for client in doc["clients"]:
         del client["subscription_count"]
-    del doc["postgres"]["relay_errors"], doc["totals"]["bytes_waiting"]
+    del doc["omitted"], doc["postgres"]["relay_errors"], doc["totals"]["bytes_waiting"]
     st = parse(doc)
     assert st.postgres.relay_errors == 0
+    assert not st.omitted
     assert st.totals.bytes_waiting is None
     assert [c.subscribed for c in st.clients] == [1, 1], "counted from the list"
+    assert st.channel_count == 2
 
 
 def test_fields_a_newer_daemon_adds_are_ignored() -> None:
@@ -59,9 +73,211 @@ def test_a_document_of_another_shape_is_refused_naming_the_field(change: Any, na
 
 def test_the_daemon_sends_what_parse_reads_back() -> None:
     st = parse(status_doc())
-    (reply,) = p.server_decoder().feed(p.encode_frame(p.StatusReply(msgspec.to_builtins(st))))
+    (reply,) = p.server_decoder().feed(reply_frame(st))
     assert isinstance(reply, p.StatusReply)
     assert parse(reply.status) == st
+
+
+# -- the size limit, without sockets --------------------------------------------------------------
+
+
+def _body_size(st: Status) -> int:
+    return len(reply_frame(st)) - p.HEADER_SIZE
+
+
+def _name(i: int) -> str:
+    return f"channel_{i:05d}".ljust(63, "x")
+
+
+def _big(channels: int, clients: int, subscribed: int) -> Status:
+    """A document of ``channels`` 63-byte channels and ``clients`` clients subscribed to
+    ``subscribed`` of them each; client i has i bytes waiting."""
+    base = parse(status_doc())
+    names = [_name(i) for i in range(channels)]
+    return msgspec.structs.replace(
+        base,
+        channels={n: ChannelStatus(subscribers=clients, received=7, last_received=None)
+                  for n in names},
+        clients=[
+            ClientStatus(pid=1000 + i, uid=0, gid=0, name=f"worker-{i}", attached=True,
+                         subscriptions=names[:subscribed], bytes_waiting=i, messages_sent=0,
+                         notifications_sent=0, connected_at=1.0, subscription_count=subscribed)
+            for i in range(clients)
+        ],
+    )  # fmt: skip
+
+
+def test_a_document_under_the_limit_is_left_whole() -> None:
+    st = _big(50, 20, 50)
+    assert fit(st) == st
+
+
+def test_the_longest_subscription_lists_are_left_out_first() -> None:
+    st = _big(40, 10, 2)
+    lists = [
+        *st.clients[:9],
+        msgspec.structs.replace(
+            st.clients[9], subscriptions=list(st.channels), subscription_count=40
+        ),
+    ]
+    st = msgspec.structs.replace(st, clients=lists)
+    limit = _body_size(st) - 100
+    cut = fit(st, limit)
+    assert _body_size(cut) <= limit
+    assert [len(c.subscriptions) for c in cut.clients] == [2] * 9 + [0]
+    assert cut.clients[9].subscribed == 40
+    assert (cut.omitted.subscriptions, cut.omitted.channels, cut.omitted.clients) == (40, 0, 0)
+
+
+def test_two_hundred_channels_and_ninety_clients_subscribed_to_all_fit_in_one_frame() -> None:
+    st = _big(200, 90, 200)
+    assert len(msgspec.msgpack.encode(st)) > p.MAX_SERVER_FRAME, "the case of issue #12"
+    cut = fit(st)
+    assert _body_size(cut) <= p.MAX_SERVER_FRAME
+    assert cut.channels == st.channels
+    assert len(cut.clients) == 90
+    whole = [c for c in cut.clients if c.subscriptions]
+    assert all(c.subscriptions == list(st.channels) for c in whole), "a list is whole or empty"
+    assert cut.omitted.subscriptions == 200 * (90 - len(whole))
+    assert len(whole) > 60, "as many lists as fit are kept"
+
+
+def test_five_thousand_channels_and_a_thousand_clients_lose_only_subscription_lists() -> None:
+    st = _big(5000, 1000, 30)
+    cut = fit(st)
+    assert _body_size(cut) <= p.MAX_SERVER_FRAME
+    assert (cut.channels, len(cut.clients)) == (st.channels, 1000)
+    assert cut.omitted.subscriptions > 0
+    assert (cut.omitted.channels, cut.omitted.clients) == (0, 0)
+
+
+def test_more_entries_than_fit_keep_counts_totals_and_the_clients_most_behind() -> None:
+    st = _big(12000, 5000, 30)
+    cut = fit(st)
+    assert _body_size(cut) <= p.MAX_SERVER_FRAME
+    assert all(not c.subscriptions for c in cut.clients)
+    assert cut.omitted.subscriptions == 5000 * 30
+    assert cut.channel_count == 12000
+    assert list(cut.channels) == list(st.channels)[: len(cut.channels)], "registration order"
+    assert len(cut.clients) + cut.omitted.clients == 5000
+    assert cut.omitted.channels > 0
+    assert cut.omitted.clients > 0
+    kept = [c.bytes_waiting for c in cut.clients]
+    assert kept == sorted(kept), "shown in their order"
+    assert kept == list(range(5000 - len(kept), 5000)), "those with the most bytes waiting"
+    assert cut.totals == st.totals
+    assert cut.postgres == st.postgres
+
+
+@pytest.mark.parametrize("limit", [2_000, 20_000, 200_000])
+def test_any_limit_is_kept(limit: int) -> None:
+    cut = fit(_big(3000, 300, 100), limit)
+    assert _body_size(cut) <= limit
+    assert cut.channel_count == 3000
+    assert len(cut.clients) + cut.omitted.clients == 300
+
+
+def test_a_huge_error_message_is_clipped() -> None:
+    st = parse(status_doc())
+    st = msgspec.structs.replace(
+        st, postgres=msgspec.structs.replace(st.postgres, last_error="x" * 2_000_000)
+    )
+    cut = fit(st)
+    assert cut.postgres.last_error is not None
+    assert cut.postgres.last_error.startswith("x" * MAX_TEXT)
+    assert cut.postgres.last_error.endswith(f"({2_000_000 - MAX_TEXT} more characters)")
+    assert _body_size(cut) < 10_000
+
+
+# -- a status larger than a frame, end to end -----------------------------------------------------
+
+
+async def test_a_status_larger_than_a_frame_reaches_workers_and_pgbusctl_cut_to_fit(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """Issue #12: 200 channels of 63 bytes, 90 clients subscribed to all of them."""
+    prefix = uuid.uuid4().hex[:8]
+    channels = [f"{prefix}_{i:03d}".ljust(63, "x") for i in range(200)]
+    d = daemon_factory(channels)
+    await d.wait_generation(1)
+    async with contextlib.AsyncExitStack() as stack:
+        buses = [
+            await stack.enter_async_context(attached(d, name=f"worker-{i}")) for i in range(90)
+        ]
+        await asyncio.gather(*(bus.subscribe(ch) for bus in buses for ch in channels))
+        worker = buses[0]
+        generation = worker.generation
+        st = parse(await worker.status())
+        assert worker.generation == generation, "the worker was not disconnected"
+        assert worker.attached
+        assert st.omitted.subscriptions > 0
+        assert (st.omitted.channels, st.omitted.clients) == (0, 0)
+        assert {name: ch.subscribers for name, ch in st.channels.items()} == dict.fromkeys(
+            channels, 90
+        )
+        workers = [c for c in st.clients if c.name.startswith("worker-")]
+        assert len(workers) == 90
+        assert all(c.subscribed == 200 for c in workers)
+        assert all(c.subscriptions in ([], channels) for c in workers)
+
+        code, out, err = await run_ctl(d.socket, "status")
+        assert (code, err) == (0, "")
+        assert "omitted     " in out
+        assert "(200 channels)" in out
+        code, out, _ = await run_ctl(d.socket, "status", "--json")
+        assert code == 0
+        assert json.loads(out)["omitted"]["subscriptions"] > 0
+        code, out, _ = await run_ctl(d.socket, "metrics")
+        assert code == 0
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(out)
+            for s in family.samples
+        }
+        assert samples[("pgbusd_up", ())] == 1
+        assert samples[("pgbusd_channels", ())] == 200
+        assert samples[("pgbusd_channel_subscribers", (("channel", channels[0]),))] == 90
+
+
+# -- what pgbusctl status --json prints ------------------------------------------------------------
+
+#: The keys of the document the first release (0.1.0) printed; later ones may only add to them.
+FIRST_RELEASE_KEYS = {
+    "top": {
+        "daemon_id", "pid", "version", "protocol", "started_at", "uptime", "socket",
+        "metrics_address", "generation", "postgres", "channels", "clients", "totals", "dsn",
+    },
+    "postgres": {
+        "state", "connected", "generation", "server", "backend_pid", "connected_since",
+        "reconnects", "last_error", "last_error_at", "next_retry_at", "last_health_ok",
+        "queue_usage",
+    },
+    "channel": {"subscribers", "received", "last_received"},
+    "client": {
+        "pid", "uid", "gid", "name", "attached", "subscriptions", "bytes_waiting", "messages_sent",
+        "notifications_sent", "connected_at",
+    },
+    "totals": {
+        "clients", "notifications_received", "notifications_sent", "reconnects",
+        "clients_refused", "frames_rejected", "clients_cut_slow",
+    },
+}  # fmt: skip
+
+
+async def test_status_json_keeps_every_key_of_the_first_release(daemon: Daemon) -> None:
+    async with attached(daemon) as bus:
+        await bus.subscribe(daemon.channels[0])
+        code, out, _ = await run_ctl(daemon.socket, "status", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert FIRST_RELEASE_KEYS["top"] <= doc.keys()
+    assert FIRST_RELEASE_KEYS["postgres"] <= doc["postgres"].keys()
+    assert FIRST_RELEASE_KEYS["totals"] <= doc["totals"].keys()
+    assert all(FIRST_RELEASE_KEYS["channel"] <= ch.keys() for ch in doc["channels"].values())
+    assert doc["clients"]
+    assert all(FIRST_RELEASE_KEYS["client"] <= c.keys() for c in doc["clients"])
+    assert doc["postgres"]["relay_errors"] == 0
+    assert doc["omitted"] == {"subscriptions": 0, "channels": 0, "clients": 0}
 
 
 # -- pgbusctl against a daemon of another version -------------------------------------------------

@@ -223,6 +223,7 @@ def render(status: Status) -> str:
         ("cut slow", totals.clients_cut_slow),
         ("refused", totals.clients_refused),
         ("frames rejected", totals.frames_rejected),
+        ("status requests", totals.status_requests),
     ]
     lines.append("totals      " + "  ".join(f"{label} {value}" for label, value in shown))
     return "\n".join(lines)

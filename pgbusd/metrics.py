@@ -113,6 +113,12 @@ FAMILIES: Final[tuple[tuple[str, str, str], ...]] = (
         "Exceptions raised while relaying a notification and contained by the daemon (each is "
         "logged; the notification may not have reached every subscriber).",
     ),
+    ("pgbusd_status_requests_total", "counter", "Status requests the daemon answered."),
+    (
+        "pgbusd_status_documents_total",
+        "counter",
+        "Status documents the daemon built to answer them (one answers every request waiting).",
+    ),
     (
         "pgbusd_status_omitted",
         "gauge",
@@ -191,6 +197,8 @@ def _samples(status: Status) -> Iterator[Sample]:
     yield "pgbusd_clients_refused_total", {}, totals.clients_refused
     yield "pgbusd_frames_rejected_total", {}, totals.frames_rejected
     yield "pgbusd_relay_errors_total", {}, pg.relay_errors
+    yield "pgbusd_status_requests_total", {}, totals.status_requests
+    yield "pgbusd_status_documents_total", {}, totals.status_documents
     yield "pgbusd_status_omitted", {"part": "channels"}, status.omitted.channels
     yield "pgbusd_status_omitted", {"part": "clients"}, status.omitted.clients
 

@@ -45,12 +45,13 @@ class Server:
         self.access = config.access_policy()
         self.started_at = time.time()
         self.counters = st.Counters()
+        self._status_desk = st.StatusDesk(self._status_reply, self.counters)
         self._session_context = SessionContext(
             daemon_id=self.daemon_id,
             hub=self.hub,
             access=self.access,
             counters=self.counters,
-            status_reply=self._status_reply,
+            status=self._status_desk,
             write_budget=config.write_budget,
             max_clients=config.max_clients,
             handshake_timeout=config.handshake_timeout,
@@ -140,6 +141,7 @@ class Server:
             await asyncio.sleep(0.01)
         for session in list(self.hub.sessions):
             session.abort()
+        self._status_desk.close()
         await self.listener.stop()
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -266,10 +268,12 @@ class Server:
                 frames_rejected=counters.frames_rejected,
                 clients_cut_slow=counters.clients_cut_slow,
                 bytes_waiting=sum(c.bytes_waiting for c in clients),
+                status_requests=counters.status_requests,
+                status_documents=counters.status_documents,
             ),
             dsn=self.config.redacted_dsn(),
         )
 
     def _status_reply(self) -> bytes:
-        """The StatusReply frame a session sends: the document, cut to the frame limit."""
+        """The StatusReply frame the desk sends: the document, cut to the frame limit."""
         return st.reply_frame(st.fit(self.status()))

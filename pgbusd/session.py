@@ -6,31 +6,34 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from pgbus import protocol as p
 from pgbus.errors import ProtocolError
 from pgbusd.access import UNKNOWN_PEER, AccessPolicy, peer_of
 from pgbusd.log import get_logger
-from pgbusd.status import ClientStatus, Counters
+from pgbusd.status import MAX_RUN, ClientStatus, Counters, StatusDesk
 
 if TYPE_CHECKING:
     from pgbusd.hub import Hub
 
+#: Messages of one client read but not handled yet (they wait behind a status request) past which
+#: the daemon stops reading from that client until it has caught up.
+MAX_INBOX: Final = 256
+
 
 @dataclass(frozen=True, slots=True)
 class SessionContext:
-    """Everything a session uses from the daemon around it: settings, the policy, the shared hub
-    and counters, and the status document. The server builds one and hands it to every session."""
+    """Everything a session uses from the daemon around it: settings, the policy, the shared hub,
+    counters and status desk. The server builds one and hands it to every session."""
 
     daemon_id: str
     hub: Hub
     access: AccessPolicy
     counters: Counters
-    #: The encoded StatusReply frame of the daemon's status now.
-    status_reply: Callable[[], bytes]
+    status: StatusDesk
     write_budget: int
     max_clients: int
     handshake_timeout: float
@@ -42,6 +45,10 @@ class Session(asyncio.Protocol):
     Outbound bytes are bounded: what the transport still buffers may not exceed the write budget.
     A client past it is cut (it re-attaches and its generation moves on), so a client that stops
     reading costs the daemon a bounded amount of memory and nobody else any time.
+
+    Requests are handled in the order they arrive, and answered in that order: a status request
+    waits for the :class:`~pgbusd.status.StatusDesk` to build the next document, and whatever the
+    client sent after it waits too (reading stops once :data:`MAX_INBOX` messages wait).
     """
 
     def __init__(self, context: SessionContext) -> None:
@@ -49,6 +56,11 @@ class Session(asyncio.Protocol):
         self._hub = context.hub
         self._budget = context.write_budget
         self._decoder = p.client_decoder()
+        self._inbox: deque[p.ClientMessage] = deque()
+        self._status_waiting = False
+        self._reading_paused = False
+        #: The client has sent all it will (half-closed) while requests still wait for answers.
+        self._eof = False
         self.transport: asyncio.Transport | None = None
         self.subscriptions: dict[str, None] = {}
         self.attached = False
@@ -106,13 +118,11 @@ class Session(asyncio.Protocol):
         if self.closing:
             return
         try:
-            for msg in self._decoder.feed(data):
-                self._handle(msg)
-                if self.closing:
-                    return
+            self._inbox.extend(self._decoder.feed(data))
         except ProtocolError as exc:
-            self._ctx.counters.frames_rejected += 1
-            self.fail(exc.code, str(exc))
+            self._rejected(exc)
+            return
+        self._work()
 
     def eof_received(self) -> bool | None:
         if self._decoder.buffered and not self.closing:
@@ -122,16 +132,76 @@ class Session(asyncio.Protocol):
                 code=p.E_PROTOCOL,
                 reason=f"truncated frame ({self._decoder.buffered} bytes)",
             )
+            return False
+        if self._status_waiting and not self.closing:
+            self._eof = True  # answer what it asked for, then close (see _work)
+            return True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._cancel_timers()
+        self._ctx.status.discard(self)
+        self._inbox.clear()
         self._hub.remove(self)
         if self.attached:
             self.log.info("client detached", subscriptions=len(self.subscriptions))
 
     # -- requests ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        """Handle what the client sent, in order, until a status request has to wait its turn."""
+        inbox = self._inbox
+        try:
+            while inbox and not self._status_waiting and not self.closing:
+                msg = inbox.popleft()
+                if type(msg) is p.StatusRequest and self.attached:
+                    self._status_waiting = True
+                    self._ctx.status.request(self)
+                else:
+                    self._handle(msg)
+        except ProtocolError as exc:
+            self._rejected(exc)
+            return
+        if self._eof and not self._status_waiting and not inbox:
+            self.close()
+            return
+        self._pace_reading()
+
+    def _pace_reading(self) -> None:
+        """Stop reading while more than MAX_INBOX messages wait; the kernel holds the rest."""
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        if len(self._inbox) > MAX_INBOX:
+            if not self._reading_paused:
+                transport.pause_reading()
+                self._reading_paused = True
+        elif self._reading_paused:
+            transport.resume_reading()
+            self._reading_paused = False
+
+    def answer_status(self, frame: bytes) -> int:
+        """The desk built a document (``frame``, a StatusReply): answer the waiting request and
+        the status requests right behind it (up to MAX_RUN in all), then go on with the rest."""
+        self._status_waiting = False
+        if self.closing:
+            return 0
+        self.send_frame(frame)
+        answered = 1
+        inbox = self._inbox
+        while answered < MAX_RUN and inbox and type(inbox[0]) is p.StatusRequest:
+            if self.closing:
+                break
+            inbox.popleft()
+            self.send_frame(frame)
+            answered += 1
+        self._work()
+        return answered
+
+    def _rejected(self, exc: ProtocolError) -> None:
+        self._ctx.counters.frames_rejected += 1
+        self.fail(exc.code, str(exc))
 
     def _handle(self, msg: p.ClientMessage) -> None:
         if not self.attached:
@@ -169,8 +239,6 @@ class Session(asyncio.Protocol):
             self._hub.unsubscribe(self, msg.channel)
             self.subscriptions.pop(msg.channel, None)
             self.send(p.Unsubscribed(msg.channel))
-        elif isinstance(msg, p.StatusRequest):
-            self.send_frame(self._ctx.status_reply())
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} after attach")
 

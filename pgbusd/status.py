@@ -1,4 +1,4 @@
-"""The status document: its schema, and how it is kept under the frame limit.
+"""The status document: its schema, how it is kept under the frame limit, and who may ask how often.
 
 The document is what ``pgbusctl status --json`` prints and what the metrics are rendered from. On
 the wire it is a plain mapping (``StatusReply.status``; the client library stays schema-agnostic):
@@ -17,16 +17,25 @@ order and says what it left out in :class:`Omitted`: first the longest subscript
 clients (a client's ``subscriptions`` is then empty, its ``subscription_count`` stays), then
 channel and client entries (channels in registration order, clients with the most bytes waiting
 first). Totals, counts and the PostgreSQL part are always complete.
+
+Cost: building the document walks every channel and client. :class:`StatusDesk` builds it at most
+once per interval for the whole daemon (at least :data:`MIN_INTERVAL`, and ten times as long as the
+last build took), and one document answers every request waiting when it is built. A request is
+answered only after everything its client sent before it, so a document is never older than the
+request it answers; each request gets its own reply, in order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Final
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Protocol
 
 import msgspec
 
 from pgbus import protocol as p
+from pgbusd.log import get_logger
 
 # -- the schema -----------------------------------------------------------------------------------
 
@@ -93,6 +102,9 @@ class Totals(msgspec.Struct, kw_only=True):
     clients_cut_slow: int
     #: Bytes waiting for all clients, listed or not (added after 0.1.0).
     bytes_waiting: int | None = None
+    #: Status requests answered, and documents built to answer them (added after 0.1.0).
+    status_requests: int = 0
+    status_documents: int = 0
 
 
 class Omitted(msgspec.Struct, kw_only=True):
@@ -140,6 +152,8 @@ class Counters(msgspec.Struct):
     clients_refused: int = 0
     frames_rejected: int = 0
     clients_cut_slow: int = 0
+    status_requests: int = 0
+    status_documents: int = 0
 
 
 class IncompatibleStatusError(ValueError):
@@ -258,3 +272,92 @@ def reply_frame(status: Status) -> bytes:
     if len(frame) - p.HEADER_SIZE > p.MAX_SERVER_FRAME:
         raise ValueError(f"status reply of {len(frame)} bytes exceeds the frame limit")
     return frame
+
+
+# -- the desk: who may ask how often ------------------------------------------------------------
+
+#: Shortest time between two status documents the daemon builds.
+MIN_INTERVAL: Final = 0.05
+#: Building a document may take at most this share of the daemon's time under a flood of requests.
+MAX_SHARE: Final = 0.1
+#: Requests of one client answered with one document at most (the rest wait for the next one).
+MAX_RUN: Final = 16
+#: The code of the (non-fatal) Error that answers a status request when building the document
+#: failed: a daemon bug, logged; the requests are answered all the same, so none hangs.
+E_STATUS_FAILED: Final = "status_failed"
+
+
+class StatusWaiter(Protocol):
+    """A client with a status request waiting (a :class:`~pgbusd.session.Session`)."""
+
+    def answer_status(self, frame: bytes) -> int:
+        """Answer the waiting request (and up to :data:`MAX_RUN` in all right behind it) with
+        ``frame``; returns how many were answered."""
+        ...
+
+
+class StatusDesk:
+    """Answers status requests, building one document for every request waiting at the time.
+
+    ``build`` returns the encoded reply frame (and may take a while: it walks every channel and
+    client). Documents are built at most once per :data:`MIN_INTERVAL`, or ten times the time the
+    last one took if that is longer, so that a client flooding requests costs the relay at most
+    :data:`MAX_SHARE` of the daemon's time; an idle daemon answers on the next loop turn.
+    """
+
+    def __init__(self, build: Callable[[], bytes], counters: Counters) -> None:
+        self._build = build
+        self._counters = counters
+        self._waiting: dict[StatusWaiter, None] = {}
+        self._next_at = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+        self._answering = False
+        self._log: Any = get_logger(component="status")
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def request(self, waiter: StatusWaiter) -> None:
+        """``waiter`` gets :meth:`StatusWaiter.answer_status` called with the next document."""
+        self._waiting[waiter] = None
+        if self._handle is None and not self._answering:
+            self._schedule()
+
+    def discard(self, waiter: StatusWaiter) -> None:
+        """``waiter`` went away: do not answer it."""
+        self._waiting.pop(waiter, None)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._waiting.clear()
+
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_at(max(loop.time(), self._next_at), self._answer)
+
+    def _answer(self) -> None:
+        self._handle = None
+        waiting, self._waiting = self._waiting, {}
+        if not waiting:
+            return
+        self._counters.status_documents += 1
+        started = time.perf_counter()
+        try:
+            frame = self._build()
+        except Exception as exc:
+            self._log.error("status document failed", error=repr(exc))
+            message = f"the daemon could not build its status document: {exc!r}"
+            frame = p.encode_frame(p.Error(E_STATUS_FAILED, message[:1000]))
+        cost = time.perf_counter() - started
+        self._next_at = asyncio.get_running_loop().time() + max(MIN_INTERVAL, cost / MAX_SHARE)
+        self._answering = True
+        try:
+            for waiter in waiting:
+                self._counters.status_requests += waiter.answer_status(frame)
+        finally:
+            self._answering = False
+        if self._waiting:
+            self._schedule()

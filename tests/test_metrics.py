@@ -84,6 +84,8 @@ def status_doc(**overrides: Any) -> dict[str, Any]:
             "frames_rejected": 4,
             "clients_cut_slow": 5,
             "bytes_waiting": 123,
+            "status_requests": 8,
+            "status_documents": 7,
         },
         "dsn": "postgresql://relay:***@db.example/app",
         "omitted": {"subscriptions": 0, "channels": 0, "clients": 0},
@@ -140,6 +142,8 @@ def test_every_status_field_becomes_its_named_metric() -> None:
     assert value(got, "pgbusd_clients_refused_total") == 1
     assert value(got, "pgbusd_frames_rejected_total") == 4
     assert value(got, "pgbusd_relay_errors_total") == 6
+    assert value(got, "pgbusd_status_requests_total") == 8
+    assert value(got, "pgbusd_status_documents_total") == 7
     assert value(got, "pgbusd_status_omitted", part="channels") == 0
     assert value(got, "pgbusd_status_omitted", part="clients") == 0
 

@@ -1,4 +1,4 @@
-"""The status document: its schema, and its size limit.
+"""The status document: its schema, its size limit, and what a flood of status requests costs.
 
 Unit tests build documents without sockets; the rest use a real daemon, real clients, pgbusctl as
 a subprocess, or a scripted peer that speaks the protocol over a real Unix socket.
@@ -9,6 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import os
+import socket
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,17 +23,24 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgbus import protocol as p
+from pgbusd.access import AccessPolicy
+from pgbusd.hub import Hub
+from pgbusd.session import Session, SessionContext
 from pgbusd.status import (
+    E_STATUS_FAILED,
+    MAX_RUN,
     MAX_TEXT,
     ChannelStatus,
     ClientStatus,
+    Counters,
     IncompatibleStatusError,
     Status,
+    StatusDesk,
     fit,
     parse,
     reply_frame,
 )
-from tests.conftest import Daemon, DaemonFactory, attached
+from tests.conftest import Daemon, DaemonFactory, attached, notify, wait_until
 from tests.test_ctl import run_ctl
 from tests.test_metrics import status_doc
 
@@ -40,7 +51,9 @@ def test_a_document_of_the_first_release_parses_with_defaults_for_later_fields()
     doc = status_doc()
     for client in doc["clients"]:
         del client["subscription_count"]
-    del doc["omitted"], doc["postgres"]["relay_errors"], doc["totals"]["bytes_waiting"]
+    del doc["omitted"], doc["postgres"]["relay_errors"]
+    for key in ("bytes_waiting", "status_requests", "status_documents"):
+        del doc["totals"][key]
     st = parse(doc)
     assert st.postgres.relay_errors == 0
     assert not st.omitted
@@ -356,3 +369,223 @@ async def test_pgbusctl_metrics_reports_up_0_for_another_shape_and_exits_3(
     assert families == {"pgbusd_up": [0.0]}
     assert "Traceback" not in err
     assert "cannot read" in err
+
+
+# -- a flood of status requests -------------------------------------------------------------------
+
+
+def _raw_attached(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(15)
+    sock.connect(path)
+    return sock
+
+
+STATUS_REQUEST = p.encode_frame(p.StatusRequest())
+ATTACH = p.encode_frame(p.Attach(p.PROTOCOL_VERSION, os.getpid(), "flood"))
+
+
+def _read_messages(sock: socket.socket, n: int) -> list[p.ServerMessage]:
+    """The first ``n`` messages after Hello."""
+    decoder = p.server_decoder()
+    out: list[p.ServerMessage] = []
+    while len(out) < n + 1:
+        data = sock.recv(1 << 20)
+        assert data, f"closed after {len(out)} messages: {out[-1:]}"
+        out.extend(decoder.feed(data))
+    assert isinstance(out[0], p.Hello)
+    return out[1:]
+
+
+async def test_pipelined_status_requests_each_get_a_reply_in_order_from_few_documents(
+    daemon: Daemon,
+) -> None:
+    channel = daemon.channels[0]
+    sock = _raw_attached(daemon.socket)
+    try:
+        sock.sendall(
+            ATTACH
+            + STATUS_REQUEST * 100
+            + p.encode_frame(p.Subscribe(channel))
+            + STATUS_REQUEST * 100
+        )
+        replies = await asyncio.to_thread(_read_messages, sock, 201)
+    finally:
+        sock.close()
+    assert [type(m).__name__ for m in replies] == (
+        ["StatusReply"] * 100 + ["Subscribed"] + ["StatusReply"] * 100
+    )
+    docs = [m.status for m in replies if isinstance(m, p.StatusReply)]
+
+    def mine(doc: dict[str, Any]) -> ClientStatus:
+        (me,) = [c for c in parse(doc).clients if c.name == "flood"]
+        return me
+
+    # A document is never older than the request it answers.
+    assert all(mine(doc).subscriptions == [] for doc in docs[:100])
+    assert all(mine(doc).subscriptions == [channel] for doc in docs[100:])
+    built = len({json.dumps(doc, sort_keys=True) for doc in docs})
+    assert built <= 2 * math.ceil(100 / MAX_RUN), f"{built} documents built for 200 requests"
+
+
+class Flood:
+    """A client that sends ``n`` status requests at once and counts the replies as they come."""
+
+    def __init__(self, path: str, n: int) -> None:
+        self.n = n
+        self.replies = 0
+        self.error: str | None = None
+        self._sock = _raw_attached(path)
+        self._sock.sendall(ATTACH)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Flood:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        decoder = p.server_decoder()
+        try:
+            self._sock.sendall(STATUS_REQUEST * self.n)
+            while self.replies < self.n:
+                data = self._sock.recv(1 << 20)
+                if not data:
+                    self.error = "closed by the daemon"
+                    return
+                for msg in decoder.feed(data):
+                    if isinstance(msg, p.StatusReply):
+                        self.replies += 1
+                    elif not isinstance(msg, p.Hello | p.Generation):
+                        self.error = f"unexpected {msg!r}"
+                        return
+        except OSError as exc:
+            self.error = repr(exc)
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(15)
+        self._sock.close()
+
+
+async def test_other_clients_get_their_notifications_while_one_floods_status_requests(
+    daemon: Daemon, pg: Any
+) -> None:
+    channel = daemon.channels[0]
+    async with attached(daemon) as bus:
+        sub = await bus.subscribe(channel)
+        flood = Flood(daemon.socket, 3000).start()
+        try:
+            await wait_until(lambda: flood.replies or flood.error, what="the flood answered")
+            for i in range(20):
+                await notify(pg, channel, str(i))
+                assert await asyncio.wait_for(sub.recv(), 10) == str(i)
+            assert flood.error is None
+            assert flood.replies < flood.n, "the relay did not wait for the flood to be answered"
+        finally:
+            await asyncio.to_thread(flood.stop)
+        assert bus.generation == 1
+
+
+async def test_a_client_that_half_closes_after_asking_still_gets_its_answer(daemon: Daemon) -> None:
+    sock = _raw_attached(daemon.socket)
+    try:
+        sock.sendall(ATTACH + STATUS_REQUEST * 3)
+        sock.shutdown(socket.SHUT_WR)
+        messages = await asyncio.to_thread(_read_until_eof, sock)
+    finally:
+        sock.close()
+    assert [type(m).__name__ for m in messages] == ["Hello"] + ["StatusReply"] * 3
+
+
+def _read_until_eof(sock: socket.socket) -> list[p.ServerMessage]:
+    decoder = p.server_decoder()
+    out: list[p.ServerMessage] = []
+    while data := sock.recv(1 << 20):
+        out.extend(decoder.feed(data))
+    return out
+
+
+# -- a session on its own: only a SessionContext, no server ---------------------------------------
+
+
+class Built:
+    """A status document builder that counts its builds (and can be told to fail)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.fail = False
+
+    def __call__(self) -> bytes:
+        self.count += 1
+        if self.fail:
+            raise RuntimeError("broken on purpose")
+        return p.encode_frame(p.StatusReply({"document": self.count}))
+
+
+@contextlib.asynccontextmanager
+async def lone_session(
+    build: Built,
+) -> AsyncIterator[tuple[Counters, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A Session over a real socket pair, given only its context: the seam to the daemon."""
+    counters = Counters()
+    context = SessionContext(
+        daemon_id="0123456789abcdef",
+        hub=Hub(("a",)),
+        access=AccessPolicy(),
+        counters=counters,
+        status=StatusDesk(build, counters),
+        write_budget=1 << 20,
+        max_clients=4,
+        handshake_timeout=5.0,
+    )
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+        lambda: Session(context), ours
+    )
+    reader, writer = await asyncio.open_unix_connection(sock=theirs)
+    try:
+        yield counters, reader, writer
+    finally:
+        writer.close()
+        transport.abort()
+        context.status.close()
+
+
+async def _messages(reader: asyncio.StreamReader, n: int) -> list[p.ServerMessage]:
+    decoder = p.server_decoder()
+    out: list[p.ServerMessage] = []
+    while len(out) < n:
+        data = await asyncio.wait_for(reader.read(1 << 16), 10)
+        assert data, f"closed after {out}"
+        out.extend(decoder.feed(data))
+    return out
+
+
+async def test_one_document_answers_a_run_of_requests_and_the_counters_say_so() -> None:
+    build = Built()
+    async with lone_session(build) as (counters, reader, writer):
+        writer.write(ATTACH + STATUS_REQUEST * 40)
+        messages = await _messages(reader, 41)
+    replies = [m.status["document"] for m in messages[1:] if isinstance(m, p.StatusReply)]
+    assert replies == [1] * MAX_RUN + [2] * MAX_RUN + [3] * (40 - 2 * MAX_RUN)
+    assert build.count == 3
+    assert (counters.status_requests, counters.status_documents) == (40, 3)
+
+
+async def test_a_failed_document_answers_with_an_error_and_the_next_one_works() -> None:
+    build = Built()
+    build.fail = True
+    async with lone_session(build) as (counters, reader, writer):
+        writer.write(ATTACH + STATUS_REQUEST * 2)
+        first = await _messages(reader, 3)
+        build.fail = False
+        writer.write(STATUS_REQUEST)
+        second = await _messages(reader, 1)
+    assert [type(m).__name__ for m in first] == ["Hello", "Error", "Error"]
+    assert all(isinstance(m, p.Error) and not m.fatal for m in first[1:])
+    assert isinstance(first[1], p.Error)
+    assert first[1].code == E_STATUS_FAILED
+    assert "broken on purpose" in first[1].message
+    assert second == [p.StatusReply({"document": 2})]
+    assert counters.status_requests == 3

@@ -100,7 +100,7 @@ FAMILIES: Final[tuple[tuple[str, str, str], ...]] = (
     (
         "pgbusd_clients_refused_total",
         "counter",
-        "Connections refused because max_clients were attached.",
+        "Connections refused: max_clients were attached, or the peer may not attach.",
     ),
     (
         "pgbusd_frames_rejected_total",

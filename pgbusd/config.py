@@ -7,15 +7,21 @@ written exactly once, here.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pgbus import protocol
-from pgbus._client import DEFAULT_SOCKET
+from pgbus import DEFAULT_SOCKET, protocol
 from pgbusd import access
+
+#: The longest any time option may be: a day. Longer is surely a mistake, and the values end in
+#: event-loop timers and kernel socket options (TCP_USER_TIMEOUT) that have limits of their own.
+MAX_SECONDS = 86_400.0
+#: The most clients: it is also the listen() backlog, a C int.
+MAX_CLIENTS = 1 << 20
 
 
 class ConfigError(ValueError):
@@ -82,7 +88,15 @@ class Config:
     connect_timeout: float = _opt(10.0, "Seconds one PostgreSQL connection attempt may take.")
     health_interval: float = _opt(10.0, "Seconds between health checks of the LISTEN connection.")
     health_timeout: float = _opt(
-        5.0, "Seconds a health check (query and self-NOTIFY round trip) may take."
+        5.0,
+        "Seconds a health check may wait with nothing at all received on the connection before "
+        "the link counts as dead (a link busy delivering notifications is alive).",
+    )
+    probe_interval: float = _opt(
+        300.0,
+        "Seconds between self-NOTIFY round trips (done at a health check; the first check of "
+        "every connection always does one). Each is a NOTIFY commit, which wakes every "
+        "listening backend of the database: keep it rare.",
     )
     backoff_initial: float = _opt(0.5, "First reconnect delay in seconds (doubles per failure).")
     backoff_max: float = _opt(30.0, "Largest reconnect delay in seconds.")
@@ -125,18 +139,30 @@ class Config:
             "connect_timeout",
             "health_interval",
             "health_timeout",
+            "probe_interval",
             "backoff_initial",
             "backoff_max",
             "handshake_timeout",
             "shutdown_timeout",
         ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(name, f"{name} must be positive")
+            seconds = getattr(self, name)
+            # NaN passes every comparison that would refuse it, and infinity or 1e308 end in
+            # timers and socket options that cannot take them: both are refused here.
+            if not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
+                raise ConfigError(
+                    name,
+                    f"{name} must be a number of seconds above 0 and at most {MAX_SECONDS:g} "
+                    f"(got {seconds!r})",
+                )
         for name in ("write_budget", "max_clients"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"{name} must be at least 1")
-        if not 0 < self.queue_warn <= 1:
-            raise ConfigError("queue_warn", "queue_warn must be in (0, 1]")
+        if not 0 < self.queue_warn <= 1:  # also refuses NaN
+            raise ConfigError(
+                "queue_warn", f"queue_warn must be in (0, 1] (got {self.queue_warn!r})"
+            )
+        if self.max_clients > MAX_CLIENTS:
+            raise ConfigError("max_clients", f"max_clients must be at most {MAX_CLIENTS}")
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError("socket_mode", "socket_mode must be between 000 and 777 (octal)")
         if self.socket.startswith(("@", "\x00")):

@@ -80,7 +80,7 @@ class Hub:
         self.generation = 0
         #: Notification deliveries to clients so far (one per subscriber).
         self.sent = 0
-        self.unrouted = unrouted
+        self._unrouted = unrouted
         #: Channels with an open batch, by name: the fast path of :meth:`publish`.
         self._open: dict[str, ChannelState] = {}
         self._seal_handle: asyncio.Handle | None = None
@@ -108,8 +108,8 @@ class Hub:
         """The first notification on ``channel`` this turn: open a batch (or just count it)."""
         state = self.channels.get(channel)
         if state is None:
-            if self.unrouted is not None:
-                self.unrouted(pid, channel, payload)
+            if self._unrouted is not None:
+                self._unrouted(pid, channel, payload)
             return
         state.last_received = time.time()
         if not state.subscribers:

@@ -8,13 +8,18 @@ The loop, once per connection:
 3. only then bump the generation and tick every client (notifications that arrive during step 2
    are held back and released right after the tick, so the tick precedes everything the new
    connection delivers);
-4. supervise: every ``health_interval`` a query with a timeout that reads
-   ``pg_notification_queue_usage()`` and sends a NOTIFY on the probe channel, which must come
-   back through this same connection (proving the delivery path, not only the socket). The
-   backoff resets after the first healthy check;
-5. on loss (termination, failed or timed-out check): ``terminate()`` and go to 1. A failed attempt
-   waits per the backoff (500 ms doubling to 30 s, jittered); a lost healthy connection is retried
-   at once.
+4. supervise: every ``health_interval`` a query (``pg_notification_queue_usage()``) that proves
+   the link; at the first check, and then every ``probe_interval``, also a NOTIFY on the probe
+   channel, which must come back through this same connection (proving the delivery path, not
+   only the socket). A check fails when ``health_timeout`` passes with *nothing* received: a
+   link streaming a burst is alive, however long the answer waits behind it. The backoff resets
+   once the first self-NOTIFY came back;
+5. on loss (termination, failed check): ``terminate()`` and go to 1. A failed attempt waits per
+   the backoff (500 ms doubling to 30 s, jittered); a lost connection is retried at once.
+
+Notifications go from asyncpg's read callback straight to :meth:`Hub.publish`; anything that
+raises there is contained, logged, counted (``relay_errors``) and told to clients as a
+generation step.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import contextlib
 import itertools
 import socket
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -33,6 +38,14 @@ from pgbus.backoff import Backoff
 from pgbusd.config import Config
 from pgbusd.hub import Hub
 from pgbusd.log import get_logger
+
+_T = TypeVar("_T")
+
+#: What asyncpg's read callback hands every notification to: ``sink(pid, channel, payload)``.
+Sink = Callable[[int, str, str], None]
+
+#: Linux refuses a longer TCP_KEEPIDLE (seconds).
+_MAX_TCP_KEEPIDLE = 32767
 
 #: Connection failures that no retry can fix: the daemon exits on them.
 CONFIG_ERRORS: tuple[type[BaseException], ...] = (
@@ -56,9 +69,28 @@ class RelayConnection(asyncpg.Connection):  # type: ignore[misc]
     ``add_listener`` (which quotes the channel name).
     """
 
-    def relay_to(self, sink: Callable[[int, str, str], None]) -> None:
-        """Call ``sink(pid, channel, payload)`` for every notification from now on."""
-        self._process_notification = sink
+    def relay_to(
+        self, sink: Sink, on_error: Callable[[Exception, str], None] | None = None
+    ) -> None:
+        """Call ``sink(pid, channel, payload)`` for every notification from now on.
+
+        Whatever ``sink`` raises goes to ``on_error(exc, channel)``, never to asyncpg: asyncpg
+        would keep it as the failure of the connection's next query (a health check failing for
+        a bug in the fan-out, the traceback lost). The guard is a try block around the one call,
+        which costs nothing until something raises. Without ``on_error`` there is no guard:
+        only for a sink that cannot raise.
+        """
+        if on_error is None:
+            self._process_notification = sink
+            return
+
+        def relay(pid: int, channel: str, payload: str) -> None:
+            try:
+                sink(pid, channel, payload)
+            except Exception as exc:
+                on_error(exc, channel)
+
+        self._process_notification = relay
 
 
 class FatalConfigError(Exception):
@@ -69,13 +101,58 @@ class _Unhealthy(Exception):
     pass
 
 
-class Listener:
-    """Owns the daemon's one asyncpg connection. Runtime state only; settings come from Config."""
+#: The self-NOTIFY. It is committed, so it waits for the cluster's notify lock, which another
+#: session's commit holds while it writes its notifications to the queue (seconds, for a few
+#: hundred thousand): ``lock_timeout`` (for this transaction only) makes such a wait an error
+#: that tells, rather than a silence that looks like a dead link.
+_PROBE_SQL = "SELECT set_config('lock_timeout', $3, true), pg_notify($1, $2)"
 
-    def __init__(self, config: Config, hub: Hub, daemon_id: str) -> None:
+
+class Probes:
+    """Self-NOTIFY round trips in flight: the daemon's private probe channel and its tokens.
+
+    The hub routes every notification on a channel it does not relay here (:meth:`route`); the
+    listener sends a token with :meth:`start` and waits for it to come back.
+    """
+
+    def __init__(self, daemon_id: str) -> None:
+        self.channel = f"pgbusd.probe.{daemon_id}"
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._tokens = itertools.count(1)
+
+    def start(self) -> tuple[str, asyncio.Future[None]]:
+        """A new token and the future that is done once it came back."""
+        token = str(next(self._tokens))
+        arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = arrived
+        return token, arrived
+
+    def discard(self, token: str) -> None:
+        self._waiting.pop(token, None)
+
+    def route(self, _pid: int, channel: str, payload: str) -> None:
+        """The hub's ``unrouted`` callback: only the probe channel gets here."""
+        if channel != self.channel:
+            return
+        arrived = self._waiting.get(payload)
+        if arrived is not None and not arrived.done():
+            arrived.set_result(None)
+
+
+class Listener:
+    """Owns the daemon's one asyncpg connection. Runtime state only; settings come from Config.
+
+    ``hub`` must route notifications on unregistered channels to ``probes.route``.
+    """
+
+    #: Relay errors logged with their traceback at most once per this many seconds (each one is
+    #: counted; a bug that hits every notification must not turn a burst into a log flood).
+    RELAY_ERROR_LOG_INTERVAL = 1.0
+
+    def __init__(self, config: Config, hub: Hub, probes: Probes) -> None:
         self.config = config
         self.hub = hub
-        self.probe_channel = f"pgbusd.probe.{daemon_id}"
+        self.probes = probes
         self.generation = 0
         self.state = "connecting"
         self.last_error: str | None = None
@@ -85,6 +162,7 @@ class Listener:
         self.last_health_ok: float | None = None
         self.queue_usage: float | None = None
         self.reconnects = 0
+        self.relay_errors = 0
         self.server_address: str | None = None
         self.backend_pid: int | None = None
         self._conn: Any = None
@@ -92,11 +170,15 @@ class Listener:
         self._stopping = asyncio.Event()
         self._lost = asyncio.Event()
         self._held: list[tuple[int, str, str]] = []
-        self._sink: Callable[[int, str, str], None] = self._hold
-        hub.unrouted = self._on_probe  # the probe channel is the one channel the hub does not know
-        self._probes: dict[str, asyncio.Future[None]] = {}
-        self._probe_ids = itertools.count(1)
+        self._sink: Sink = self._hold
+        self._relay_errors_logged_at = -self.RELAY_ERROR_LOG_INTERVAL
+        self._relay_errors_unlogged = 0
+        self._gap_pending = False
         self.log: Any = get_logger(component="listener")
+
+    @property
+    def probe_channel(self) -> str:
+        return self.probes.channel
 
     @property
     def connected(self) -> bool:
@@ -122,6 +204,7 @@ class Listener:
                 await self._failed(exc, "listen", loud=True)
                 continue
             reason, proven = await self._supervise(conn)
+            terminated = self._lost.is_set() or conn.is_closed()
             self._conn = None
             if not conn.is_closed():
                 conn.terminate()
@@ -130,13 +213,31 @@ class Listener:
             if self._stopping.is_set():
                 break
             self.reconnects += 1
-            if not proven:
-                # Never passed a health check: count it as a failed attempt and back off, so a
-                # server that accepts LISTEN but never delivers is not hammered.
+            if terminated:
+                reason = "terminated by the server"
+            elif not proven:
+                # Never passed a self-NOTIFY round trip: count it as a failed attempt and back
+                # off, so a server that accepts LISTEN but never delivers is not hammered.
                 await self._failed(reason, "health", loud=True)
                 continue
+            delay = 0.0
+            if not proven:
+                # Listening, then cut before the first round trip came back: a lost connection
+                # like any other, retried at once; but it counts, so that a server that cuts
+                # every new session is retried with backoff from the second time on.
+                first = self._backoff.failures == 0
+                delay = self._backoff.next_delay()
+                if first:
+                    delay = 0.0
             self._note_error(reason)
-            self.log.warning("postgres connection lost", reason=reason, generation=self.generation)
+            self.log.warning(
+                "postgres connection lost",
+                reason=reason,
+                generation=self.generation,
+                retry_in=round(delay, 3),
+            )
+            if delay:
+                await self._wait_retry(delay)
 
     async def stop(self) -> None:
         """Stop the loop and close the connection (gracefully, falling back to terminate)."""
@@ -162,7 +263,11 @@ class Listener:
                 )
         except CONFIG_ERRORS as exc:
             raise FatalConfigError(str(exc)) from exc
-        self._tune_socket(conn)
+        try:
+            self._tune_socket(conn)
+        except BaseException:
+            conn.terminate()
+            raise
         return conn
 
     def _tune_socket(self, conn: Any) -> None:
@@ -172,7 +277,7 @@ class Listener:
         if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
             self.server_address = "unix socket"
             return
-        idle = max(1, int(self.config.health_interval))
+        idle = min(_MAX_TCP_KEEPIDLE, max(1, int(self.config.health_interval)))
         timeout_ms = int((self.config.health_interval + self.config.health_timeout) * 1000)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
@@ -220,67 +325,54 @@ class Listener:
         finally:
             held, self._held = self._held, []
         self._relay(conn, self.hub.publish)
-        for args in held:
-            self.hub.publish(*args)
+        for pid, channel, payload in held:
+            try:
+                self.hub.publish(pid, channel, payload)
+            except Exception as exc:
+                self._relay_failed(exc, channel)
 
     async def _supervise(self, conn: Any) -> tuple[str, bool]:
         """Health-check until the connection is lost or the daemon stops.
 
-        Returns why it ended and whether the connection ever passed a health check.
+        Every ``health_interval`` the connection must answer a query; every ``probe_interval``
+        (and at the first check, until one passes) a self-NOTIFY must also come back through
+        it. Returns why it ended and whether a self-NOTIFY ever came back on this connection.
         """
-        interval = self.config.health_interval
-        healthy_once = False
+        wait = 0.0  # the first check at once
+        proven = False
+        probe_due = 0.0
         while True:
             stop = asyncio.ensure_future(self._stopping.wait())
             lost = asyncio.ensure_future(self._lost.wait())
             try:
-                await asyncio.wait(
-                    (stop, lost),
-                    timeout=0 if not healthy_once else interval,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
+                await asyncio.wait((stop, lost), timeout=wait, return_when="FIRST_COMPLETED")
             finally:
                 stop.cancel()
                 lost.cancel()
+            wait = self.config.health_interval
             if self._stopping.is_set():
-                return "stopping", healthy_once
+                return "stopping", proven
             if self._lost.is_set():
-                return "terminated by the server", healthy_once
+                return "terminated by the server", proven
             try:
-                await self._health_check(conn)
+                await self._check_alive(conn)
+                # A deferred probe (see _probe) leaves probe_due passed: again at the next check.
+                if (not proven or time.monotonic() >= probe_due) and await self._probe(conn):
+                    probe_due = time.monotonic() + self.config.probe_interval
+                    if not proven:
+                        proven = True
+                        self._backoff.reset()
             except _Unhealthy as exc:
-                return f"health check failed: {exc}", healthy_once
-            if not healthy_once:
-                healthy_once = True
-                self._backoff.reset()
+                return f"health check failed: {exc}", proven
+            except Exception as exc:
+                return f"health check failed: {exc!r}", proven
+            self.last_health_ok = time.time()
 
-    async def _health_check(self, conn: Any) -> None:
-        token = str(next(self._probe_ids))
-        probe: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._probes[token] = probe
-        timeout = self.config.health_timeout
-        answered = False
-        try:
-            async with asyncio.timeout(timeout):
-                usage = await conn.fetchval(
-                    "SELECT pg_notification_queue_usage() FROM pg_notify($1, $2)",
-                    self.probe_channel,
-                    token,
-                )
-                answered = True
-                await probe
-        except TimeoutError:
-            if not answered:
-                raise _Unhealthy(f"query timed out after {timeout}s") from None
-            raise _Unhealthy(
-                f"self-NOTIFY did not come back within {timeout}s (is a transaction pooler "
-                "between pgbusd and PostgreSQL?)"
-            ) from None
-        except Exception as exc:
-            raise _Unhealthy(repr(exc)) from exc
-        finally:
-            self._probes.pop(token, None)
-        self.last_health_ok = time.time()
+    async def _check_alive(self, conn: Any) -> None:
+        """The link answers a query: the cheap check, proving the socket (not the delivery)."""
+        usage = await self._progressing(
+            conn.fetchval("SELECT pg_notification_queue_usage()"), "the health check query"
+        )
         self.queue_usage = float(usage)
         if self.queue_usage >= self.config.queue_warn:
             self.log.warning(
@@ -289,11 +381,77 @@ class Listener:
                 threshold=self.config.queue_warn,
             )
 
+    async def _probe(self, conn: Any) -> bool:
+        """Send a NOTIFY to the probe channel; it must come back through this connection.
+
+        Proves the delivery path, not only the socket: a transaction pooler accepts LISTEN and
+        answers queries but delivers nothing. Returns False, having proved nothing, if another
+        session's NOTIFY commit held the notify lock past half the health timeout (the probe
+        is retried at the next check); the link answered, so it is alive.
+        """
+        token, arrived = self.probes.start()
+        lock_timeout = f"{max(1, int(self.config.health_timeout * 500))}ms"
+        try:
+            try:
+                await self._progressing(
+                    conn.execute(_PROBE_SQL, self.probe_channel, token, lock_timeout),
+                    "the self-NOTIFY",
+                )
+            except asyncpg.LockNotAvailableError:
+                self.log.info(
+                    "self-NOTIFY deferred: another session's NOTIFY commit holds the notify lock"
+                )
+                return False
+            # Committed: it comes back after everything committed before it.
+            await self._progressing(
+                arrived,
+                "the self-NOTIFY",
+                silence="did not come back within {}s (is a transaction pooler between pgbusd "
+                "and PostgreSQL?)",
+            )
+        finally:
+            self.probes.discard(token)
+        return True
+
+    async def _progressing(
+        self,
+        awaitable: Awaitable[_T],
+        what: str,
+        silence: str = "got no answer within {}s",
+    ) -> _T:
+        """Await ``awaitable`` for as long as the connection makes progress.
+
+        It fails (``_Unhealthy``) once ``health_timeout`` passes with nothing received, or when
+        the connection is lost; what ``awaitable`` raises is raised. Notifications count as
+        progress: while a burst streams
+        in, an answer waits behind it on the same socket, however long the burst takes. They
+        are counted by the hub anyway (``Hub.received``), so watching them costs the relay
+        nothing.
+        """
+        timeout = self.config.health_timeout
+        task = asyncio.ensure_future(awaitable)
+        lost = asyncio.ensure_future(self._lost.wait())
+        seen = self.hub.received
+        try:
+            while True:
+                await asyncio.wait((task, lost), timeout=timeout, return_when="FIRST_COMPLETED")
+                if task.done():
+                    break
+                if lost.done():
+                    raise _Unhealthy(f"{what}: the connection was closed")
+                received = self.hub.received
+                if received == seen:
+                    raise _Unhealthy(f"{what} {silence.format(timeout)}")
+                seen = received
+        finally:
+            lost.cancel()
+            task.cancel()
+        return task.result()
+
     async def _failed(self, exc: BaseException | str, step: str, *, loud: bool = False) -> None:
         delay = self._backoff.next_delay()
         self._note_error(f"{step}: {exc if isinstance(exc, str) else repr(exc)}")
         self.state = "connecting"
-        self.next_retry_at = time.time() + delay
         emit = self.log.error if loud else self.log.warning
         emit(
             "postgres unusable" if loud else "postgres unavailable",
@@ -302,6 +460,10 @@ class Listener:
             retry_in=round(delay, 3),
             failures=self._backoff.failures,
         )
+        await self._wait_retry(delay)
+
+    async def _wait_retry(self, delay: float) -> None:
+        self.next_retry_at = time.time() + delay
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=delay)
 
@@ -311,25 +473,57 @@ class Listener:
 
     # -- asyncpg callbacks (synchronous, in order) -----------------------------------------------
 
-    def _relay(self, conn: Any, sink: Callable[[int, str, str], None]) -> None:
+    def _relay(self, conn: Any, sink: Sink) -> None:
         self._sink = sink
-        conn.relay_to(sink)
+        conn.relay_to(sink, self._relay_failed)
 
     def _on_notify(self, _conn: Any, pid: int, channel: str, payload: str) -> None:
         """The stock asyncpg listener path; unused while RelayConnection.relay_to works."""
-        self._sink(pid, channel, payload)
+        try:
+            self._sink(pid, channel, payload)
+        except Exception as exc:
+            self._relay_failed(exc, channel)
 
     def _hold(self, pid: int, channel: str, payload: str) -> None:
         """Until the generation tick, notifications wait (see :meth:`_listen`)."""
         self._held.append((pid, channel, payload))
 
-    def _on_probe(self, _pid: int, channel: str, payload: str) -> None:
-        """Notifications on unregistered channels: only the probe channel gets here."""
-        if channel != self.probe_channel:
-            return
-        probe = self._probes.get(payload)
-        if probe is not None and not probe.done():
-            probe.set_result(None)
+    def _relay_failed(self, exc: Exception, channel: str) -> None:
+        """A notification could not be relayed: a bug in the fan-out, contained here.
+
+        It is counted and logged with its traceback, and the generation steps (at the end of
+        this loop turn, once however many failed in it): subscribers may have missed the
+        notification, and the promise is that nobody misses one without being told. The
+        connection stays up.
+        """
+        self.relay_errors += 1
+        now = time.monotonic()
+        if now - self._relay_errors_logged_at >= self.RELAY_ERROR_LOG_INTERVAL:
+            self._relay_errors_logged_at = now
+            self.log.error(
+                "relay failed",
+                channel=channel,
+                relay_errors=self.relay_errors,
+                not_logged=self._relay_errors_unlogged,
+                exc_info=exc,
+            )
+            self._relay_errors_unlogged = 0
+        else:
+            self._relay_errors_unlogged += 1
+        if not self._gap_pending:
+            self._gap_pending = True
+            asyncio.get_running_loop().call_soon(self._tell_gap)
+
+    def _tell_gap(self) -> None:
+        self._gap_pending = False
+        if self.state != "connected":
+            return  # the next connection's tick tells
+        self.generation += 1
+        self.log.warning("generation steps after a relay error", generation=self.generation)
+        try:
+            self.hub.tick(self.generation)
+        except Exception as exc:
+            self.log.error("generation tick failed", generation=self.generation, exc_info=exc)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -345,4 +539,5 @@ class Listener:
             "next_retry_at": self.next_retry_at,
             "last_health_ok": self.last_health_ok,
             "queue_usage": self.queue_usage,
+            "relay_errors": self.relay_errors,
         }

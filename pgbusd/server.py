@@ -20,7 +20,7 @@ from pgbusd import access, sdnotify
 from pgbusd import status as st
 from pgbusd.config import Config
 from pgbusd.hub import Hub
-from pgbusd.listener import FatalConfigError, Listener
+from pgbusd.listener import FatalConfigError, Listener, Probes
 from pgbusd.log import get_logger
 from pgbusd.metrics import MetricsServer
 from pgbusd.session import Session, SessionContext
@@ -40,8 +40,9 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.daemon_id = secrets.token_hex(8)
-        self.hub = Hub(config.channels)
-        self.listener = Listener(config, self.hub, self.daemon_id)
+        probes = Probes(self.daemon_id)
+        self.hub = Hub(config.channels, unrouted=probes.route)
+        self.listener = Listener(config, self.hub, probes)
         self.access = config.access_policy()
         self.started_at = time.time()
         self.counters = st.Counters()

@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import typing
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import msgspec
 import pytest
 
 import pgbus
-from pgbusd.config import Config, ConfigError, redact
+from pgbusd.config import MAX_SECONDS, Config, ConfigError, redact
 from pgbusd.status import Status
 from tests.conftest import (
     FAST,
@@ -27,10 +29,12 @@ from tests.conftest import (
 )
 
 
-def run_pgbusd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_pgbusd(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pgbusd", *args],
-        capture_output=True, text=True, timeout=30, env={**os.environ, **(env or {})},
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )  # fmt: skip
 
 
@@ -164,3 +168,59 @@ def test_log_format_and_level_options(workdir: Path) -> None:
                         "--dsn", "postgresql://postgres@127.0.0.1/test?sslmode=bogus")  # fmt: skip
     levels = {json.loads(line)["level"] for line in result.stderr.splitlines()}
     assert levels == {"error"}
+
+
+#: Every option that takes a number of seconds or a fraction (every float field of Config).
+FLOAT_OPTIONS = [f.name for f in fields(Config) if typing.get_type_hints(Config)[f.name] is float]
+
+
+def test_the_float_options_are_the_ones_expected() -> None:
+    # So that the parametrisation below cannot silently shrink.
+    assert len(FLOAT_OPTIONS) >= 8
+    assert {"health_interval", "health_timeout", "handshake_timeout", "queue_warn"} <= set(
+        FLOAT_OPTIONS
+    )
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e308"])
+@pytest.mark.parametrize("option", FLOAT_OPTIONS)
+def test_float_option_that_is_not_a_usable_number_exits_2_naming_it(
+    workdir: Path, option: str, value: str
+) -> None:
+    flag = "--" + option.replace("_", "-")
+    # Unfixed, the daemon runs (and never connects, or takes no client): the timeout ends it.
+    result = run_pgbusd(
+        "--socket", str(workdir / "s.sock"), "--channel", "c",
+        "--dsn", "postgresql://postgres@127.0.0.1:1/test", flag, value, timeout=10,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert flag in result.stderr
+    assert not (workdir / "s.sock").exists()
+
+
+def test_float_option_from_the_environment_is_checked_too(workdir: Path) -> None:
+    result = run_pgbusd(
+        "--socket", str(workdir / "s.sock"), "--channel", "c",
+        env={"PGBUSD_HEALTH_TIMEOUT": "nan"}, timeout=10,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "--health-timeout" in result.stderr
+
+
+@pytest.mark.parametrize("option", [o for o in FLOAT_OPTIONS if o != "queue_warn"])
+def test_time_options_are_bounded_at_a_day(option: str) -> None:
+    longest: dict[str, Any] = {option: MAX_SECONDS}
+    too_long: dict[str, Any] = {option: MAX_SECONDS + 1}
+    assert getattr(Config(**longest), option) == MAX_SECONDS
+    with pytest.raises(ConfigError, match="at most 86400") as err:
+        Config(**too_long)
+    assert err.value.option == option
+
+
+def test_max_clients_is_bounded(workdir: Path) -> None:
+    result = run_pgbusd(
+        "--socket", str(workdir / "s.sock"), "--channel", "c", "--max-clients", str(1 << 40),
+        timeout=10,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "--max-clients" in result.stderr

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pgbus import protocol as p
-from pgbus._state import GenerationClock, PayloadQueue, deliver, runs
+from pgbus._engine import GenerationClock, PayloadQueue, deliver, runs
 from pgbus.errors import LaggedError
 
 channels = st.sampled_from(["a", "b", "c"])
@@ -87,8 +87,8 @@ def _drain_lagged(queue: PayloadQueue[Any]) -> tuple[list[Any], int]:
 def test_push_many_in_batches_equals_one_at_a_time_and_the_model(
     buffer: int, batches: list[list[str]]
 ) -> None:
-    one: PayloadQueue[str] = PayloadQueue("a", buffer, None)
-    many: PayloadQueue[str] = PayloadQueue("a", buffer, None)
+    one: PayloadQueue[str] = PayloadQueue(None, "a", buffer, None)
+    many: PayloadQueue[str] = PayloadQueue(None, "a", buffer, None)
     for batch in batches:
         for payload in batch:
             one._push_many([payload])
@@ -115,14 +115,14 @@ def test_push_many_decodes_only_what_it_keeps_and_in_order(
         decoded.append(raw)
         return msgspec.json.decode(raw)
 
-    queue: PayloadQueue[Any] = PayloadQueue("a", buffer, decode)
+    queue: PayloadQueue[Any] = PayloadQueue(None, "a", buffer, decode)
     queue._push_many(payloads)
     assert decoded == payloads[-buffer:]
 
 
 def test_deliver_hands_one_run_to_every_subscription_of_its_channel() -> None:
     clock = _clock_at(0)
-    subs = {"a": [PayloadQueue[str]("a", 10, None), PayloadQueue[str]("a", 10, None)]}
+    subs = {"a": [PayloadQueue[str](None, "a", 10, None), PayloadQueue[str](None, "a", 10, None)]}
     run = [p.Notification("a", f"x{i}", 1, 1, i + 1) for i in range(3)]
     assert deliver(clock, subs, run) is False
     assert [q.drain() for q in subs["a"]] == [["x0", "x1", "x2"]] * 2

@@ -17,7 +17,7 @@ import pytest
 
 import pgbus
 import pgbus.sync
-from pgbus._state import GenerationClock
+from pgbus._engine import GenerationClock
 from pgbusd.status import parse
 from tests.conftest import (
     DSN,

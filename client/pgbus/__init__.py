@@ -9,14 +9,22 @@
 
 The blocking client for threaded workers is :mod:`pgbus.sync` (``pgbus.sync.connect()``); see
 docs/client.md for both, for typed payloads and for waiting on several subscriptions at once.
+Both are drivers of one I/O-free protocol engine, ``pgbus._engine``.
 """
 
 from pgbus import sync
-from pgbus._client import DEFAULT_SOCKET, Bus, connect, default_socket_path
-from pgbus._select import Event, GenerationChanged, Lagged, Received, Selector
-from pgbus._state import DEFAULT_BUFFER, SubscriptionStatistics
-from pgbus._subscription import Subscription
-from pgbus._watch import GenerationWatch
+from pgbus._client import Bus, connect
+from pgbus._engine import (
+    DEFAULT_BUFFER,
+    DEFAULT_SOCKET,
+    Event,
+    GenerationChanged,
+    Lagged,
+    Received,
+    SubscriptionStatistics,
+    default_socket_path,
+)
+from pgbus._subscription import GenerationWatch, Selector, Subscription
 from pgbus.backoff import Backoff
 from pgbus.errors import (
     BusClosedError,
@@ -26,6 +34,7 @@ from pgbus.errors import (
     PgbusError,
     ProtocolError,
     RequestRefusedError,
+    SubscriptionRefusedError,
     UnknownChannelError,
 )
 from pgbus.protocol import PROTOCOL_VERSION
@@ -50,6 +59,7 @@ __all__ = [
     "RequestRefusedError",
     "Selector",
     "Subscription",
+    "SubscriptionRefusedError",
     "SubscriptionStatistics",
     "UnknownChannelError",
     "connect",

@@ -1,21 +1,25 @@
-"""A subscription: one subscriber's bounded, lag-reporting view of one channel (asyncio)."""
+"""What an asyncio task waits on: a subscription, the generation watch, a selector.
+
+Each is the engine's I/O-free state (:mod:`pgbus._engine`) plus futures to wait on. They know
+their bus only through the :class:`Room` it lends them: the wake-up list of its state, and how
+to leave it.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Any, Generic
 
-from pgbus._state import PayloadQueue, T_co
+from pgbus._engine import Event, GenerationCursor, HasGeneration, PayloadQueue, SelectCore, T_co
 from pgbus.errors import BusClosedError
 
-if TYPE_CHECKING:
-    from pgbus._client import Bus
+Waiters = list[asyncio.Future[None]]
 
 
-async def wait_woken(waiter_lists: Iterable[list[asyncio.Future[None]]]) -> None:
-    """Wait until whoever owns one of ``waiter_lists`` wakes it (see ``Subscription._wake``).
+async def wait_woken(waiter_lists: Iterable[Waiters]) -> None:
+    """Wait until whoever owns one of ``waiter_lists`` wakes it (:func:`wake`).
 
     One future per waiting call, registered in each list for the duration of the wait, so any
     number of tasks (and selectors) may wait on the same subscription or generation.
@@ -29,6 +33,29 @@ async def wait_woken(waiter_lists: Iterable[list[asyncio.Future[None]]]) -> None
     finally:
         for waiters in lists:
             waiters.remove(waiter)
+
+
+def wake(waiters: Waiters) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
+
+
+class Room:
+    """What a bus lends its subscriptions, watches and selectors.
+
+    ``state`` is woken when the bus's generation or attached state moves and when it closes;
+    ``check_open`` raises the bus's BusClosedError; ``leave`` takes a closed subscription out.
+    """
+
+    __slots__ = ("check_open", "leave", "state")
+
+    def __init__(
+        self, check_open: Callable[[], None], leave: Callable[[PayloadQueue[Any]], None]
+    ) -> None:
+        self.state: Waiters = []
+        self.check_open = check_open
+        self.leave = leave
 
 
 class Subscription(PayloadQueue[T_co]):
@@ -45,46 +72,45 @@ class Subscription(PayloadQueue[T_co]):
     """
 
     def __init__(
-        self, bus: Bus, channel: str, buffer: int, decode: Callable[[str], T_co] | None = None
+        self,
+        bus: object,
+        room: Room,
+        channel: str,
+        buffer: int,
+        decode: Callable[[str], T_co] | None = None,
     ) -> None:
-        super().__init__(channel, buffer, decode)
-        self._bus = bus
-        self._waiters: list[asyncio.Future[None]] = []
+        super().__init__(bus, channel, buffer, decode)
+        self._room = room
+        self._waiters: Waiters = []
 
-    # -- woken by the bus (synchronously, from the socket's read callback) -------------------
-
-    def _wake(self) -> None:
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    # -- public API --------------------------------------------------------------------------
+    def _wake(self) -> None:  # from the engine, in the socket's read callback
+        wake(self._waiters)
 
     async def recv(self) -> T_co:
         """The next payload; waits for one.
 
         Raises :class:`~pgbus.LaggedError` once after payloads were dropped,
         :class:`~pgbus.PayloadDecodeError` for a payload of a typed subscription that does not
-        decode (the next call goes on with the next payload), and :class:`~pgbus.BusClosedError`
-        when the subscription or its bus is closed and nothing is left to read.
+        decode (the next call goes on with the next payload), and, once nothing is left to read,
+        :class:`~pgbus.BusClosedError` when this process closed the subscription or its bus, or
+        :class:`~pgbus.SubscriptionRefusedError` when the daemon refused it on a re-attach.
         """
-        while True:
-            if self._queue:
-                return self._take()
-            if self._closed:
-                raise BusClosedError(f"subscription to {self.channel!r} is closed")
+        while not self._ready():
             await wait_woken((self._waiters,))
+        return self._next()
 
     async def close(self) -> None:
         """Stop receiving; payloads already buffered can still be read."""
-        if not self._closed:
-            self._mark_closed()
-            self._bus._remove_subscription(self)
+        if not self.closed:
+            self._end(BusClosedError(f"subscription to {self.channel!r} is closed"))
+            self._room.leave(self)
 
     def __aiter__(self) -> Subscription[T_co]:
         return self
 
     async def __anext__(self) -> T_co:
+        """The next payload; iteration stops when this process closed the subscription (or its
+        bus) and raises :class:`~pgbus.SubscriptionRefusedError` when the daemon ended it."""
         try:
             return await self.recv()
         except BusClosedError:
@@ -100,3 +126,77 @@ class Subscription(PayloadQueue[T_co]):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class GenerationWatch(GenerationCursor):
+    """Observes the bus's reconnect generation, like a tokio ``watch::Receiver<u64>``.
+
+    The generation is 0 until the daemon has connected to PostgreSQL, then moves forward (never
+    back) after every event that may have lost notifications: the daemon reconnected to
+    PostgreSQL, the daemon restarted, or this client re-attached to the daemon. It moves only once
+    the relay is listening again, so a subscriber that resyncs from the database when it changes
+    cannot miss a notification committed after it saw the change.
+    """
+
+    def __init__(self, bus: HasGeneration, room: Room) -> None:
+        super().__init__(bus)
+        self._room = room
+
+    async def changed(self) -> int:
+        """Wait until the generation moves past the last value this watch saw; return it.
+
+        Raises :class:`~pgbus.BusClosedError` if the bus is closed while waiting.
+        """
+        room = self._room
+        while not self.has_changed():
+            room.check_open()
+            await wait_woken((room.state,))
+        return self._observe()
+
+
+class Selector(Generic[T_co]):
+    """Events from several subscriptions of one bus and its generation watch, one at a time.
+
+    Create it with :meth:`pgbus.Bus.select`; ``await selector.recv()`` returns the next
+    :data:`~pgbus.Event`, ``async for event in selector:`` iterates until the bus is closed (or,
+    without a watch, every subscription is). Use ``asyncio.timeout`` to bound a wait.
+    """
+
+    def __init__(
+        self,
+        bus: object,
+        subs: Sequence[Subscription[T_co]],
+        watch: GenerationWatch | None,
+        room: Room,
+    ) -> None:
+        self._core = SelectCore(bus, subs, watch)
+        self._room = room
+        self._waiter_lists = [sub._waiters for sub in subs]
+        if watch is not None:
+            self._waiter_lists.append(room.state)
+
+    async def recv(self) -> Event[T_co]:
+        """The next event; waits for one.
+
+        Raises :class:`~pgbus.PayloadDecodeError` for a payload that does not decode (the next
+        call goes on), :class:`~pgbus.SubscriptionRefusedError` for a subscription the daemon
+        ended, and :class:`~pgbus.BusClosedError` once nothing more can arrive.
+        """
+        core = self._core
+        while True:
+            event = core.poll()
+            if event is not None:
+                return event
+            if core.exhausted():
+                raise BusClosedError("nothing left to select: the subscriptions are closed")
+            self._room.check_open()
+            await wait_woken(self._waiter_lists)
+
+    def __aiter__(self) -> Selector[T_co]:
+        return self
+
+    async def __anext__(self) -> Event[T_co]:
+        try:
+            return await self.recv()
+        except BusClosedError:
+            raise StopAsyncIteration from None

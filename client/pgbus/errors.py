@@ -73,3 +73,22 @@ class RequestRefusedError(PgbusError):
     def __init__(self, message: str, *, code: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class SubscriptionRefusedError(RequestRefusedError):
+    """The daemon refused a subscription this process still holds: it has ended.
+
+    Raised by ``recv()``, iteration and a selector once the subscription's buffered payloads are
+    taken, every time, so that a worker's loop ends loudly rather than quietly. It happens when the
+    bus re-attaches (the daemon restarted or the connection was lost) and the daemon no longer
+    relays the channel to this client: the channel was dropped from its configuration, or an ACL
+    was tightened. ``code`` is the daemon's reason (``unknown_channel``, ``forbidden``, ...);
+    the error ``subscribe()`` would have raised is chained as the cause. Compare
+    :class:`BusClosedError`, which means this process closed the subscription or its bus.
+    """
+
+    def __init__(self, channel: str, message: str, *, code: str) -> None:
+        super().__init__(
+            f"the daemon refused the subscription to {channel!r}: {message}", code=code
+        )
+        self.channel = channel

@@ -23,12 +23,14 @@ missing fields are protocol errors.
 
 Daemon to client (:data:`ServerMessage`):
 
-- ``Hello`` first, on every connection: protocol version, daemon id (a fresh random id per daemon
-  process, so a client can tell a restarted daemon), the current generation, the registered
-  channels and the daemon's inbound frame limit.
+- ``Hello`` first, on every connection: protocol version, daemon id, the current generation, the
+  registered channels and the daemon's inbound frame limit. The daemon id names a *lineage*: the
+  generation and every channel's ``seq`` count within it. A daemon started afresh (a first start,
+  a restart after a crash) takes a new random id; a daemon that took over from its predecessor
+  by a hand-off reload keeps the predecessor's id, generation and seqs.
 - ``Notification``: channel, payload (exactly the string PostgreSQL delivered), the sending
-  backend's pid, the generation it was received under, and ``seq``: a per-channel counter of this
-  daemon process, starting at 1, +1 for every notification PostgreSQL delivered on the channel.
+  backend's pid, the generation it was received under, and ``seq``: a per-channel counter of the
+  lineage, starting at 1, +1 for every notification PostgreSQL delivered on the channel.
   A subscriber that sees ``seq`` skip (with the same ``daemon_id``) has missed notifications.
 - ``Generation``: the reconnect-generation tick. Sent to every attached client after the daemon
   (re)connected to PostgreSQL **and** every LISTEN succeeded. 0 means never connected, 1 the first
@@ -37,11 +39,12 @@ Daemon to client (:data:`ServerMessage`):
 - ``Error``: a refused request (``fatal`` false, e.g. ``unknown_channel``) or the reason the daemon
   is about to close this connection (``fatal`` true).
 - ``StatusReply``: the answer to ``StatusRequest`` (a JSON-compatible mapping).
-- ``Goodbye``: the daemon is closing this connection (``reason``), e.g. on shutdown.
+- ``Goodbye``: the daemon is closing this connection (``reason``): ``shutdown``, or ``reload``
+  (its successor already serves the socket: re-attach at once, and resume).
 
 Client to daemon (:data:`ClientMessage`): ``Attach`` (protocol version, pid, name; must be the
-first message, within the daemon's handshake timeout), ``Subscribe``, ``Unsubscribe``,
-``StatusRequest``.
+first message, within the daemon's handshake timeout), ``Subscribe`` (channel, and ``after``
+for a resume, below), ``Unsubscribe``, ``StatusRequest``.
 
 Ordering
 --------
@@ -52,10 +55,28 @@ before the first notification delivered to that subscription. The daemon never d
 for an attached client: a client that cannot keep up is disconnected instead (``Error`` with code
 ``slow_consumer`` if it fits), and the client library re-attaches and moves its generation on.
 
+Resume
+------
+A client that re-attaches (its connection was cut, the daemon was reloaded) can continue
+without a gap. The daemon keeps, per channel, the most recent notifications (a replay buffer
+bounded in bytes). If the ``Hello`` of the new connection carries the same daemon id and the
+same generation as the client last saw, the client sends each re-subscription as
+``Subscribe(channel, after=S)``, ``S`` being the last ``seq`` it received on the channel (or the
+one its last ``Subscribed`` gave). The daemon answers ``Subscribed(channel, S)`` and then sends
+every notification after ``S``, in order, before any newer one; it answers
+``Subscribed(channel, current)`` instead when it no longer holds all of them. So the client
+knows, channel by channel, whether it missed anything: a resume that every channel confirms
+with ``seq == after`` is no gap and moves no generation; any other answer is a re-attach as
+before (one generation step). A daemon that does not know ``after`` ignores it (trailing fields
+are optional both ways) and answers with its current seq: the client steps, as it must.
+
 Versioning
 ----------
 :data:`PROTOCOL_VERSION` is bumped on any incompatible change. The daemon refuses an ``Attach``
 with another version (``Error`` code ``version``); the client refuses a ``Hello`` with another one.
+A compatible change adds an optional field at the end of a message: a receiver ignores trailing
+fields it does not know, and a sender may leave out trailing fields that have a default. Within
+version 1 that is how ``Subscribe.after`` (resume) came.
 """
 
 from __future__ import annotations
@@ -149,6 +170,8 @@ class Attach(Message, tag="attach"):
 
 class Subscribe(Message, tag="subscribe"):
     channel: str
+    #: Resume: the last seq the client holds on the channel; the daemon replays what follows it.
+    after: int | None = None
 
 
 class Unsubscribe(Message, tag="unsubscribe"):
@@ -172,6 +195,8 @@ E_SLOW_CONSUMER: Final = "slow_consumer"
 E_TOO_MANY_CLIENTS: Final = "too_many_clients"
 E_FORBIDDEN: Final = "forbidden"
 E_SHUTDOWN: Final = "shutdown"
+#: The reason of a Goodbye when a successor process takes over the socket (a hand-off reload).
+E_RELOAD: Final = "reload"
 
 # -- encoding -----------------------------------------------------------------------------------
 

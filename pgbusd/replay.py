@@ -1,0 +1,139 @@
+"""The replay buffer: the most recent notifications of every channel, bounded in bytes.
+
+The hub seals each loop turn's notifications on a channel into one frame (see hub.py). Every
+sealed frame is also kept here, in one log per channel, until the frames of all channels
+together pass the byte budget (``--replay-bytes``); then the oldest frames, whatever their
+channel, are dropped first. Keeping a frame costs nothing but the memory it already takes: it
+is the same object the transports were given, never copied and never changed.
+
+A client that re-attaches asks, per channel, for what came after the last seq it holds (the
+protocol's "Resume"). :meth:`ChannelLog.covers` says whether everything after that seq is still
+here; :meth:`ChannelLog.next_frame` hands out what follows, a frame at a time, so that a client
+catching up can be fed as fast as it reads and no faster (its session pulls, see session.py).
+Only the first frame of a catch-up may need cutting (the client holds part of a batch); it is
+decoded and its tail encoded again. Everything after is sent as stored.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from typing import Final
+
+import msgspec
+
+from pgbus import protocol as p
+
+_notifications: Final = msgspec.msgpack.Decoder(list[p.Notification])
+
+
+class ChannelLog:
+    """One channel's kept frames, oldest first: each holds the notifications ``first .. last``.
+
+    ``next_seq`` is the seq the channel's next notification will carry (one past the newest).
+    Frames are numbered from 0 in the order they were kept (their *index*), which is how the
+    shared budget names the oldest frame to drop.
+    """
+
+    __slots__ = ("_base", "_firsts", "_frames", "_start", "next_seq")
+
+    def __init__(self, next_seq: int = 1) -> None:
+        #: first seq of each frame still listed (parallel to _frames); before _start: dropped.
+        self._firsts: list[int] = []
+        self._frames: list[bytes | bytearray] = []
+        self._start = 0
+        #: The index of _frames[0].
+        self._base = 0
+        self.next_seq = next_seq
+
+    @property
+    def oldest(self) -> int:
+        """The oldest seq still kept (``next_seq`` when nothing is)."""
+        return self._firsts[self._start] if self._start < len(self._firsts) else self.next_seq
+
+    @property
+    def frames(self) -> int:
+        """How many frames are kept."""
+        return len(self._firsts) - self._start
+
+    def covers(self, after: int) -> bool:
+        """Whether every notification after seq ``after`` is kept (or there is none yet)."""
+        return self.oldest <= after + 1 <= self.next_seq
+
+    def next_frame(self, after: int) -> tuple[bytes | bytearray, int] | None:
+        """The next frame for a client that holds everything up to ``after``, and the seq of its
+        last notification; None once it is up to date. Seqs no longer kept are skipped over:
+        the frame then starts later, and the client sees the gap in the seqs (never a silent
+        one)."""
+        if after + 1 >= self.next_seq or not self.frames:
+            return None
+        firsts = self._firsts
+        # The frame holding seq after + 1: the last one starting at or before it.
+        i = max(bisect.bisect_right(firsts, after + 1, self._start) - 1, self._start)
+        frame = self._frames[i]
+        last = (firsts[i + 1] if i + 1 < len(firsts) else self.next_seq) - 1
+        if firsts[i] <= after:
+            # The client holds the start of this batch: send only what it lacks.
+            body = memoryview(frame)[p.HEADER_SIZE :]
+            tail = [n for n in _notifications.decode(body) if n.seq > after]
+            return p.encode_frame(*tail), last
+        return frame, last
+
+    def export(self) -> list[tuple[int, bytes]]:
+        """The kept frames as (first seq, frame) pairs, oldest first (for a hand-off)."""
+        return [
+            (self._firsts[i], bytes(self._frames[i])) for i in range(self._start, len(self._firsts))
+        ]
+
+    def _append(self, first: int, count: int, frame: bytes | bytearray) -> int:
+        self._firsts.append(first)
+        self._frames.append(frame)
+        self.next_seq = first + count
+        return self._base + len(self._firsts) - 1
+
+    def _drop_through(self, index: int) -> int:
+        """Forget every kept frame up to frame ``index``; returns the bytes that frees."""
+        freed = 0
+        while self._start < len(self._firsts) and self._base + self._start <= index:
+            freed += len(self._frames[self._start])
+            self._frames[self._start] = b""
+            self._start += 1
+        if self._start > 64 and self._start * 2 > len(self._firsts):  # compact, amortised O(1)
+            del self._firsts[: self._start]
+            del self._frames[: self._start]
+            self._base += self._start
+            self._start = 0
+        return freed
+
+
+class ReplayLog:
+    """Every channel's log, and the byte budget they share (0 keeps nothing)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        #: Every kept frame in the order it was kept: (its channel's log, its index there).
+        self._order: deque[tuple[ChannelLog, int]] = deque()
+
+    def append(self, log: ChannelLog, first: int, count: int, frame: bytes | bytearray) -> None:
+        """Keep a sealed frame of ``count`` notifications starting at seq ``first``."""
+        if len(frame) > self.limit:  # cannot be kept: nor can anything before it (a hole)
+            self.forget(log)
+            log.next_seq = first + count
+            return
+        self._order.append((log, log._append(first, count, frame)))
+        self.size += len(frame)
+        while self.size > self.limit:
+            oldest, index = self._order.popleft()
+            self.size -= oldest._drop_through(index)
+
+    def forget(self, log: ChannelLog) -> None:
+        """Drop every frame of ``log`` now (its entries in the order are skipped later)."""
+        self.size -= log._drop_through(log._base + len(log._firsts))
+
+    def restore(self, log: ChannelLog, frames: list[tuple[int, bytes]], next_seq: int) -> None:
+        """Refill ``log`` from :meth:`ChannelLog.export` (a successor taking over)."""
+        for i, (first, frame) in enumerate(frames):
+            end = frames[i + 1][0] if i + 1 < len(frames) else next_seq
+            self.append(log, first, end - first, frame)
+        log.next_seq = next_seq

@@ -110,8 +110,8 @@ FAMILIES: Final[tuple[tuple[str, str, str], ...]] = (
     (
         "pgbusd_relay_errors_total",
         "counter",
-        "Exceptions raised while relaying a notification and contained by the daemon (each is "
-        "logged; the notification may not have reached every subscriber).",
+        "Notifications whose relaying raised an exception (a daemon bug): each is logged and the "
+        "generation steps, so subscribers resync.",
     ),
     ("pgbusd_status_requests_total", "counter", "Status requests the daemon answered."),
     (

@@ -55,7 +55,7 @@ class PostgresStatus(msgspec.Struct, kw_only=True):
     next_retry_at: float | None
     last_health_ok: float | None
     queue_usage: float | None
-    #: Exceptions the relay callback contained (added after 0.1.0).
+    #: Notifications whose relaying raised an exception, contained (added after 0.1.0).
     relay_errors: int = 0
 
 

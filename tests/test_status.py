@@ -1,7 +1,8 @@
 """The status document: its schema, its size limit, and what a flood of status requests costs.
 
 Unit tests build documents without sockets; the rest use a real daemon, real clients, pgbusctl as
-a subprocess, or a scripted peer that speaks the protocol over a real Unix socket.
+a subprocess, or a scripted daemon (tests/fakedaemon.py) that speaks the protocol over a real
+Unix socket.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pgbusd.status import (
     reply_frame,
 )
 from tests.conftest import Daemon, DaemonFactory, attached, notify, wait_until
+from tests.fakedaemon import FakeConnection, FakeDaemon
 from tests.test_ctl import run_ctl
 from tests.test_metrics import status_doc
 
@@ -296,38 +298,24 @@ async def test_status_json_keeps_every_key_of_the_first_release(daemon: Daemon) 
 # -- pgbusctl against a daemon of another version -------------------------------------------------
 
 
-class ScriptedPeer:
-    """Speaks the daemon's side of the protocol on a real Unix socket: ``Hello``, then every
-    ``StatusRequest`` is answered with ``document``."""
-
-    def __init__(self, path: str, document: dict[str, Any]) -> None:
-        self.path = path
-        self.document = document
-        self.requests = 0
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        hello = p.Hello(p.PROTOCOL_VERSION, "feedfacefeedface", 1, [], p.MAX_CLIENT_FRAME)
-        writer.write(p.encode_frame(hello))
-        decoder = p.client_decoder()
-        try:
-            while data := await reader.read(65536):
-                for msg in decoder.feed(data):
-                    if isinstance(msg, p.StatusRequest):
-                        self.requests += 1
-                        writer.write(p.encode_frame(p.StatusReply(self.document)))
-        finally:
-            writer.close()
-
-
 @contextlib.asynccontextmanager
-async def scripted_peer(workdir: Path, document: dict[str, Any]) -> AsyncIterator[ScriptedPeer]:
-    peer = ScriptedPeer(str(workdir / "other.sock"), document)
-    server = await asyncio.start_unix_server(peer.serve, peer.path)
+async def other_daemon(workdir: Path, document: dict[str, Any]) -> AsyncIterator[list[int]]:
+    """A scripted daemon on a real Unix socket: Hello, then every status request is answered with
+    ``document``. Yields the count of status requests it answered (one item)."""
+    answered = [0]
+
+    async def script(conn: FakeConnection) -> None:
+        await conn.handshake([])
+        while True:
+            await conn.expect(p.StatusRequest)
+            conn.send(p.StatusReply(document))
+            answered[0] += 1
+
+    daemon = await FakeDaemon(str(workdir / "other.sock"), script).start()
     try:
-        yield peer
+        yield answered
     finally:
-        server.close()
-        await server.wait_closed()
+        await daemon.close()
 
 
 def _renamed_key() -> dict[str, Any]:
@@ -346,9 +334,9 @@ OTHER_SHAPES = {
 async def test_pgbusctl_status_says_it_cannot_read_another_shape_and_exits_3(
     workdir: Path, shape: str
 ) -> None:
-    async with scripted_peer(workdir, OTHER_SHAPES[shape]) as peer:
-        code, out, err = await run_ctl(peer.path, "status")
-        assert peer.requests == 1
+    async with other_daemon(workdir, OTHER_SHAPES[shape]) as answered:
+        code, out, err = await run_ctl(str(workdir / "other.sock"), "status")
+    assert answered == [1]
     assert code == 3, "unreachable or incompatible; 1 would claim PostgreSQL is down"
     assert out == ""
     assert "Traceback" not in err
@@ -362,8 +350,9 @@ async def test_pgbusctl_status_says_it_cannot_read_another_shape_and_exits_3(
 async def test_pgbusctl_metrics_reports_up_0_for_another_shape_and_exits_3(
     workdir: Path, shape: str
 ) -> None:
-    async with scripted_peer(workdir, OTHER_SHAPES[shape]) as peer:
-        code, out, err = await run_ctl(peer.path, "metrics")
+    async with other_daemon(workdir, OTHER_SHAPES[shape]) as answered:
+        code, out, err = await run_ctl(str(workdir / "other.sock"), "metrics")
+    assert answered == [1]
     assert code == 3
     families = {f.name: [s.value for s in f.samples] for f in text_string_to_metric_families(out)}
     assert families == {"pgbusd_up": [0.0]}

@@ -2,7 +2,9 @@
 
 - ``status``: the daemon's state as a table (``--json`` for machines). Exit codes: 0 the daemon is
   up and listening on PostgreSQL, 1 the daemon is up but PostgreSQL is not connected, 3 the daemon
-  cannot be reached. So ``pgbusctl status`` doubles as a health check.
+  cannot be reached, or answers with a status document this pgbusctl cannot read (another
+  version). So ``pgbusctl status`` doubles as a health check, and never reports an unreadable
+  answer as a PostgreSQL outage.
 - ``listen CHANNEL...``: like psql's LISTEN, but through the daemon: one line per notification and
   one per generation change, until Ctrl-C (exit 0).
 - ``metrics``: the status in the Prometheus text format (see :mod:`pgbusd.metrics`).
@@ -25,18 +27,43 @@ from typing import Any
 import click
 
 import pgbus
+import pgbusd
 from pgbus import protocol as p
 from pgbusd import metrics as prom
+from pgbusd.status import ClientStatus, IncompatibleStatusError, Omitted, Status, parse
 
 EXIT_OK = 0
 EXIT_PG_DOWN = 1
 EXIT_USAGE = 2
+#: The daemon cannot be reached, or its answer cannot be read (another version of the daemon).
 EXIT_UNREACHABLE = 3
 
 
+class _NoStatus(Exception):
+    """No usable status: the daemon is unreachable or answered in another shape (the message)."""
+
+
 async def fetch_status(path: str, timeout: float) -> dict[str, Any]:
+    """The daemon's status document, as it came."""
     async with pgbus.connect(path, name="pgbusctl", attach_timeout=timeout) as bus:
         return await asyncio.wait_for(bus.status(), timeout)
+
+
+def _ask(path: str, timeout: float) -> tuple[dict[str, Any], Status]:
+    """The document as it came and as a :class:`Status`; :class:`_NoStatus` saying why not."""
+    try:
+        doc = asyncio.run(fetch_status(path, timeout))
+    except (pgbus.PgbusError, OSError, TimeoutError) as exc:
+        raise _NoStatus(f"pgbusd is unreachable at {path}: {exc}") from exc
+    try:
+        return doc, parse(doc)
+    except IncompatibleStatusError as exc:
+        version = doc.get("version")
+        theirs = f"pgbusd {version}" if isinstance(version, str) else "a daemon of another version"
+        raise _NoStatus(
+            f"{theirs} at {path} sent a status document that pgbusctl {pgbusd.__version__} "
+            f"cannot read ({exc}); use the pgbusctl of the daemon's version"
+        ) from exc
 
 
 def _unreachable(path: str, exc: BaseException) -> None:
@@ -92,86 +119,112 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[s
     return [line(headers), *(line(r) for r in rows)]
 
 
-#: Labels of the known totals, in display order; counters added later show under their own name.
-_TOTALS = {
-    "clients": "clients",
-    "notifications_received": "received",
-    "notifications_sent": "sent",
-    "reconnects": "reconnects",
-    "clients_cut_slow": "cut slow",
-    "clients_refused": "refused",
-    "frames_rejected": "frames rejected",
-}
+def _subscriptions(client: ClientStatus) -> str:
+    if client.subscribed and not client.subscriptions:  # left out of a large document
+        return f"({client.subscribed} channels)"
+    return ",".join(_printable(s) for s in client.subscriptions) or "-"
 
 
-def render(status: dict[str, Any]) -> str:
-    """The status document as a human-readable report."""
-    pg = status["postgres"]
-    totals = status["totals"]
-    now = status["started_at"] + status["uptime"]  # the daemon's clock when it answered
-    lines = [
-        f"pgbusd {status['version']}  daemon {status['daemon_id']}  pid {status['pid']}  "
-        f"up {_duration(status['uptime'])} (since {_when(status['started_at'])})",
-        f"socket      {status['socket']}",
+def _omitted(omitted: Omitted) -> str:
+    parts = [
+        f"{n} {what}"
+        for n, what in (
+            (omitted.subscriptions, "subscription names"),
+            (omitted.channels, "channels"),
+            (omitted.clients, "clients"),
+        )
+        if n
     ]
-    if status.get("metrics_address"):
-        lines.append(f"metrics     http://{status['metrics_address']}/metrics")
-    if pg["connected"]:
+    return (
+        f"omitted     {', '.join(parts)}: the status reply is limited to "
+        f"{p.MAX_SERVER_FRAME >> 20} MiB (counts and totals are complete)"
+    )
+
+
+def render(status: Status) -> str:
+    """The status document as a human-readable report."""
+    pg = status.postgres
+    totals = status.totals
+    now = status.started_at + status.uptime  # the daemon's clock when it answered
+    lines = [
+        f"pgbusd {status.version}  daemon {status.daemon_id}  pid {status.pid}  "
+        f"up {_duration(status.uptime)} (since {_when(status.started_at)})",
+        f"socket      {status.socket}",
+    ]
+    if status.metrics_address:
+        lines.append(f"metrics     http://{status.metrics_address}/metrics")
+    if pg.connected:
         lines.append(
-            f"postgres    connected to {pg['server'] or '-'}, backend pid "
-            f"{pg['backend_pid'] or '-'}, since {_relative(pg['connected_since'], now)}"
+            f"postgres    connected to {pg.server or '-'}, backend pid "
+            f"{pg.backend_pid or '-'}, since {_relative(pg.connected_since, now)}"
         )
     else:
-        retry = pg["next_retry_at"] if pg["state"] == "connecting" else None
+        retry = pg.next_retry_at if pg.state == "connecting" else None
         lines.append(
-            f"postgres    {pg['state'].upper()}"
+            f"postgres    {pg.state.upper()}"
             + (f", next retry {_relative(retry, now)}" if retry else "")
         )
-    if pg["last_error"]:
-        lines.append(f"last error  {_relative(pg['last_error_at'], now)}: {pg['last_error']}")
+    if pg.last_error:
+        lines.append(f"last error  {_relative(pg.last_error_at, now)}: {pg.last_error}")
     lines += [
-        f"generation  {status['generation']}  (reconnects {totals['reconnects']})",
-        f"health      last ok {_relative(pg['last_health_ok'], now)}",
+        f"generation  {status.generation}  (reconnects {totals.reconnects})",
+        f"health      last ok {_relative(pg.last_health_ok, now)}",
         "queue usage "
-        + ("-" if pg["queue_usage"] is None else f"{pg['queue_usage']:.4f}")
+        + ("-" if pg.queue_usage is None else f"{pg.queue_usage:.4f}")
         + "  (pg_notification_queue_usage() at the last health check)",
-        "",
     ]
-    channels = status["channels"]
+    if pg.relay_errors:
+        lines.append(f"relay errors {pg.relay_errors}  (contained; see the daemon's log)")
+    if status.omitted:
+        lines.append(_omitted(status.omitted))
+    lines.append("")
+    channels = status.channels
     lines += _table(
         ["CHANNEL", "SUBSCRIBERS", "RECEIVED", "LAST RECEIVED"],
         [
             [
                 _printable(name),
-                str(ch["subscribers"]),
-                str(ch["received"]),
-                _relative(ch["last_received"], now),
+                str(ch.subscribers),
+                str(ch.received),
+                _relative(ch.last_received, now),
             ]
             for name, ch in channels.items()
         ],
         right={1, 2},
     )
-    if not channels:
+    if not status.channel_count:
         lines.append("(no channels registered)")
+    elif status.omitted.channels:
+        lines.append(f"(and {status.omitted.channels} more channels)")
     lines.append("")
     lines += _table(
         ["CLIENT PID", "UID", "NAME", "WAITING", "NOTIFIED", "SUBSCRIPTIONS"],
         [
             [
-                str(c["pid"]),
-                str(c["uid"]),
-                _printable(c["name"]) or "-",
-                str(c["bytes_waiting"]),
-                str(c["notifications_sent"]),
-                ",".join(_printable(s) for s in c["subscriptions"]) or "-",
+                str(c.pid),
+                str(c.uid),
+                _printable(c.name) or "-",
+                str(c.bytes_waiting),
+                str(c.notifications_sent),
+                _subscriptions(c),
             ]
-            for c in status["clients"]
+            for c in status.clients
         ],
         right={0, 1, 3, 4},
     )
+    if status.omitted.clients:
+        lines.append(f"(and {status.omitted.clients} more clients, with fewer bytes waiting)")
     lines.append("")
-    shown = [(_TOTALS[k], totals[k]) for k in _TOTALS if k in totals]
-    shown += [(k.replace("_", " "), v) for k, v in totals.items() if k not in _TOTALS]
+    shown = [
+        ("clients", totals.clients),
+        ("received", totals.notifications_received),
+        ("sent", totals.notifications_sent),
+        ("reconnects", totals.reconnects),
+        ("cut slow", totals.clients_cut_slow),
+        ("refused", totals.clients_refused),
+        ("frames rejected", totals.frames_rejected),
+        ("status requests", totals.status_requests),
+    ]
     lines.append("totals      " + "  ".join(f"{label} {value}" for label, value in shown))
     return "\n".join(lines)
 
@@ -384,15 +437,16 @@ def status(obj: dict[str, Any], as_json: bool) -> None:
     """Show the daemon's state.
 
     Exit status: 0 PostgreSQL is connected, 1 the daemon is up but PostgreSQL is not connected,
-    3 the daemon is unreachable.
+    3 the daemon is unreachable or sent a status document of another version's shape.
     """
     try:
-        doc = asyncio.run(fetch_status(obj["socket"], obj["timeout"]))
-    except (pgbus.PgbusError, OSError, TimeoutError) as exc:
-        _unreachable(obj["socket"], exc)
+        doc, parsed = _ask(obj["socket"], obj["timeout"])
+    except _NoStatus as exc:
+        click.echo(f"pgbusctl: {exc}", err=True)
         sys.exit(EXIT_UNREACHABLE)
-    click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else render(doc))
-    if not doc["postgres"]["connected"]:
+    # --json prints the document as the daemon sent it (a newer daemon's extra fields included).
+    click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else render(parsed))
+    if not parsed.postgres.connected:
         sys.exit(EXIT_PG_DOWN)
 
 
@@ -438,13 +492,14 @@ def listen_command(obj: dict[str, Any], channels: tuple[str, ...], as_json: bool
 def metrics(obj: dict[str, Any], output: str | None) -> None:
     """Print the daemon's counters in the Prometheus text format.
 
-    When the daemon is unreachable the output is just pgbusd_up 0 and the exit status 3.
+    When the daemon is unreachable, or sends a status document of another version's shape, the
+    output is just pgbusd_up 0 and the exit status 3.
     """
     code = EXIT_OK
     try:
-        text = prom.render(asyncio.run(fetch_status(obj["socket"], obj["timeout"])))
-    except (pgbus.PgbusError, OSError, TimeoutError) as exc:
-        _unreachable(obj["socket"], exc)
+        text = prom.render(_ask(obj["socket"], obj["timeout"])[1])
+    except _NoStatus as exc:
+        click.echo(f"pgbusctl: {exc}", err=True)
         text, code = prom.render_unreachable(), EXIT_UNREACHABLE
     if output is None:
         click.echo(text, nl=False)

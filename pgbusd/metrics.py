@@ -1,8 +1,10 @@
 """Prometheus metrics: one renderer of the status document, and a tiny HTTP responder for it.
 
 ``pgbusctl metrics`` (for node_exporter's textfile collector) and the daemon's optional
-``--metrics-address`` endpoint both render :meth:`pgbusd.server.Server.status` with
-:func:`render`, so the two can never disagree with each other or with ``pgbusctl status``.
+``--metrics-address`` endpoint both render a :class:`pgbusd.status.Status` with :func:`render`,
+so the two can never disagree with each other or with ``pgbusctl status``. The endpoint renders
+the whole document; ``pgbusctl metrics`` renders what fits in one status reply (1 MiB), and
+``pgbusd_status_omitted`` says how many channel and client entries that left out.
 
 The output is the Prometheus text exposition format 0.0.4: a ``# HELP`` and a ``# TYPE`` line per
 family, label values escaped (backslash, double quote, newline), counters named ``*_total``.
@@ -20,6 +22,8 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
+
+from pgbusd.status import Status
 
 #: The content type of the text exposition format.
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -96,12 +100,30 @@ FAMILIES: Final[tuple[tuple[str, str, str], ...]] = (
     (
         "pgbusd_clients_refused_total",
         "counter",
-        "Connections refused because max_clients were attached.",
+        "Connections refused: max_clients were attached, or the peer may not attach.",
     ),
     (
         "pgbusd_frames_rejected_total",
         "counter",
         "Client connections closed for a malformed, oversized or late frame.",
+    ),
+    (
+        "pgbusd_relay_errors_total",
+        "counter",
+        "Notifications whose relaying raised an exception (a daemon bug): each is logged and the "
+        "generation steps, so subscribers resync.",
+    ),
+    ("pgbusd_status_requests_total", "counter", "Status requests the daemon answered."),
+    (
+        "pgbusd_status_documents_total",
+        "counter",
+        "Status documents the daemon built to answer them (one answers every request waiting).",
+    ),
+    (
+        "pgbusd_status_omitted",
+        "gauge",
+        "Entries left out of the status document these metrics were rendered from, to keep it "
+        "under the 1 MiB frame limit (their series are missing; totals are complete).",
     ),
 )
 
@@ -133,48 +155,52 @@ def format_value(value: float | int | bool) -> str:
     return repr(float(value))
 
 
-def _samples(status: Mapping[str, Any]) -> Iterator[Sample]:
-    pg = status["postgres"]
-    totals = status["totals"]
-    channels: Mapping[str, Mapping[str, Any]] = status["channels"]
+def _samples(status: Status) -> Iterator[Sample]:
+    pg = status.postgres
+    totals = status.totals
+    channels = status.channels
     yield "pgbusd_up", {}, 1
     yield (
         "pgbusd_info",
         {
-            "version": str(status["version"]),
-            "protocol": str(status["protocol"]),
-            "daemon_id": str(status["daemon_id"]),
+            "version": status.version,
+            "protocol": str(status.protocol),
+            "daemon_id": status.daemon_id,
         },
         1,
     )
-    yield "pgbusd_start_time_seconds", {}, status["started_at"]
-    yield "pgbusd_uptime_seconds", {}, status["uptime"]
-    yield "pgbusd_postgres_connected", {}, bool(pg["connected"])
-    yield "pgbusd_generation", {}, status["generation"]
-    yield "pgbusd_reconnects_total", {}, totals["reconnects"]
-    yield "pgbusd_last_health_check_timestamp_seconds", {}, pg["last_health_ok"]
-    yield "pgbusd_notification_queue_usage", {}, pg["queue_usage"]
-    yield "pgbusd_clients", {}, totals["clients"]
-    yield (
-        "pgbusd_clients_bytes_waiting",
-        {},
-        sum(int(c["bytes_waiting"]) for c in status["clients"]),
-    )
-    yield "pgbusd_channels", {}, len(channels)
+    yield "pgbusd_start_time_seconds", {}, status.started_at
+    yield "pgbusd_uptime_seconds", {}, status.uptime
+    yield "pgbusd_postgres_connected", {}, pg.connected
+    yield "pgbusd_generation", {}, status.generation
+    yield "pgbusd_reconnects_total", {}, totals.reconnects
+    yield "pgbusd_last_health_check_timestamp_seconds", {}, pg.last_health_ok
+    yield "pgbusd_notification_queue_usage", {}, pg.queue_usage
+    yield "pgbusd_clients", {}, totals.clients
+    waiting = totals.bytes_waiting
+    if waiting is None:  # an older daemon, which always listed every client
+        waiting = sum(c.bytes_waiting for c in status.clients)
+    yield "pgbusd_clients_bytes_waiting", {}, waiting
+    yield "pgbusd_channels", {}, status.channel_count
     for name, ch in channels.items():
-        yield "pgbusd_notifications_received_total", {"channel": name}, ch["received"]
+        yield "pgbusd_notifications_received_total", {"channel": name}, ch.received
     for name, ch in channels.items():
-        yield "pgbusd_channel_subscribers", {"channel": name}, ch["subscribers"]
+        yield "pgbusd_channel_subscribers", {"channel": name}, ch.subscribers
     for name, ch in channels.items():
         yield (
             "pgbusd_channel_last_received_timestamp_seconds",
             {"channel": name},
-            ch["last_received"],
+            ch.last_received,
         )
-    yield "pgbusd_notifications_sent_total", {}, totals["notifications_sent"]
-    yield "pgbusd_clients_cut_slow_total", {}, totals.get("clients_cut_slow", 0)
-    yield "pgbusd_clients_refused_total", {}, totals.get("clients_refused", 0)
-    yield "pgbusd_frames_rejected_total", {}, totals.get("frames_rejected", 0)
+    yield "pgbusd_notifications_sent_total", {}, totals.notifications_sent
+    yield "pgbusd_clients_cut_slow_total", {}, totals.clients_cut_slow
+    yield "pgbusd_clients_refused_total", {}, totals.clients_refused
+    yield "pgbusd_frames_rejected_total", {}, totals.frames_rejected
+    yield "pgbusd_relay_errors_total", {}, pg.relay_errors
+    yield "pgbusd_status_requests_total", {}, totals.status_requests
+    yield "pgbusd_status_documents_total", {}, totals.status_documents
+    yield "pgbusd_status_omitted", {"part": "channels"}, status.omitted.channels
+    yield "pgbusd_status_omitted", {"part": "clients"}, status.omitted.clients
 
 
 def _exposition(samples: Iterator[Sample]) -> str:
@@ -198,8 +224,8 @@ def _exposition(samples: Iterator[Sample]) -> str:
     return "\n".join(out) + "\n"
 
 
-def render(status: Mapping[str, Any]) -> str:
-    """The status document (see ``Server.status``) in the Prometheus text format."""
+def render(status: Status) -> str:
+    """The status document in the Prometheus text format."""
     return _exposition(_samples(status))
 
 
@@ -224,11 +250,11 @@ class MetricsServer:
     """Serves ``GET /metrics`` over HTTP/1.x, rendering ``status()`` on every request.
 
     Deliberately tiny (no keep-alive, no chunking, no TLS, no authentication): a scraper sends
-    one request per connection and the document is a few kilobytes. Rendering happens on the
-    event loop, like a ``pgbusctl status`` request, so it sees a consistent snapshot.
+    one request per connection. Rendering happens on the event loop, like a ``pgbusctl status``
+    request, so it sees a consistent snapshot; it is the whole document, not cut to a frame.
     """
 
-    def __init__(self, status: Callable[[], Mapping[str, Any]], host: str, port: int) -> None:
+    def __init__(self, status: Callable[[], Status], host: str, port: int) -> None:
         self._status = status
         self._host = host
         self._port = port

@@ -10,18 +10,20 @@ import secrets
 import signal
 import stat
 import time
-from collections import Counter
 from typing import Any
+
+import msgspec
 
 import pgbusd
 from pgbus import protocol as p
 from pgbusd import access, sdnotify
+from pgbusd import status as st
 from pgbusd.config import Config
 from pgbusd.hub import Hub
 from pgbusd.listener import FatalConfigError, Listener, Probes
 from pgbusd.log import get_logger
 from pgbusd.metrics import MetricsServer
-from pgbusd.session import Session
+from pgbusd.session import Session, SessionContext
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -43,8 +45,17 @@ class Server:
         self.listener = Listener(config, self.hub, probes)
         self.access = config.access_policy()
         self.started_at = time.time()
-        self.counters: Counter[str] = Counter(
-            clients_refused=0, frames_rejected=0, clients_cut_slow=0
+        self.counters = st.Counters()
+        self._status_desk = st.StatusDesk(self._status_reply, self.counters)
+        self._session_context = SessionContext(
+            daemon_id=self.daemon_id,
+            hub=self.hub,
+            access=self.access,
+            counters=self.counters,
+            status=self._status_desk,
+            write_budget=config.write_budget,
+            max_clients=config.max_clients,
+            handshake_timeout=config.handshake_timeout,
         )
         self.log: Any = get_logger(daemon_id=self.daemon_id)
         self._server: asyncio.AbstractServer | None = None
@@ -131,6 +142,7 @@ class Server:
             await asyncio.sleep(0.01)
         for session in list(self.hub.sessions):
             session.abort()
+        self._status_desk.close()
         await self.listener.stop()
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -140,13 +152,16 @@ class Server:
 
     # -- the socket --------------------------------------------------------------------------
 
+    def _new_session(self) -> Session:
+        return Session(self._session_context)
+
     async def _bind(self) -> None:
         inherited = sdnotify.inherited_socket()
         if inherited is not None:
             # Socket activation: the file belongs to the socket unit. No lock, no stale-socket
             # check, and _socket_inode stays None so that _unbind leaves the file alone.
             self._server = await asyncio.get_running_loop().create_unix_server(
-                lambda: Session(self), sock=inherited, backlog=self.config.max_clients
+                self._new_session, sock=inherited, backlog=self.config.max_clients
             )
             address = inherited.getsockname()
             self.log.info("serving the socket passed by systemd", socket=address)
@@ -183,7 +198,7 @@ class Server:
         old_umask = os.umask(0o777 & ~self.config.socket_mode)
         try:
             self._server = await asyncio.get_running_loop().create_unix_server(
-                lambda: Session(self), path, backlog=self.config.max_clients
+                self._new_session, path, backlog=self.config.max_clients
             )
         finally:
             os.umask(old_umask)
@@ -222,29 +237,44 @@ class Server:
         self.log.info("serving metrics", url=f"http://{metrics.address}/metrics")
         return True
 
-    def status(self) -> dict[str, Any]:
-        """The document ``pgbusctl status`` shows (JSON-compatible; no secrets)."""
+    def status(self) -> st.Status:
+        """The whole status document (no secrets): what /metrics renders, and what a status
+        request gets once :func:`pgbusd.status.fit` has cut it to the frame limit."""
+        self.hub.seal_all()  # so that the counters include what this loop turn received
         now = time.time()
-        sessions = list(self.hub.sessions)
-        return {
-            "daemon_id": self.daemon_id,
-            "pid": os.getpid(),
-            "version": pgbusd.__version__,
-            "protocol": p.PROTOCOL_VERSION,
-            "started_at": self.started_at,
-            "uptime": now - self.started_at,
-            "socket": self.config.socket,
-            "metrics_address": self._metrics.address if self._metrics is not None else None,
-            "generation": self.listener.generation,
-            "postgres": self.listener.summary(),
-            "channels": {name: st.summary() for name, st in self.hub.channels.items()},
-            "clients": [s.summary() for s in sessions],
-            "totals": {
-                "clients": len(sessions),
-                "notifications_received": self.hub.received,
-                "notifications_sent": self.hub.sent,
-                "reconnects": self.listener.reconnects,
-                **self.counters,
+        clients = [session.summary() for session in self.hub.sessions]
+        counters = self.counters
+        return st.Status(
+            daemon_id=self.daemon_id,
+            pid=os.getpid(),
+            version=pgbusd.__version__,
+            protocol=p.PROTOCOL_VERSION,
+            started_at=self.started_at,
+            uptime=now - self.started_at,
+            socket=self.config.socket,
+            metrics_address=self._metrics.address if self._metrics is not None else None,
+            generation=self.listener.generation,
+            postgres=msgspec.convert(self.listener.summary(), st.PostgresStatus),
+            channels={
+                name: msgspec.convert(state.summary(), st.ChannelStatus)
+                for name, state in self.hub.channels.items()
             },
-            "dsn": self.config.redacted_dsn(),
-        }
+            clients=clients,
+            totals=st.Totals(
+                clients=len(clients),
+                notifications_received=self.hub.received,
+                notifications_sent=self.hub.sent,
+                reconnects=self.listener.reconnects,
+                clients_refused=counters.clients_refused,
+                frames_rejected=counters.frames_rejected,
+                clients_cut_slow=counters.clients_cut_slow,
+                bytes_waiting=sum(c.bytes_waiting for c in clients),
+                status_requests=counters.status_requests,
+                status_documents=counters.status_documents,
+            ),
+            dsn=self.config.redacted_dsn(),
+        )
+
+    def _status_reply(self) -> bytes:
+        """The StatusReply frame the desk sends: the document, cut to the frame limit."""
+        return st.reply_frame(st.fit(self.status()))

@@ -6,15 +6,37 @@ import asyncio
 import contextlib
 import socket
 import time
-from typing import TYPE_CHECKING, Any, cast
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from pgbus import protocol as p
 from pgbus.errors import ProtocolError
-from pgbusd.access import UNKNOWN_PEER, peer_of
+from pgbusd.access import UNKNOWN_PEER, AccessPolicy, peer_of
 from pgbusd.log import get_logger
+from pgbusd.status import MAX_RUN, ClientStatus, Counters, StatusDesk
 
 if TYPE_CHECKING:
-    from pgbusd.server import Server
+    from pgbusd.hub import Hub
+
+#: Messages of one client read but not handled yet (they wait behind a status request) past which
+#: the daemon stops reading from that client until it has caught up.
+MAX_INBOX: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    """Everything a session uses from the daemon around it: settings, the policy, the shared hub,
+    counters and status desk. The server builds one and hands it to every session."""
+
+    daemon_id: str
+    hub: Hub
+    access: AccessPolicy
+    counters: Counters
+    status: StatusDesk
+    write_budget: int
+    max_clients: int
+    handshake_timeout: float
 
 
 class Session(asyncio.Protocol):
@@ -23,13 +45,22 @@ class Session(asyncio.Protocol):
     Outbound bytes are bounded: what the transport still buffers may not exceed the write budget.
     A client past it is cut (it re-attaches and its generation moves on), so a client that stops
     reading costs the daemon a bounded amount of memory and nobody else any time.
+
+    Requests are handled in the order they arrive, and answered in that order: a status request
+    waits for the :class:`~pgbusd.status.StatusDesk` to build the next document, and whatever the
+    client sent after it waits too (reading stops once :data:`MAX_INBOX` messages wait).
     """
 
-    def __init__(self, server: Server) -> None:
-        self._server = server
-        self._hub = server.hub
-        self._budget = server.config.write_budget
+    def __init__(self, context: SessionContext) -> None:
+        self._ctx = context
+        self._hub = context.hub
+        self._budget = context.write_budget
         self._decoder = p.client_decoder()
+        self._inbox: deque[p.ClientMessage] = deque()
+        self._status_waiting = False
+        self._reading_paused = False
+        #: The client has sent all it will (half-closed) while requests still wait for answers.
+        self._eof = False
         self.transport: asyncio.Transport | None = None
         self.subscriptions: dict[str, None] = {}
         self.attached = False
@@ -48,19 +79,19 @@ class Session(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.peer = peer = peer_of(transport.get_extra_info("socket"))
         self.log = get_logger(client_pid=peer.pid, client_uid=peer.uid, client_gid=peer.gid)
-        server = self._server
-        refusal = server.access.refuse_attach(peer)
+        ctx = self._ctx
+        refusal = ctx.access.refuse_attach(peer)
         if refusal is not None:
-            server.counters["clients_refused"] += 1
+            ctx.counters.clients_refused += 1
             self.log.warning("client refused", reason=refusal)
             self.fail(p.E_FORBIDDEN, refusal)
             return
-        if len(self._hub.sessions) >= server.config.max_clients:
-            server.counters["clients_refused"] += 1
+        if len(self._hub.sessions) >= ctx.max_clients:
+            ctx.counters.clients_refused += 1
             self.log.warning("client refused", reason="too many clients")
             self.fail(
                 p.E_TOO_MANY_CLIENTS,
-                f"the daemon serves at most {server.config.max_clients} clients",
+                f"the daemon serves at most {ctx.max_clients} clients",
             )
             return
         self._hub.add(self)
@@ -72,13 +103,11 @@ class Session(asyncio.Protocol):
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(4 << 20, self._budget // 2))
         loop = asyncio.get_running_loop()
-        self._handshake_timer = loop.call_later(
-            server.config.handshake_timeout, self._handshake_expired
-        )
+        self._handshake_timer = loop.call_later(ctx.handshake_timeout, self._handshake_expired)
         self._write_now(
             p.Hello(
                 p.PROTOCOL_VERSION,
-                server.daemon_id,
+                ctx.daemon_id,
                 self._hub.generation,
                 list(self._hub.channels),
                 p.MAX_CLIENT_FRAME,
@@ -89,32 +118,90 @@ class Session(asyncio.Protocol):
         if self.closing:
             return
         try:
-            for msg in self._decoder.feed(data):
-                self._handle(msg)
-                if self.closing:
-                    return
+            self._inbox.extend(self._decoder.feed(data))
         except ProtocolError as exc:
-            self._server.counters["frames_rejected"] += 1
-            self.fail(exc.code, str(exc))
+            self._rejected(exc)
+            return
+        self._work()
 
     def eof_received(self) -> bool | None:
         if self._decoder.buffered and not self.closing:
-            self._server.counters["frames_rejected"] += 1
+            self._ctx.counters.frames_rejected += 1
             self.log.warning(
                 "client closed",
                 code=p.E_PROTOCOL,
                 reason=f"truncated frame ({self._decoder.buffered} bytes)",
             )
+            return False
+        if self._status_waiting and not self.closing:
+            self._eof = True  # answer what it asked for, then close (see _work)
+            return True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._cancel_timers()
+        self._ctx.status.discard(self)
+        self._inbox.clear()
         self._hub.remove(self)
         if self.attached:
             self.log.info("client detached", subscriptions=len(self.subscriptions))
 
     # -- requests ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        """Handle what the client sent, in order, until a status request has to wait its turn."""
+        inbox = self._inbox
+        try:
+            while inbox and not self._status_waiting and not self.closing:
+                msg = inbox.popleft()
+                if type(msg) is p.StatusRequest and self.attached:
+                    self._status_waiting = True
+                    self._ctx.status.request(self)
+                else:
+                    self._handle(msg)
+        except ProtocolError as exc:
+            self._rejected(exc)
+            return
+        if self._eof and not self._status_waiting and not inbox:
+            self.close()
+            return
+        self._pace_reading()
+
+    def _pace_reading(self) -> None:
+        """Stop reading while more than MAX_INBOX messages wait; the kernel holds the rest."""
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        if len(self._inbox) > MAX_INBOX:
+            if not self._reading_paused:
+                transport.pause_reading()
+                self._reading_paused = True
+        elif self._reading_paused:
+            transport.resume_reading()
+            self._reading_paused = False
+
+    def answer_status(self, frame: bytes) -> int:
+        """The desk built a document (``frame``, a StatusReply): answer the waiting request and
+        the status requests right behind it (up to MAX_RUN in all), then go on with the rest."""
+        self._status_waiting = False
+        if self.closing:
+            return 0
+        self.send_frame(frame)
+        answered = 1
+        inbox = self._inbox
+        while answered < MAX_RUN and inbox and type(inbox[0]) is p.StatusRequest:
+            if self.closing:
+                break
+            inbox.popleft()
+            self.send_frame(frame)
+            answered += 1
+        self._work()
+        return answered
+
+    def _rejected(self, exc: ProtocolError) -> None:
+        self._ctx.counters.frames_rejected += 1
+        self.fail(exc.code, str(exc))
 
     def _handle(self, msg: p.ClientMessage) -> None:
         if not self.attached:
@@ -134,7 +221,7 @@ class Session(asyncio.Protocol):
             self.log.info("client attached", claimed_pid=msg.pid)
             return
         if isinstance(msg, p.Subscribe):
-            refusal = self._server.access.refuse_subscribe(self.peer, msg.channel)
+            refusal = self._ctx.access.refuse_subscribe(self.peer, msg.channel)
             if refusal is not None:
                 self.log.warning("subscribe refused", channel=msg.channel, reason=refusal)
                 self.send(p.Error(p.E_FORBIDDEN, refusal, msg.channel))
@@ -152,15 +239,12 @@ class Session(asyncio.Protocol):
             self._hub.unsubscribe(self, msg.channel)
             self.subscriptions.pop(msg.channel, None)
             self.send(p.Unsubscribed(msg.channel))
-        elif isinstance(msg, p.StatusRequest):
-            self._hub.seal_all()  # so that the counters include what this turn received
-            self.send(p.StatusReply(self._server.status()))
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} after attach")
 
     def _handshake_expired(self) -> None:
         if not self.attached and not self.closing:
-            self._server.counters["frames_rejected"] += 1
+            self._ctx.counters.frames_rejected += 1
             self.fail(p.E_HANDSHAKE, "no attach within the handshake timeout")
 
     # -- writing ---------------------------------------------------------------------------------
@@ -197,8 +281,7 @@ class Session(asyncio.Protocol):
             self.transport.write(p.encode_frame(*messages))
 
     def _cut_slow(self) -> None:
-        server = self._server
-        server.counters["clients_cut_slow"] += 1
+        self._ctx.counters.clients_cut_slow += 1
         self.log.warning(
             "client cut",
             reason="slow consumer",
@@ -235,7 +318,7 @@ class Session(asyncio.Protocol):
         self._cancel_timers()
         if self.transport is not None:
             self.transport.close()
-            linger = self._server.config.handshake_timeout
+            linger = self._ctx.handshake_timeout
             asyncio.get_running_loop().call_later(linger, self.transport.abort)
 
     def abort(self) -> None:
@@ -252,16 +335,17 @@ class Session(asyncio.Protocol):
     def write_buffer_size(self) -> int:
         return self.transport.get_write_buffer_size() if self.transport else 0
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "pid": self.peer.pid,
-            "uid": self.peer.uid,
-            "gid": self.peer.gid,
-            "name": self.name,
-            "attached": self.attached,
-            "subscriptions": list(self.subscriptions),
-            "bytes_waiting": self.write_buffer_size(),
-            "messages_sent": self.sent,
-            "notifications_sent": self.notifications_sent,
-            "connected_at": self.connected_at,
-        }
+    def summary(self) -> ClientStatus:
+        return ClientStatus(
+            pid=self.peer.pid,
+            uid=self.peer.uid,
+            gid=self.peer.gid,
+            name=self.name,
+            attached=self.attached,
+            subscriptions=list(self.subscriptions),
+            bytes_waiting=self.write_buffer_size(),
+            messages_sent=self.sent,
+            notifications_sent=self.notifications_sent,
+            connected_at=self.connected_at,
+            subscription_count=len(self.subscriptions),
+        )

@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 
 import pgbus
+from pgbusd.status import ClientStatus, Status, parse
 
 DSN = os.environ.get("PGBUSD_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 #: Short intervals so fault tests finish quickly; each test may override.
@@ -72,9 +73,14 @@ def wait_until_sync(predicate: Callable[[], Any], timeout: float = 10.0, what: s
 STATUS_PROBE = "tests-status-probe"
 
 
-def clients_of(status: dict[str, Any]) -> list[dict[str, Any]]:
+def clients_of(status: Status) -> list[ClientStatus]:
     """The clients in a status document, without the probes of :meth:`Daemon.status`."""
-    return [c for c in status["clients"] if c["name"] != STATUS_PROBE]
+    return [c for c in status.clients if c.name != STATUS_PROBE]
+
+
+async def status_of(bus: pgbus.Bus) -> Status:
+    """``bus.status()``, read as the typed document."""
+    return parse(await bus.status())
 
 
 class Daemon:
@@ -126,7 +132,7 @@ class Daemon:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    async def status(self) -> dict[str, Any] | None:
+    async def status(self) -> Status | None:
         """The daemon's status, asked by a short-lived client named :data:`STATUS_PROBE`.
 
         The daemon may still list that client in a status taken soon after (it has not read the
@@ -134,7 +140,7 @@ class Daemon:
         """
         try:
             async with pgbus.connect(self.socket, attach_timeout=2, name=STATUS_PROBE) as bus:
-                return await asyncio.wait_for(bus.status(), 2)
+                return parse(await asyncio.wait_for(bus.status(), 2))
         except (pgbus.PgbusError, OSError, TimeoutError):
             return None
 
@@ -146,22 +152,20 @@ class Daemon:
             + (self.log() if self.log_path.exists() else ""),
         )
 
-    async def wait_generation(self, generation: int, timeout: float = 15.0) -> dict[str, Any]:
-        async def ready() -> dict[str, Any] | None:
+    async def wait_generation(self, generation: int, timeout: float = 15.0) -> Status:
+        async def ready() -> Status | None:
             assert self.alive(), f"daemon exited:\n{self.log()}"
             st = await self.status()
-            if st and st["postgres"]["connected"] and st["generation"] >= generation:
+            if st and st.postgres.connected and st.generation >= generation:
                 return st
             return None
 
-        result: dict[str, Any] = await wait_until(
-            ready, timeout, what=f"daemon generation {generation}"
-        )
+        result: Status = await wait_until(ready, timeout, what=f"daemon generation {generation}")
         return result
 
     async def backend_pid(self) -> int:
-        st = await self.wait_generation(1)
-        pid: int = st["postgres"]["backend_pid"]
+        pid = (await self.wait_generation(1)).postgres.backend_pid
+        assert pid is not None
         return pid
 
     def terminate(self, timeout: float = 10.0) -> int:
@@ -235,7 +239,8 @@ async def notify(conn: Any, channel: str, *payloads: str) -> None:
             await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
 
 
-async def terminate_backend(conn: Any, pid: int) -> None:
+async def terminate_backend(conn: Any, pid: int | None) -> None:
+    assert pid is not None, "no backend to terminate"
     assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
 
 

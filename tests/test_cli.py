@@ -12,10 +12,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import pgbus
 from pgbusd.config import MAX_SECONDS, Config, ConfigError, redact
+from pgbusd.status import Status
 from tests.conftest import (
     FAST,
     Daemon,
@@ -98,7 +100,7 @@ async def test_every_option_is_also_an_environment_variable(
     a, b = unique_channel("env_a"), unique_channel("env_b")
     d = daemon_factory([], env={"PGBUSD_CHANNEL": f"{a} {b}", "PGBUSD_HEALTH_INTERVAL": "0.7"})
     st = await d.wait_generation(1)
-    assert sorted(st["channels"]) == sorted([a, b])
+    assert sorted(st.channels) == sorted([a, b])
     async with attached(d) as bus:
         sub = await bus.subscribe(b)
         await notify(pg, b, "via-env")
@@ -121,7 +123,7 @@ async def test_password_never_appears_in_logs_or_status(daemon_factory: DaemonFa
     st = await wait_until(
         lambda: _status_with_error(d), what="the connect failure to show in status"
     )
-    text = json.dumps(st)
+    text = msgspec.json.encode(st).decode()
     assert secret not in text
     assert "postgres:***@127.0.0.1:1/test" in text
     log = d.log()
@@ -131,9 +133,9 @@ async def test_password_never_appears_in_logs_or_status(daemon_factory: DaemonFa
     assert secret not in d.log()
 
 
-async def _status_with_error(d: Daemon) -> dict[str, Any] | None:
+async def _status_with_error(d: Daemon) -> Status | None:
     st = await d.status()
-    return st if st and st["postgres"]["last_error"] else None
+    return st if st and st.postgres.last_error else None
 
 
 def test_redact_masks_uri_and_keyword_passwords() -> None:

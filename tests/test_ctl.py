@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from pgbus import protocol as p
+from pgbusd.status import parse
 from tests.conftest import (
     Daemon,
     DaemonFactory,
@@ -217,44 +218,45 @@ async def test_status_json_counts_match_the_traffic_sent(daemon: Daemon, pg: Any
         code, out, _ = await run_ctl(daemon.socket, "status", "--json")
         daemon_id = bus1.daemon_id
     assert code == 0
-    st = json.loads(out)
-    assert st["daemon_id"] == daemon_id
-    assert st["uptime"] > 0
-    assert st["generation"] == 1
-    pg_state = st["postgres"]
-    assert (pg_state["state"], pg_state["connected"]) == ("connected", True)
-    assert isinstance(pg_state["backend_pid"], int)
-    assert pg_state["last_health_ok"] is not None
-    assert 0 <= pg_state["queue_usage"] <= 1
-    assert st["channels"][a]["subscribers"] == 2
-    assert st["channels"][a]["received"] == 3
-    assert st["channels"][b]["subscribers"] == 1
-    assert st["channels"][b]["received"] == 2
-    assert st["channels"][a]["last_received"] is not None
-    totals = st["totals"]
-    assert totals["notifications_received"] == 5
-    assert totals["notifications_sent"] == 3 * 2 + 2
+    st = parse(json.loads(out))
+    assert st.daemon_id == daemon_id
+    assert st.uptime > 0
+    assert st.generation == 1
+    pg_state = st.postgres
+    assert (pg_state.state, pg_state.connected) == ("connected", True)
+    assert isinstance(pg_state.backend_pid, int)
+    assert pg_state.last_health_ok is not None
+    assert pg_state.queue_usage is not None
+    assert 0 <= pg_state.queue_usage <= 1
+    assert st.channels[a].subscribers == 2
+    assert st.channels[a].received == 3
+    assert st.channels[b].subscribers == 1
+    assert st.channels[b].received == 2
+    assert st.channels[a].last_received is not None
+    totals = st.totals
+    assert totals.notifications_received == 5
+    assert totals.notifications_sent == 3 * 2 + 2
     assert len(clients_of(st)) == 3, "two buses and pgbusctl itself"
-    assert totals["clients"] == len(st["clients"])
-    assert (totals["reconnects"], totals["clients_cut_slow"], totals["frames_rejected"]) == (
+    assert totals.clients == len(st.clients)
+    assert (totals.reconnects, totals.clients_cut_slow, totals.frames_rejected) == (
         0,
         0,
         0,
     )
     mine = sorted(
-        (c for c in st["clients"] if c["pid"] == os.getpid()), key=lambda c: len(c["subscriptions"])
+        (c for c in st.clients if c.pid == os.getpid()), key=lambda c: len(c.subscriptions)
     )
-    assert [sorted(c["subscriptions"]) for c in mine] == [[a], sorted([a, b])]
-    assert [c["messages_sent"] for c in mine] == [1 + 3, 2 + 5], "acks plus notifications"
-    assert [c["notifications_sent"] for c in mine] == [3, 5]
-    assert all(c["uid"] == os.getuid() and c["bytes_waiting"] == 0 for c in mine)
-    ctl = [c for c in st["clients"] if c["name"] == "pgbusctl"]
+    assert [sorted(c.subscriptions) for c in mine] == [[a], sorted([a, b])]
+    assert [c.messages_sent for c in mine] == [1 + 3, 2 + 5], "acks plus notifications"
+    assert [c.notifications_sent for c in mine] == [3, 5]
+    assert all(c.uid == os.getuid() and c.bytes_waiting == 0 for c in mine)
+    ctl = [c for c in st.clients if c.name == "pgbusctl"]
     assert len(ctl) == 1
 
 
 async def _health_checked(daemon: Daemon) -> bool:
     st = await daemon.status()
-    return bool(st and st["postgres"]["last_health_ok"] is not None)
+    return bool(st and st.postgres.last_health_ok is not None)
 
 
 async def test_status_counts_reconnects_and_shows_the_new_backend(daemon: Daemon, pg: Any) -> None:
@@ -262,11 +264,11 @@ async def test_status_counts_reconnects_and_shows_the_new_backend(daemon: Daemon
     await terminate_backend(pg, old)
     await daemon.wait_generation(2)
     code, out, _ = await run_ctl(daemon.socket, "status", "--json")
-    st = json.loads(out)
+    st = parse(json.loads(out))
     assert code == 0
-    assert (st["generation"], st["totals"]["reconnects"]) == (2, 1)
-    assert st["postgres"]["backend_pid"] not in (None, old)
-    assert "terminated" in st["postgres"]["last_error"]
+    assert (st.generation, st.totals.reconnects) == (2, 1)
+    assert st.postgres.backend_pid not in (None, old)
+    assert "terminated" in (st.postgres.last_error or "")
 
 
 async def test_status_counts_a_rejected_frame(daemon: Daemon) -> None:
@@ -276,13 +278,13 @@ async def test_status_counts_a_rejected_frame(daemon: Daemon) -> None:
 
     async def rejected() -> bool:
         st = await daemon.status()
-        return bool(st and st["totals"]["frames_rejected"] == 1)
+        return bool(st and st.totals.frames_rejected == 1)
 
     await wait_until(rejected, what="the oversized frame counted")
     writer.close()
     code, out, _ = await run_ctl(daemon.socket, "status", "--json")
     assert code == 0
-    assert json.loads(out)["totals"]["frames_rejected"] == 1
+    assert parse(json.loads(out)).totals.frames_rejected == 1
 
 
 async def test_status_counts_a_client_cut_for_being_slow(
@@ -301,7 +303,7 @@ async def test_status_counts_a_client_cut_for_being_slow(
 
         async def subscribed() -> bool:
             st = await d.status()
-            return bool(st and st["channels"][channel]["subscribers"] == 1)
+            return bool(st and st.channels[channel].subscribers == 1)
 
         await wait_until(subscribed, what="the slow client subscribed")
         # Far more than the kernel's socket buffers hold, so the daemon's own buffer passes 4 KiB.
@@ -312,16 +314,16 @@ async def test_status_counts_a_client_cut_for_being_slow(
 
         async def cut() -> bool:
             st = await d.status()
-            return bool(st and st["totals"]["clients_cut_slow"] == 1)
+            return bool(st and st.totals.clients_cut_slow == 1)
 
         await wait_until(cut, what="the slow client cut")
         code, out, _ = await run_ctl(d.socket, "status", "--json")
     finally:
         slow.close()
     assert code == 0
-    st = json.loads(out)
-    assert st["totals"]["clients_cut_slow"] == 1
-    assert [c["name"] for c in clients_of(st)] == ["pgbusctl"], "the slow client is gone"
+    st = parse(json.loads(out))
+    assert st.totals.clients_cut_slow == 1
+    assert [c.name for c in clients_of(st)] == ["pgbusctl"], "the slow client is gone"
 
 
 async def test_status_table_shows_postgres_channels_clients_and_totals(
@@ -370,16 +372,16 @@ async def test_status_exits_1_when_postgres_is_unreachable_and_says_why(
 
     async def failed_once() -> bool:
         st = await d.status()
-        return bool(st and st["postgres"]["last_error"])
+        return bool(st and st.postgres.last_error)
 
     await wait_until(failed_once, what="a failed connection attempt")
     code, out, _ = await run_ctl(d.socket, "status", "--json")
     assert code == 1
-    st = json.loads(out)
-    assert (st["postgres"]["state"], st["postgres"]["connected"]) == ("connecting", False)
-    assert st["generation"] == 0
-    assert "connect" in st["postgres"]["last_error"]
-    assert st["postgres"]["next_retry_at"] is not None
+    st = parse(json.loads(out))
+    assert (st.postgres.state, st.postgres.connected) == ("connecting", False)
+    assert st.generation == 0
+    assert "connect" in (st.postgres.last_error or "")
+    assert st.postgres.next_retry_at is not None
     code, out, _ = await run_ctl(d.socket, "status")
     assert code == 1
     assert "postgres    CONNECTING, next retry " in out

@@ -18,6 +18,7 @@ import asyncpg
 
 import pgbus
 from pgbus import protocol as p
+from pgbusd.status import Status
 from tests.cluster import PrivateCluster, free_port
 from tests.conftest import (
     DSN,
@@ -28,6 +29,7 @@ from tests.conftest import (
     clients_of,
     notify,
     rss_kib,
+    status_of,
     terminate_backend,
     unique_channel,
     wait_until,
@@ -36,10 +38,6 @@ from tests.proxy import TcpProxy
 
 #: The daemon may not grow by more than this while a test hammers it.
 RSS_GROWTH_BOUND_KIB = 32 * 1024
-
-
-async def _status(bus: pgbus.Bus) -> dict[str, Any]:
-    return await bus.status()
 
 
 async def _roundtrip(pg: Any, sub: pgbus.Subscription, channel: str, tag: str, n: int) -> None:
@@ -68,14 +66,14 @@ async def test_fifty_terminated_backends_step_the_generation_once_each_and_lose_
         sub = await bus.subscribe(channel)
         await _roundtrip(pg, sub, channel, "start", 20)
         for cycle in range(1, 51):
-            backend = (await bus.status())["postgres"]["backend_pid"]
+            backend = (await status_of(bus)).postgres.backend_pid
             await terminate_backend(pg, backend)
             assert await asyncio.wait_for(watch.changed(), 15) == 1 + cycle
             # Sent after the subscriber saw the tick: must arrive, in order, none missing.
             await _roundtrip(pg, sub, channel, f"cycle{cycle}", 20)
-        st = await bus.status()
-    assert st["generation"] == 51
-    assert st["totals"]["reconnects"] == 50
+        st = await status_of(bus)
+    assert st.generation == 51
+    assert st.totals.reconnects == 50
     assert daemon.alive()
     assert rss_kib(daemon.pid) - rss_before < RSS_GROWTH_BOUND_KIB
 
@@ -114,8 +112,8 @@ async def test_blackholed_link_is_detected_and_replaced_within_the_configured_bo
             proxy.blackhole()  # no FIN, no RST: bytes just vanish
             # Polling with a deadline of the bound (plus slack for a loaded machine).
             assert await asyncio.wait_for(watch.changed(), bound + 10) == 2
-            st = await bus.status()
-            assert "health check failed" in st["postgres"]["last_error"]
+            st = await status_of(bus)
+            assert "health check failed" in (st.postgres.last_error or "")
             async with connect_pg(proxy.dsn()) as pg:
                 await _roundtrip(pg, sub, channel, "after-blackhole", 10)
     assert '"postgres connection lost"' in d.log()
@@ -153,16 +151,16 @@ async def test_postgres_unreachable_at_start_then_reachable(
         sub = await bus.subscribe(d.channels[0])
         assert watch.borrow() == 0
 
-        async def failing_twice() -> dict[str, Any] | None:
-            st = await bus.status()
-            pg = st["postgres"]
-            return st if pg["last_error"] and pg["next_retry_at"] else None
+        async def failing_twice() -> Status | None:
+            st = await status_of(bus)
+            pg = st.postgres
+            return st if pg.last_error and pg.next_retry_at else None
 
         st = await wait_until(failing_twice, what="connect failures in status")
-        assert st["postgres"]["state"] == "connecting"
-        assert "connect" in st["postgres"]["last_error"]
+        assert st.postgres.state == "connecting"
+        assert "connect" in st.postgres.last_error
         # Retries are never scheduled further out than the cap.
-        assert st["postgres"]["next_retry_at"] - st["postgres"]["last_error_at"] <= 0.5
+        assert st.postgres.next_retry_at - st.postgres.last_error_at <= 0.5
         async with TcpProxy(listen_port=port) as proxy:
             assert await asyncio.wait_for(watch.changed(), 15) == 1
             async with connect_pg(proxy.dsn()) as pg:
@@ -179,14 +177,14 @@ async def test_hot_standby_is_reported_loudly_and_retried_until_promoted(
         d = daemon_factory(dsn=standby.dsn)
         await d.wait_serving()
 
-        async def refused() -> dict[str, Any] | None:
+        async def refused() -> Status | None:
             st = await d.status()
-            err = (st or {}).get("postgres", {}).get("last_error") or ""
+            err = (st.postgres.last_error if st else None) or ""
             return st if "recovery" in err else None
 
         st = await wait_until(refused, what="LISTEN refused during recovery")
-        assert st["postgres"]["connected"] is False
-        assert st["generation"] == 0
+        assert st.postgres.connected is False
+        assert st.generation == 0
         assert '"level": "error"' in d.log()
         await asyncio.to_thread(standby.promote)
         await d.wait_generation(1)
@@ -205,16 +203,16 @@ async def test_multi_host_dsn_follows_failover_to_the_new_primary(
                "?target_session_attrs=read-write")  # fmt: skip
         d = daemon_factory(dsn=dsn)
         st = await d.wait_generation(1)
-        assert st["postgres"]["server"] == "127.0.0.1:5432", "the read-write host is chosen"
+        assert st.postgres.server == "127.0.0.1:5432", "the read-write host is chosen"
         channel = d.channels[0]
         async with attached(d) as bus:
             watch = bus.subscribe_reconnects()
             sub = await bus.subscribe(channel)
             await asyncio.to_thread(standby.promote)  # the failover
-            await terminate_backend(pg, st["postgres"]["backend_pid"])  # the old primary goes
+            await terminate_backend(pg, st.postgres.backend_pid)  # the old primary goes
             assert await asyncio.wait_for(watch.changed(), 20) == 2
-            st = await bus.status()
-            assert st["postgres"]["server"] == f"127.0.0.1:{standby.port}"
+            st = await status_of(bus)
+            assert st.postgres.server == f"127.0.0.1:{standby.port}"
             async with connect_pg(standby.dsn) as new_primary:
                 await _roundtrip(new_primary, sub, channel, "new-primary", 5)
     finally:
@@ -229,9 +227,9 @@ async def test_server_that_swallows_notifications_is_reported_and_retried(
         d = daemon_factory(dsn=proxy.dsn())
         await d.wait_serving()
 
-        async def probe_failed() -> dict[str, Any] | None:
+        async def probe_failed() -> Status | None:
             st = await d.status()
-            err = (st or {}).get("postgres", {}).get("last_error") or ""
+            err = (st.postgres.last_error if st else None) or ""
             return st if "self-NOTIFY did not come back" in err else None
 
         await wait_until(probe_failed, timeout=20, what="probe failure in status")
@@ -239,12 +237,12 @@ async def test_server_that_swallows_notifications_is_reported_and_retried(
         assert '"postgres unusable"' in d.log()
         proxy.swallow_notifications = False
 
-        async def healthy() -> dict[str, Any] | None:
+        async def healthy() -> Status | None:
             st = await d.status()
-            return st if st and st["postgres"]["last_health_ok"] else None
+            return st if st and st.postgres.last_health_ok else None
 
         st = await wait_until(healthy, timeout=20, what="a healthy connection")
-        assert st["postgres"]["connected"] is True
+        assert st.postgres.connected is True
 
 
 async def test_daemon_sigkill_with_twenty_clients_one_step_each_and_jittered_reattach(
@@ -270,8 +268,8 @@ async def test_daemon_sigkill_with_twenty_clients_one_step_each_and_jittered_rea
         for sub in subs:
             assert await asyncio.wait_for(sub.recv(), 10) == "after-restart"
         assert [w.borrow() for w in watches] == [2] * 20, "exactly one step per restart"
-        st = await buses[0].status()
-        attach_times = [c["connected_at"] for c in clients_of(st)]
+        st = await status_of(buses[0])
+        attach_times = [c.connected_at for c in clients_of(st)]
         assert len(attach_times) == 20
         # Jitter: the re-attaches are spread out, not one thundering herd.
         assert len({round(t, 2) for t in attach_times}) >= 5
@@ -307,9 +305,9 @@ async def test_client_that_never_reads_is_cut_and_a_fast_one_gets_all_50000_in_o
                     got.extend(sub.drain() or [await asyncio.wait_for(sub.recv(), 10)])
             assert got == [str(i).zfill(100) for i in range(total)]
             assert bus.generation == 1, "the fast client was never disturbed"
-            st = await bus.status()
-        assert st["totals"]["clients_cut_slow"] == 1
-        assert [c["name"] for c in st["clients"]] == [""], "only the fast client is left"
+            st = await status_of(bus)
+        assert st.totals.clients_cut_slow == 1
+        assert [c.name for c in st.clients] == [""], "only the fast client is left"
         assert rss_kib(d.pid) - rss_before < RSS_GROWTH_BOUND_KIB
         assert '"slow consumer"' in d.log()
     finally:
@@ -317,12 +315,12 @@ async def test_client_that_never_reads_is_cut_and_a_fast_one_gets_all_50000_in_o
 
 
 async def _healthy(bus: pgbus.Bus) -> bool:
-    return (await bus.status())["postgres"]["last_health_ok"] is not None
+    return (await status_of(bus)).postgres.last_health_ok is not None
 
 
 async def _subscribers(bus: pgbus.Bus, channel: str, n: int) -> bool:
-    st = await bus.status()
-    count: int = st["channels"][channel]["subscribers"]
+    st = await status_of(bus)
+    count: int = st.channels[channel].subscribers
     return count == n
 
 
@@ -344,7 +342,7 @@ async def test_stopped_worker_is_cut_then_reattaches_with_a_generation_step(
                 channel,
             )
             st = await d.status()
-            return bool(st and st["totals"]["clients_cut_slow"] >= 1)
+            return bool(st and st.totals.clients_cut_slow >= 1)
 
         await wait_until(cut, timeout=30, what="the stopped worker to be cut")
     finally:
@@ -401,13 +399,13 @@ async def test_notification_queue_pressure_is_reported_and_warned(
                     blocker_channel,
                 )
 
-            async def warned() -> dict[str, Any] | None:
+            async def warned() -> Status | None:
                 st = await d.status()
-                usage = (st or {}).get("postgres", {}).get("queue_usage") or 0
+                usage = (st.postgres.queue_usage if st else None) or 0
                 return st if usage >= 0.0001 else None
 
             st = await wait_until(warned, timeout=20, what="queue usage in status")
-            assert st["postgres"]["queue_usage"] > 0
+            assert st.postgres.queue_usage > 0
             await wait_until(
                 lambda: '"notification queue filling"' in d.log(), what="queue warning in the log"
             )

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from tests.conftest import DaemonFactory, attached, terminate_backend, wait_until
+from tests.conftest import DaemonFactory, attached, status_of, terminate_backend, wait_until
 from tests.proxy import TcpProxy
 
 #: One transaction of this many 1 KiB notifications holds PostgreSQL's notify lock for about two
@@ -54,10 +54,9 @@ async def test_big_notify_commit_elsewhere_does_not_drop_a_healthy_link(
                     await asyncio.wait((recv, gap), timeout=60, return_when="FIRST_COMPLETED")
                     if not recv.done():
                         recv.cancel()
-                        st = await bus.status()
+                        st = await status_of(bus)
                         raise AssertionError(
-                            f"{BURST - expected + 1} of {BURST} never came; "
-                            f"postgres: {st['postgres']}"
+                            f"{BURST - expected + 1} of {BURST} never came; postgres: {st.postgres}"
                         )
                     payloads = [recv.result()]
                 for payload in payloads:
@@ -67,10 +66,10 @@ async def test_big_notify_commit_elsewhere_does_not_drop_a_healthy_link(
             gap.cancel()
             await burst
         assert watch.borrow() == 1, "the client was never told of a gap"
-        st = await bus.status()
-    assert st["generation"] == 1
-    assert st["totals"]["reconnects"] == 0
-    assert st["channels"][channel]["received"] == BURST
+        st = await status_of(bus)
+    assert st.generation == 1
+    assert st.totals.reconnects == 0
+    assert st.channels[channel].received == BURST
     assert "postgres connection lost" not in d.log()
 
 
@@ -87,12 +86,12 @@ async def test_backend_terminated_before_the_first_round_trip_is_a_lost_connecti
         proxy.swallow_notifications = True
         d = daemon_factory(dsn=proxy.dsn(), args=["--health-timeout", "300"])
         st = await d.wait_generation(1)
-        await terminate_backend(pg, st["postgres"]["backend_pid"])
+        await terminate_backend(pg, st.postgres.backend_pid)
         proxy.swallow_notifications = False
         st = await d.wait_generation(2, timeout=60)
         log = d.log()  # before the proxy goes, and the connection with it
-    assert st["postgres"]["last_error"] == "terminated by the server"
-    assert st["totals"]["reconnects"] == 1
+    assert st.postgres.last_error == "terminated by the server"
+    assert st.totals.reconnects == 1
     assert '"level": "error"' not in log, "a lost connection is no error"
     (lost,) = _lost(log)
     assert lost["level"] == "warning"
@@ -110,7 +109,7 @@ async def test_backends_terminated_again_and_again_before_a_round_trip_are_retri
         )
         for generation in (1, 2, 3):
             st = await d.wait_generation(generation)
-            await terminate_backend(pg, st["postgres"]["backend_pid"])
+            await terminate_backend(pg, st.postgres.backend_pid)
         await wait_until(lambda: len(_lost(d.log())) == 3, what="three lost connections")
         log = d.log()
     assert [e["retry_in"] > 0 for e in _lost(log)] == [False, True, True]
@@ -126,6 +125,6 @@ def _lost(log: str) -> list[dict[str, Any]]:
 def _health_ok(d: Any) -> Any:
     async def check() -> bool:
         st = await d.status()
-        return bool(st and st["postgres"]["last_health_ok"])
+        return bool(st and st.postgres.last_health_ok)
 
     return check

@@ -20,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pgbusd import metrics
 from pgbusd.config import Config, ConfigError
+from pgbusd.status import Status
+from pgbusd.status import parse as parse_status
 from tests.conftest import Daemon, DaemonFactory, attached, notify, unique_channel, wait_until
 from tests.test_ctl import closed_port, run_ctl
 
@@ -42,7 +44,7 @@ def value(parsed: Parsed, name: str, **labels: str) -> float:
 
 
 def status_doc(**overrides: Any) -> dict[str, Any]:
-    """A status document shaped like ``Server.status()``'s, with round numbers."""
+    """A status document as the daemon sends it (``pgbusd.status.Status``), with round numbers."""
     doc: dict[str, Any] = {
         "daemon_id": "0123456789abcdef",
         "pid": 4242,
@@ -66,15 +68,13 @@ def status_doc(**overrides: Any) -> dict[str, Any]:
             "next_retry_at": None,
             "last_health_ok": 1_700_000_080.0,
             "queue_usage": 0.125,
+            "relay_errors": 6,
         },
         "channels": {
             "jobs": {"subscribers": 2, "received": 10, "last_received": 1_700_000_070.0},
             "idle": {"subscribers": 0, "received": 0, "last_received": None},
         },
-        "clients": [
-            {"pid": 1, "uid": 0, "subscriptions": ["jobs"], "bytes_waiting": 100},
-            {"pid": 2, "uid": 0, "subscriptions": ["jobs"], "bytes_waiting": 23},
-        ],
+        "clients": [_client(1, 100), _client(2, 23)],
         "totals": {
             "clients": 2,
             "notifications_received": 10,
@@ -83,17 +83,42 @@ def status_doc(**overrides: Any) -> dict[str, Any]:
             "clients_refused": 1,
             "frames_rejected": 4,
             "clients_cut_slow": 5,
+            "bytes_waiting": 123,
+            "status_requests": 8,
+            "status_documents": 7,
         },
+        "dsn": "postgresql://relay:***@db.example/app",
+        "omitted": {"subscriptions": 0, "channels": 0, "clients": 0},
     }
     doc.update(overrides)
     return doc
+
+
+def _client(pid: int, bytes_waiting: int) -> dict[str, Any]:
+    return {
+        "pid": pid,
+        "uid": 0,
+        "gid": 0,
+        "name": f"worker-{pid}",
+        "attached": True,
+        "subscriptions": ["jobs"],
+        "bytes_waiting": bytes_waiting,
+        "messages_sent": 11,
+        "notifications_sent": 10,
+        "connected_at": 1_700_000_010.0,
+        "subscription_count": 1,
+    }
+
+
+def render(doc: dict[str, Any]) -> str:
+    return metrics.render(parse_status(doc))
 
 
 # -- the renderer, without sockets -----------------------------------------------------------------
 
 
 def test_every_status_field_becomes_its_named_metric() -> None:
-    got = parse(metrics.render(status_doc()))
+    got = parse(render(status_doc()))
     assert value(got, "pgbusd_up") == 1
     assert value(got, "pgbusd_info", version="0.1.0", protocol="1", daemon_id="0123456789abcdef")
     assert value(got, "pgbusd_start_time_seconds") == 1_700_000_000.5
@@ -116,10 +141,33 @@ def test_every_status_field_becomes_its_named_metric() -> None:
     assert value(got, "pgbusd_clients_cut_slow_total") == 5
     assert value(got, "pgbusd_clients_refused_total") == 1
     assert value(got, "pgbusd_frames_rejected_total") == 4
+    assert value(got, "pgbusd_relay_errors_total") == 6
+    assert value(got, "pgbusd_status_requests_total") == 8
+    assert value(got, "pgbusd_status_documents_total") == 7
+    assert value(got, "pgbusd_status_omitted", part="channels") == 0
+    assert value(got, "pgbusd_status_omitted", part="clients") == 0
+
+
+def test_an_older_daemons_document_renders_with_what_it_has() -> None:
+    doc = status_doc()
+    del doc["totals"]["bytes_waiting"], doc["postgres"]["relay_errors"], doc["omitted"]
+    doc["clients"][0]["bytes_waiting"] = 1000
+    got = parse(render(doc))
+    assert value(got, "pgbusd_clients_bytes_waiting") == 1023, "added up over its clients"
+    assert value(got, "pgbusd_relay_errors_total") == 0
+
+
+def test_entries_left_out_of_a_large_document_are_counted_not_lost() -> None:
+    doc = status_doc(omitted={"subscriptions": 0, "channels": 3000, "clients": 40})
+    got = parse(render(doc))
+    assert value(got, "pgbusd_channels") == 2 + 3000
+    assert value(got, "pgbusd_clients") == 2, "totals.clients counts every client"
+    assert value(got, "pgbusd_status_omitted", part="channels") == 3000
+    assert value(got, "pgbusd_status_omitted", part="clients") == 40
 
 
 def test_each_family_has_one_help_and_one_type_line_before_its_samples() -> None:
-    text = metrics.render(status_doc())
+    text = render(status_doc())
     assert text.endswith("\n")
     seen: list[str] = []
     for line in text.splitlines():
@@ -140,7 +188,7 @@ def test_each_family_has_one_help_and_one_type_line_before_its_samples() -> None
 def test_values_not_known_yet_are_left_out_rather_than_reported_as_zero() -> None:
     doc = status_doc()
     doc["postgres"] = {**doc["postgres"], "queue_usage": None, "last_health_ok": None}
-    got = parse(metrics.render(doc))
+    got = parse(render(doc))
     assert "pgbusd_notification_queue_usage" not in got
     assert "pgbusd_last_health_check_timestamp_seconds" not in got
     last = got["pgbusd_channel_last_received_timestamp_seconds"]
@@ -153,7 +201,7 @@ def test_values_not_known_yet_are_left_out_rather_than_reported_as_zero() -> Non
 )
 def test_label_values_are_escaped_and_parse_back_to_the_channel_name(name: str) -> None:
     doc = status_doc(channels={name: {"subscribers": 1, "received": 7, "last_received": None}})
-    text = metrics.render(doc)
+    text = render(doc)
     escaped = name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     assert f'pgbusd_notifications_received_total{{channel="{escaped}"}} 7\n' in text
     assert value(parse(text), "pgbusd_notifications_received_total", channel=name) == 7
@@ -229,7 +277,7 @@ async def test_pgbusctl_metrics_counters_match_the_traffic_sent(
 
 async def _received(daemon: Daemon, channel: str, n: int) -> bool:
     st = await daemon.status()
-    return bool(st and st["channels"][channel]["received"] >= n)
+    return bool(st and st.channels[channel].received >= n)
 
 
 async def test_pgbusctl_metrics_reports_a_reconnect(daemon: Daemon, pg: Any) -> None:
@@ -283,7 +331,8 @@ async def test_pgbusctl_metrics_output_replaces_the_file_whole(
 async def _metrics_daemon(daemon_factory: DaemonFactory) -> tuple[Daemon, str]:
     d = daemon_factory(args=["--metrics-address", "127.0.0.1:0"])
     st = await d.wait_generation(1)
-    address: str = st["metrics_address"]
+    address = st.metrics_address
+    assert address is not None
     assert address.startswith("127.0.0.1:")
     assert not address.endswith(":0"), "the port actually bound, not the one asked for"
     return d, address
@@ -321,8 +370,8 @@ async def test_http_metrics_serves_the_same_counters_as_status(
     assert value(got, "pgbusd_info", **_info_labels(st)) == 1
 
 
-def _info_labels(st: dict[str, Any]) -> dict[str, str]:
-    return {"version": st["version"], "protocol": str(st["protocol"]), "daemon_id": st["daemon_id"]}
+def _info_labels(st: Status) -> dict[str, str]:
+    return {"version": st.version, "protocol": str(st.protocol), "daemon_id": st.daemon_id}
 
 
 async def test_http_answers_404_elsewhere_405_for_post_and_head_without_body(

@@ -14,6 +14,7 @@ import pytest
 
 import pgbus
 from pgbus import protocol as p
+from pgbusd.status import Status
 from tests.conftest import (
     DSN,
     ClientProcess,
@@ -21,6 +22,7 @@ from tests.conftest import (
     DaemonFactory,
     attached,
     notify,
+    status_of,
     terminate_backend,
     unique_channel,
     wait_until,
@@ -188,12 +190,12 @@ async def test_unsubscribe_and_close_release_the_daemon_side(daemon: Daemon, pg:
     channel = daemon.channels[0]
     async with attached(daemon) as bus:
         async with await bus.subscribe(channel) as sub:
-            st = await bus.status()
-            assert st["channels"][channel]["subscribers"] == 1
+            st = await status_of(bus)
+            assert st.channels[channel].subscribers == 1
         assert sub.closed
 
         async def unsubscribed() -> bool:
-            return bool((await bus.status())["channels"][channel]["subscribers"] == 0)
+            return bool((await status_of(bus)).channels[channel].subscribers == 0)
 
         await wait_until(unsubscribed, what="daemon dropped the subscription")
         sub2 = await bus.subscribe(channel)
@@ -213,19 +215,19 @@ async def test_status_counts_what_was_relayed(daemon: Daemon, pg: Any) -> None:
         for _ in range(3):
             await sub.recv()
         st = await wait_until(
-            lambda: _status_when(bus, lambda s: s["channels"][b]["received"] == 1),
+            lambda: _status_when(bus, lambda s: s.channels[b].received == 1),
             what="status counted the notifications",
         )
-    assert st["postgres"]["connected"] is True
-    assert st["generation"] == 1
-    assert st["channels"][a] == {**st["channels"][a], "subscribers": 1, "received": 3}
-    assert st["totals"]["notifications_received"] == 4
-    assert st["totals"]["notifications_sent"] == 3
-    assert st["daemon_id"] == bus.daemon_id
+    assert st.postgres.connected is True
+    assert st.generation == 1
+    assert (st.channels[a].subscribers, st.channels[a].received) == (1, 3)
+    assert st.totals.notifications_received == 4
+    assert st.totals.notifications_sent == 3
+    assert st.daemon_id == bus.daemon_id
 
 
-async def _status_when(bus: pgbus.Bus, cond: Any) -> dict[str, Any] | None:
-    st = await bus.status()
+async def _status_when(bus: pgbus.Bus, cond: Any) -> Status | None:
+    st = await status_of(bus)
     return st if cond(st) else None
 
 

@@ -25,6 +25,7 @@ from tests.conftest import (
     attached,
     notify,
     rss_kib,
+    status_of,
     unique_channel,
     wait_until,
 )
@@ -162,7 +163,7 @@ async def test_peer_not_in_allow_uid_is_refused_with_a_reason_and_logged(
     assert refusals[0]["client_gid"] == NOBODY
     assert refusals[0]["client_pid"] > 0
     async with attached(d) as bus:  # root still may
-        assert (await bus.status())["totals"]["clients_refused"] == 1
+        assert (await status_of(bus)).totals.clients_refused == 1
 
 
 async def test_allow_gid_admits_the_group(daemon_factory: DaemonFactory, workdir: Path) -> None:
@@ -298,8 +299,8 @@ async def test_max_clients_refuses_one_more_cleanly(daemon_factory: DaemonFactor
     async with attached(d) as bus1, attached(d):
         with pytest.raises(pgbus.DaemonUnavailableError, match="at most 2 clients"):
             await pgbus.connect(d.socket)
-        st = await bus1.status()
-        assert st["totals"]["clients_refused"] == 1
+        st = await status_of(bus1)
+        assert st.totals.clients_refused == 1
 
     async def room_again() -> pgbus.Bus | None:  # once the daemon has seen the two leave
         try:
@@ -329,7 +330,7 @@ async def test_subscribe_unsubscribe_churn_does_not_grow_the_daemon(daemon: Daem
                 )
         st = await daemon.status()
         assert st is not None
-        assert st["channels"][channel]["subscribers"] == 0
+        assert st.channels[channel].subscribers == 0
         assert rss_kib(daemon.pid) - before < 8 * 1024
     finally:
         sock.close()
@@ -391,8 +392,8 @@ async def test_socket_fuzz_leaves_good_clients_and_the_daemon_untouched(
         got = [await asyncio.wait_for(sub.recv(), 10) for _ in range(sent)]
         assert got == [f"{r}:{i}" for r in range(6) for i in range(200)]
         assert bus.generation == 1
-        st = await bus.status()
-        assert st["totals"]["frames_rejected"] > 0
+        st = await status_of(bus)
+        assert st.totals.frames_rejected > 0
     assert d.alive()
     assert rss_kib(d.pid) - rss_before < 16 * 1024
     async with attached(d) as fresh:  # still serves new clients
@@ -445,7 +446,7 @@ async def test_password_is_not_in_the_process_title(daemon_factory: DaemonFactor
     assert b"pgbusd" in cmdline
     st = await d.status()
     assert st is not None
-    assert secret not in json.dumps(st)
+    assert secret not in msgspec.json.encode(st).decode()
 
 
 async def test_password_from_a_passfile(
@@ -469,13 +470,13 @@ async def test_password_from_a_passfile(
         dsn = f"postgresql://relay@127.0.0.1:{cluster.port}/postgres"
         d = daemon_factory(dsn=dsn, env={"PGPASSFILE": str(passfile)})
         st = await d.wait_generation(1)
-        assert st["postgres"]["connected"]
+        assert st.postgres.connected
         without = daemon_factory(dsn=dsn, env={"PGPASSFILE": "/nonexistent"}, subdir="b")
         await without.wait_serving()
 
         async def auth_failed() -> bool:
             st = await without.status()
-            return bool(st and "password" in (st["postgres"]["last_error"] or ""))
+            return bool(st and "password" in (st.postgres.last_error or ""))
 
         await wait_until(auth_failed, what="authentication failure without the passfile")
         assert secret not in d.log() + without.log()
@@ -509,12 +510,12 @@ async def test_a_refused_client_that_never_reads_is_not_kept_alive(
 
 
 async def _subscriber_count(bus: pgbus.Bus, channel: str, n: int) -> bool:
-    return bool((await bus.status())["channels"][channel]["subscribers"] == n)
+    return bool((await status_of(bus)).channels[channel].subscribers == n)
 
 
 async def _client_count(bus: pgbus.Bus, n: int) -> bool:
-    return len((await bus.status())["clients"]) == n
+    return len((await status_of(bus)).clients) == n
 
 
 async def _stuck_bytes(bus: pgbus.Bus) -> bool:
-    return any(c["bytes_waiting"] > 1_000_000 for c in (await bus.status())["clients"])
+    return any(c.bytes_waiting > 1_000_000 for c in (await status_of(bus)).clients)

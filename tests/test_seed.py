@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 import pgbus
+from pgbusd.status import Status
 from tests.cluster import free_port
 from tests.conftest import (
     Daemon,
@@ -72,7 +73,7 @@ async def test_send_without_subscribers_does_not_error(daemon: Daemon, pg: Any) 
     st = await wait_until(
         lambda: _received(daemon, channel, 1), what="daemon counted the orphan notification"
     )
-    assert st["totals"]["notifications_sent"] == 0
+    assert st.totals.notifications_sent == 0
     assert daemon.alive()
     async with attached(daemon) as bus:
         sub = await bus.subscribe(channel)
@@ -80,9 +81,9 @@ async def test_send_without_subscribers_does_not_error(daemon: Daemon, pg: Any) 
         assert await sub.recv() == "after"
 
 
-async def _received(daemon: Daemon, channel: str, n: int) -> dict[str, Any] | None:
+async def _received(daemon: Daemon, channel: str, n: int) -> Status | None:
     st = await daemon.status()
-    if st and st["channels"][channel]["received"] >= n:
+    if st and st.channels[channel].received >= n:
         return st
     return None
 
@@ -108,6 +109,6 @@ async def test_reconnect_subscriber_starts_at_zero_and_observes_ticks(
         assert rx.borrow() == 0, "a daemon that never connected is at generation 0"
         async with TcpProxy(listen_port=port):
             assert await rx.changed() == 1, "first connect publishes generation 1"
-            await terminate_backend(pg, (await d.wait_generation(1))["postgres"]["backend_pid"])
+            await terminate_backend(pg, (await d.wait_generation(1)).postgres.backend_pid)
             assert await rx.changed() == 2, "reconnect publishes generation 2"
             assert rx.borrow() == 2

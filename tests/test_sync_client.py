@@ -18,6 +18,7 @@ import pytest
 import pgbus
 import pgbus.sync
 from pgbus._engine import GenerationClock
+from pgbusd.status import parse
 from tests.conftest import (
     DSN,
     Daemon,
@@ -80,7 +81,8 @@ def sync_attached(daemon: Daemon, **kwargs: Any) -> Iterator[pgbus.sync.SyncBus]
 
 
 def backend_pid(bus: pgbus.sync.SyncBus) -> int:
-    pid: int = bus.status(timeout=10)["postgres"]["backend_pid"]
+    pid = parse(bus.status(timeout=10)).postgres.backend_pid
+    assert pid is not None
     return pid
 
 
@@ -227,7 +229,7 @@ def test_closed_subscription_keeps_its_buffer_and_unsubscribes(
         with pytest.raises(pgbus.BusClosedError):
             sub.recv(timeout=1)
         wait_until_sync(
-            lambda: bus.status(timeout=10)["channels"][channel]["subscribers"] == 0,
+            lambda: parse(bus.status(timeout=10)).channels[channel].subscribers == 0,
             what="the daemon to drop the subscription",
         )
 

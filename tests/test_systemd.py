@@ -154,8 +154,8 @@ async def test_ready_does_not_wait_for_postgresql(
     status = await notify_socket.expect(lambda line: line.startswith("STATUS="), "STATUS=")
     assert status == "STATUS=PostgreSQL not connected (connecting), generation 0, 0 clients"
     st = await wait_until(d.status, what="a client attached while PostgreSQL is down")
-    assert st["postgres"]["connected"] is False
-    assert st["generation"] == 0
+    assert st.postgres.connected is False
+    assert st.generation == 0
     await notify_socket.expect_line("WATCHDOG=1")
 
 
@@ -274,7 +274,7 @@ async def test_socket_activation_serves_the_inherited_socket_and_leaves_it(
         await wait_until(lambda: os.path.exists(d.socket), what="systemd-socket-activate bound")
         inode = os.lstat(d.socket).st_ino
         st = await d.wait_generation(1)
-        assert st["pid"] == d.pid
+        assert st.pid == d.pid
         async with attached(d) as bus:
             sub = await bus.subscribe(channel)
             await notify(pg, channel, "through the inherited socket")

@@ -124,7 +124,7 @@ async def test_async_select_yields_two_channels_and_a_generation_change(
         await notify(pg, b, GOOD)
         assert await selector.recv() == pgbus.Received(raw, a, "hello")
         assert await selector.recv() == pgbus.Received(jobs, b, Job(1, "build"))
-        await terminate_backend(pg, (await daemon.wait_generation(1))["postgres"]["backend_pid"])
+        await terminate_backend(pg, (await daemon.wait_generation(1)).postgres.backend_pid)
         assert await selector.recv() == pgbus.GenerationChanged(2)
         assert watch.borrow() == 2
         assert not watch.has_changed(), "the selector observed the change"

@@ -1,0 +1,363 @@
+"""The status document: its schema, how it is kept under the frame limit, and who may ask how often.
+
+The document is what ``pgbusctl status --json`` prints and what the metrics are rendered from. On
+the wire it is a plain mapping (``StatusReply.status``; the client library stays schema-agnostic):
+the daemon builds a :class:`Status` and sends ``msgspec.to_builtins`` of it, and every reader
+(pgbusctl, the metrics, the tests) turns the mapping back into a :class:`Status` with
+:func:`parse`, so a renamed or missing field is an error that names it, never a silent 0.
+
+Compatibility: every field the first release (0.1.0) sent is required; every field added since has
+a default, so a document of an older daemon still parses. Fields a reader does not know are
+ignored, so a newer daemon's superset parses too. A document of another shape raises
+:class:`IncompatibleStatusError`.
+
+Size: a daemon frame holds at most :data:`~pgbus.protocol.MAX_SERVER_FRAME` bytes (1 MiB), and a
+document with thousands of channels and clients can be larger. :func:`fit` cuts it down in a fixed
+order and says what it left out in :class:`Omitted`: first the longest subscription lists of
+clients (a client's ``subscriptions`` is then empty, its ``subscription_count`` stays), then
+channel and client entries (channels in registration order, clients with the most bytes waiting
+first). Totals, counts and the PostgreSQL part are always complete.
+
+Cost: building the document walks every channel and client. :class:`StatusDesk` builds it at most
+once per interval for the whole daemon (at least :data:`MIN_INTERVAL`, and ten times as long as the
+last build took), and one document answers every request waiting when it is built. A request is
+answered only after everything its client sent before it, so a document is never older than the
+request it answers; each request gets its own reply, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Protocol
+
+import msgspec
+
+from pgbus import protocol as p
+from pgbusd.log import get_logger
+
+# -- the schema -----------------------------------------------------------------------------------
+
+
+class PostgresStatus(msgspec.Struct, kw_only=True):
+    """The LISTEN connection (``Listener.summary()``)."""
+
+    state: str
+    connected: bool
+    generation: int
+    server: str | None
+    backend_pid: int | None
+    connected_since: float | None
+    reconnects: int
+    last_error: str | None
+    last_error_at: float | None
+    next_retry_at: float | None
+    last_health_ok: float | None
+    queue_usage: float | None
+    #: Notifications whose relaying raised an exception, contained (added after 0.1.0).
+    relay_errors: int = 0
+
+
+class ChannelStatus(msgspec.Struct, kw_only=True):
+    """One registered channel (``ChannelState.summary()``)."""
+
+    subscribers: int
+    received: int
+    last_received: float | None
+
+
+class ClientStatus(msgspec.Struct, kw_only=True):
+    """One connected client (``Session.summary()``)."""
+
+    pid: int
+    uid: int
+    gid: int
+    name: str
+    attached: bool
+    #: Complete, or empty when the list was left out to keep the document under the frame limit.
+    subscriptions: list[str]
+    bytes_waiting: int
+    messages_sent: int
+    notifications_sent: int
+    connected_at: float
+    #: Always complete (added after 0.1.0; None from an older daemon: count ``subscriptions``).
+    subscription_count: int | None = None
+
+    @property
+    def subscribed(self) -> int:
+        """How many channels the client subscribes to, whether or not they are listed."""
+        if self.subscription_count is None:
+            return len(self.subscriptions)
+        return self.subscription_count
+
+
+class Totals(msgspec.Struct, kw_only=True):
+    clients: int
+    notifications_received: int
+    notifications_sent: int
+    reconnects: int
+    clients_refused: int
+    frames_rejected: int
+    clients_cut_slow: int
+    #: Bytes waiting for all clients, listed or not (added after 0.1.0).
+    bytes_waiting: int | None = None
+    #: Status requests answered, and documents built to answer them (added after 0.1.0).
+    status_requests: int = 0
+    status_documents: int = 0
+
+
+class Omitted(msgspec.Struct, kw_only=True):
+    """What :func:`fit` left out to keep the document under the frame limit (all 0: nothing)."""
+
+    #: Subscription names left out (their clients' ``subscriptions`` are empty).
+    subscriptions: int = 0
+    #: Channel entries left out (they still count in ``totals`` and the channel count).
+    channels: int = 0
+    #: Client entries left out (they still count in ``totals.clients``).
+    clients: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.subscriptions or self.channels or self.clients)
+
+
+class Status(msgspec.Struct, kw_only=True):
+    """The daemon's status document."""
+
+    daemon_id: str
+    pid: int
+    version: str
+    protocol: int
+    started_at: float
+    uptime: float
+    socket: str
+    metrics_address: str | None
+    generation: int
+    postgres: PostgresStatus
+    channels: dict[str, ChannelStatus]
+    clients: list[ClientStatus]
+    totals: Totals
+    dsn: str | None
+    omitted: Omitted = msgspec.field(default_factory=Omitted)
+
+    @property
+    def channel_count(self) -> int:
+        """Channels the daemon relays, listed or not."""
+        return len(self.channels) + self.omitted.channels
+
+
+class Counters(msgspec.Struct):
+    """The daemon's event counters, shared by its sessions (reported in :class:`Totals`)."""
+
+    clients_refused: int = 0
+    frames_rejected: int = 0
+    clients_cut_slow: int = 0
+    status_requests: int = 0
+    status_documents: int = 0
+
+
+class IncompatibleStatusError(ValueError):
+    """A status document this reader cannot use (another version of the daemon, or not one)."""
+
+
+def parse(doc: Mapping[str, Any]) -> Status:
+    """The :class:`Status` in a received document; :class:`IncompatibleStatusError` naming the
+    first field at fault if it does not have this version's shape."""
+    try:
+        return msgspec.convert(doc, Status)
+    except msgspec.ValidationError as exc:
+        raise IncompatibleStatusError(str(exc)) from exc
+
+
+# -- the size limit -------------------------------------------------------------------------------
+
+_encode: Final = msgspec.msgpack.Encoder().encode
+#: Bytes a StatusReply frame body takes besides the document itself.
+_REPLY_OVERHEAD: Final = len(p.encode_frame(p.StatusReply({}))) - p.HEADER_SIZE - len(_encode({}))
+#: Characters of a free-text field (an error message, the DSN) shown at most.
+MAX_TEXT: Final = 2000
+
+
+def _clip(text: str | None) -> str | None:
+    if text is None or len(text) <= MAX_TEXT:
+        return text
+    return f"{text[:MAX_TEXT]}... ({len(text) - MAX_TEXT} more characters)"
+
+
+def fit(status: Status, limit: int = p.MAX_SERVER_FRAME) -> Status:
+    """``status``, cut down if need be so that its ``StatusReply`` frame body takes at most
+    ``limit`` bytes; ``omitted`` says what was left out (see the module docstring for the order).
+    """
+    budget = limit - _REPLY_OVERHEAD
+    pg = status.postgres
+    status = msgspec.structs.replace(
+        status,
+        dsn=_clip(status.dsn),
+        postgres=msgspec.structs.replace(pg, last_error=_clip(pg.last_error)),
+    )
+    # Subscription lists first: each is kept whole or left out, the longest ones out first.
+    listed = [len(_encode(c.subscriptions)) - 1 for c in status.clients]  # beyond an empty list
+    bare = [msgspec.structs.replace(c, subscriptions=[]) for c in status.clients]
+    base = len(_encode(msgspec.structs.replace(status, clients=bare)))
+    if base + sum(listed) <= budget:
+        return status
+    room = budget - base - 8  # the omitted counts may grow from 1 byte to 3 each (and then some)
+    clients = list(bare)
+    dropped = 0
+    for i in sorted(range(len(listed)), key=lambda i: listed[i]):
+        if listed[i] > room:
+            dropped += len(status.clients[i].subscriptions)
+            continue
+        room -= listed[i]
+        clients[i] = status.clients[i]
+    status = msgspec.structs.replace(
+        status, clients=clients, omitted=Omitted(subscriptions=dropped)
+    )
+    if len(_encode(status)) <= budget:
+        return status
+    return _trim_entries(msgspec.structs.replace(status, clients=bare), budget)
+
+
+def _trim_entries(status: Status, budget: int) -> Status:
+    """Keep as many channel and client entries as fit (no subscription list is kept)."""
+    omitted = Omitted(
+        subscriptions=sum(c.subscribed for c in status.clients),
+        channels=len(status.channels),
+        clients=len(status.clients),
+    )
+    empty = msgspec.structs.replace(status, channels={}, clients=[], omitted=omitted)
+    # The map and array headers grow from 1 byte to at most 5 each once entries are back in.
+    room = budget - len(_encode(empty)) - 8
+    channels = list(status.channels.items())
+    channel_sizes = [len(_encode(name)) + len(_encode(ch)) for name, ch in channels]
+    client_sizes = [len(_encode(c)) for c in status.clients]
+    need_channels, need_clients = sum(channel_sizes), sum(client_sizes)
+    # Each part gets half the room, and what the other does not need.
+    half = max(0, room) // 2
+    if need_channels <= half:
+        channel_room = need_channels
+    elif need_clients <= half:
+        channel_room = room - need_clients
+    else:
+        channel_room = half
+    client_room = room - channel_room
+    kept_channels: dict[str, ChannelStatus] = {}
+    for (name, ch), size in zip(channels, channel_sizes, strict=True):
+        if size > channel_room:
+            break
+        channel_room -= size
+        kept_channels[name] = ch
+    # The clients most behind first (they are the ones an operator looks for), shown in order.
+    kept: list[int] = []
+    for i in sorted(range(len(client_sizes)), key=lambda i: -status.clients[i].bytes_waiting):
+        if client_sizes[i] > client_room:
+            break
+        client_room -= client_sizes[i]
+        kept.append(i)
+    return msgspec.structs.replace(
+        status,
+        channels=kept_channels,
+        clients=[status.clients[i] for i in sorted(kept)],
+        omitted=Omitted(
+            subscriptions=omitted.subscriptions,
+            channels=len(channels) - len(kept_channels),
+            clients=len(client_sizes) - len(kept),
+        ),
+    )
+
+
+def reply_frame(status: Status) -> bytes:
+    """The ``StatusReply`` frame of ``status``, which :func:`fit` must have cut to the limit."""
+    frame = p.encode_frame(p.StatusReply(msgspec.to_builtins(status)))
+    if len(frame) - p.HEADER_SIZE > p.MAX_SERVER_FRAME:
+        raise ValueError(f"status reply of {len(frame)} bytes exceeds the frame limit")
+    return frame
+
+
+# -- the desk: who may ask how often ------------------------------------------------------------
+
+#: Shortest time between two status documents the daemon builds.
+MIN_INTERVAL: Final = 0.05
+#: Building a document may take at most this share of the daemon's time under a flood of requests.
+MAX_SHARE: Final = 0.1
+#: Requests of one client answered with one document at most (the rest wait for the next one).
+MAX_RUN: Final = 16
+#: The code of the (non-fatal) Error that answers a status request when building the document
+#: failed: a daemon bug, logged; the requests are answered all the same, so none hangs.
+E_STATUS_FAILED: Final = "status_failed"
+
+
+class StatusWaiter(Protocol):
+    """A client with a status request waiting (a :class:`~pgbusd.session.Session`)."""
+
+    def answer_status(self, frame: bytes) -> int:
+        """Answer the waiting request (and up to :data:`MAX_RUN` in all right behind it) with
+        ``frame``; returns how many were answered."""
+        ...
+
+
+class StatusDesk:
+    """Answers status requests, building one document for every request waiting at the time.
+
+    ``build`` returns the encoded reply frame (and may take a while: it walks every channel and
+    client). Documents are built at most once per :data:`MIN_INTERVAL`, or ten times the time the
+    last one took if that is longer, so that a client flooding requests costs the relay at most
+    :data:`MAX_SHARE` of the daemon's time; an idle daemon answers on the next loop turn.
+    """
+
+    def __init__(self, build: Callable[[], bytes], counters: Counters) -> None:
+        self._build = build
+        self._counters = counters
+        self._waiting: dict[StatusWaiter, None] = {}
+        self._next_at = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+        self._answering = False
+        self._log: Any = get_logger(component="status")
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def request(self, waiter: StatusWaiter) -> None:
+        """``waiter`` gets :meth:`StatusWaiter.answer_status` called with the next document."""
+        self._waiting[waiter] = None
+        if self._handle is None and not self._answering:
+            self._schedule()
+
+    def discard(self, waiter: StatusWaiter) -> None:
+        """``waiter`` went away: do not answer it."""
+        self._waiting.pop(waiter, None)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._waiting.clear()
+
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_at(max(loop.time(), self._next_at), self._answer)
+
+    def _answer(self) -> None:
+        self._handle = None
+        waiting, self._waiting = self._waiting, {}
+        if not waiting:
+            return
+        self._counters.status_documents += 1
+        started = time.perf_counter()
+        try:
+            frame = self._build()
+        except Exception as exc:
+            self._log.error("status document failed", error=repr(exc))
+            message = f"the daemon could not build its status document: {exc!r}"
+            frame = p.encode_frame(p.Error(E_STATUS_FAILED, message[:1000]))
+        cost = time.perf_counter() - started
+        self._next_at = asyncio.get_running_loop().time() + max(MIN_INTERVAL, cost / MAX_SHARE)
+        self._answering = True
+        try:
+            for waiter in waiting:
+                self._counters.status_requests += waiter.answer_status(frame)
+        finally:
+            self._answering = False
+        if self._waiting:
+            self._schedule()

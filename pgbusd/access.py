@@ -134,6 +134,12 @@ class AccessPolicy:
             return None
         return f"uid {peer.uid} (gid {peer.gid}) is not allowed to attach to this daemon"
 
+    def refuse_admin(self, peer: Peer) -> str | None:
+        """Why ``peer`` may not give the daemon an operator's order (reload), or None."""
+        if peer.uid in self.always:
+            return None
+        return f"uid {peer.uid} may not reload the daemon (only root and its own user may)"
+
     def refuse_subscribe(self, peer: Peer, channel: str) -> str | None:
         """Why ``peer`` may not subscribe to ``channel``, or None if it may."""
         rule = self.channels.get(channel)

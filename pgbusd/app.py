@@ -6,7 +6,7 @@ import gc
 
 import uvloop
 
-from pgbusd import log
+from pgbusd import handoff, log
 from pgbusd.config import Config
 from pgbusd.server import Server
 
@@ -20,7 +20,7 @@ def run(config: Config) -> int:
     gc.set_threshold(20_000, 50, 50)
 
     async def serve() -> int:
-        return await Server(config).run()
+        return await Server(config, handoff.inherited()).run()
 
     result: int = uvloop.run(serve())
     return result

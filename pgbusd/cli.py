@@ -12,6 +12,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from pgbusd import handoff
 from pgbusd.config import Config, ConfigError
 
 F = Callable[..., Any]
@@ -64,7 +65,10 @@ def main(**options: Any) -> None:
     try:
         config = Config(**options)
     except ConfigError as exc:
-        raise click.BadParameter(str(exc), param_hint=f"--{exc.option.replace('_', '-')}") from None
+        option = f"--{exc.option.replace('_', '-')}"
+        # A reload's successor tells its predecessor why it will not take over.
+        handoff.report_failure(f"the successor refuses its configuration: {option}: {exc}")
+        raise click.BadParameter(str(exc), param_hint=option) from None
     ctx = click.get_current_context()
     if config.secrets() and ctx.get_parameter_source("dsn") is ParameterSource.COMMANDLINE:
         _reexec_without_dsn_in_argv(config.dsn or "")

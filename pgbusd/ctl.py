@@ -8,6 +8,10 @@
 - ``listen CHANNEL...``: like psql's LISTEN, but through the daemon: one line per notification and
   one per generation change, until Ctrl-C (exit 0).
 - ``metrics``: the status in the Prometheus text format (see :mod:`pgbusd.metrics`).
+- ``reload``: replace the running daemon with a new process started from the code installed now
+  (a hand-off, see :mod:`pgbusd.handoff`: clients lose nothing and their generation does not
+  move); returns once the successor serves. Exit codes: 0 done, 1 the reload failed (the daemon
+  serves on; the reason is printed), 3 the daemon cannot be reached.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pgbusd.status import ClientStatus, IncompatibleStatusError, Omitted, Status
 
 EXIT_OK = 0
 EXIT_PG_DOWN = 1
+EXIT_RELOAD_FAILED = 1
 EXIT_USAGE = 2
 #: The daemon cannot be reached, or its answer cannot be read (another version of the daemon).
 EXIT_UNREACHABLE = 3
@@ -506,6 +511,58 @@ def metrics(obj: dict[str, Any], output: str | None) -> None:
     else:
         _write_atomically(output, text)
     sys.exit(code)
+
+
+@main.command()
+@click.option(
+    "--with-environment",
+    is_flag=True,
+    help="Start the successor with this command's PGBUSD_* and PG* variables instead of the "
+    "running daemon's: how `systemctl reload` applies an edited environment file.",
+)
+@click.option(
+    "--wait",
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the successor to take over (the daemon gives up after its "
+    "--reload-timeout).",
+)
+@click.pass_obj
+def reload(obj: dict[str, Any], with_environment: bool, wait: float) -> None:
+    """Hand the daemon over to a new process started from the code installed now.
+
+    The successor takes the socket, the lineage, every channel's sequence and the replay buffer,
+    and splits the PostgreSQL stream with the running daemon exactly: clients re-attach to it
+    and resume, with nothing lost or repeated and no generation step. Installing a new version
+    and reloading is an upgrade. If the successor cannot take over (a configuration it refuses,
+    PostgreSQL unreachable for it, new code that does not start), the running daemon serves on
+    as if nothing happened and this command prints why.
+
+    Exit status: 0 reloaded, 1 the reload failed, 3 the daemon is unreachable.
+    """
+    environment = None
+    if with_environment:
+        environment = {
+            k: v
+            for k, v in os.environ.items()
+            if k.startswith("PG") and not k.startswith("PGBUSD_HANDOFF_")
+        }
+
+    async def ask() -> p.Reloaded:
+        async with pgbus.connect(
+            obj["socket"], name="pgbusctl reload", attach_timeout=obj["timeout"]
+        ) as bus:
+            return await bus.reload(environment, timeout=wait)
+
+    try:
+        reply = asyncio.run(ask())
+    except pgbus.RequestRefusedError as exc:
+        click.echo(f"pgbusctl: reload failed: {exc}", err=True)
+        sys.exit(EXIT_RELOAD_FAILED)
+    except (pgbus.PgbusError, OSError, TimeoutError) as exc:
+        _unreachable(obj["socket"], exc)
+        sys.exit(EXIT_UNREACHABLE)
+    click.echo(f"reloaded: pgbusd {reply.version} (pid {reply.pid}) serves {obj['socket']}")
 
 
 def _write_atomically(path: str, text: str) -> None:

@@ -37,9 +37,11 @@ them nothing to reconcile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -175,7 +177,7 @@ class Inherited:
     watchdog_usec: int | None
 
 
-def inherited(environ: dict[str, str] | None = None) -> Inherited | None:
+def inherited(environ: MutableMapping[str, str] | None = None) -> Inherited | None:
     """The hand-off this process was started for, or None (a plain start). The variables are
     removed, so that no child of this process takes them for its own."""
     env = os.environ if environ is None else environ
@@ -198,3 +200,14 @@ def inherited(environ: dict[str, str] | None = None) -> Inherited | None:
         owns_path=values[ENV_OWNS_PATH] == "1",
         watchdog_usec=watchdog or None,
     )
+
+
+def report_failure(reason: str, environ: Mapping[str, str] | None = None) -> None:
+    """A successor that cannot even start (its configuration) says why, if it is one."""
+    env = os.environ if environ is None else environ
+    fd = env.get(ENV_CONTROL)
+    if fd is None:
+        return
+    body = _encoder.encode(Abort(reason))
+    with contextlib.suppress(OSError, ValueError):
+        os.write(int(fd), _HEADER.pack(len(body)) + body)

@@ -81,6 +81,7 @@ class ChannelState:
             "subscribers": len(self.subscribers),
             "received": self.seq,
             "last_received": self.last_received,
+            "replay_from": self.log.oldest,
         }
 
 
@@ -175,7 +176,7 @@ class Hub:
         self.generation = generation
         frame = p.encode_frame(p.Generation(generation))
         for session in list(self.sessions):
-            session.send_frame(frame)
+            session.send_tick(frame)
 
     # -- a hand-off ----------------------------------------------------------------------------
 

@@ -49,6 +49,8 @@ STATUS_POLL = 0.25
 LISTEN_FDS_START = 3
 
 _LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+#: Variables systemd sets for this process alone (a child must not take them for its own).
+OWN_VARIABLES = (*_LISTEN_VARIABLES, "WATCHDOG_PID", "WATCHDOG_USEC")
 
 
 class ActivationError(OSError):
@@ -64,6 +66,7 @@ class Notifier:
 
     def __init__(self, address: str | None, watchdog_usec: int | None = None) -> None:
         self.address = address
+        self.watchdog_usec = watchdog_usec
         #: Seconds between two ``WATCHDOG=1`` pings (half of ``WATCHDOG_USEC``), or None.
         self.watchdog_interval = watchdog_usec / 2e6 if watchdog_usec else None
         self.sent = 0
@@ -112,6 +115,10 @@ class Notifier:
 
     def stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=stopping")
+
+    def main_pid(self, pid: int) -> None:
+        """A successor process is the service's main process now (a hand-off reload)."""
+        self.send(f"MAINPID={pid}", "STATUS=handed over to a successor")
 
     def close(self) -> None:
         if self._sock is not None:

@@ -7,12 +7,14 @@ import contextlib
 import socket
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from pgbus import protocol as p
 from pgbus.errors import ProtocolError
 from pgbusd.access import UNKNOWN_PEER, AccessPolicy, peer_of
+from pgbusd.handoff import HandoffError
 from pgbusd.log import get_logger
 from pgbusd.status import MAX_RUN, ClientStatus, Counters, StatusDesk
 
@@ -24,12 +26,21 @@ if TYPE_CHECKING:
 MAX_INBOX: Final = 256
 
 
+#: While a client catches up from the replay buffer, frames are written only while less than
+#: this (or a quarter of the write budget) waits for it, the transport's high-water mark: it is
+#: fed as fast as it reads, and never cut for being fed.
+CATCH_UP_HIGH_WATER: Final = 256 * 1024
+
+#: ``reload(environment)``: hand over to a successor; its pid and version once it serves.
+Reload = Callable[[dict[str, str] | None], Awaitable[tuple[int, str]]]
+
+
 @dataclass(frozen=True, slots=True)
 class SessionContext:
     """Everything a session uses from the daemon around it: settings, the policy, the shared hub,
-    counters and status desk. The server builds one and hands it to every session."""
+    counters and status desk, and the server's reload. The server builds one and hands it to
+    every session."""
 
-    daemon_id: str
     hub: Hub
     access: AccessPolicy
     counters: Counters
@@ -37,6 +48,7 @@ class SessionContext:
     write_budget: int
     max_clients: int
     handshake_timeout: float
+    reload: Reload
 
 
 class Session(asyncio.Protocol):
@@ -55,9 +67,15 @@ class Session(asyncio.Protocol):
         self._ctx = context
         self._hub = context.hub
         self._budget = context.write_budget
+        #: A catch-up writes while less than this waits: well within the write budget.
+        self._catch_up_high = min(CATCH_UP_HIGH_WATER, context.write_budget // 4)
         self._decoder = p.client_decoder()
         self._inbox: deque[p.ClientMessage] = deque()
         self._status_waiting = False
+        #: A reload request is under way: what the client sent after it waits for its answer.
+        self._reloading = False
+        #: Channels this client catches up on from the replay buffer: the last seq it was sent.
+        self._catching_up: dict[str, int] = {}
         self._reading_paused = False
         #: The client has sent all it will (half-closed) while requests still wait for answers.
         self._eof = False
@@ -102,12 +120,13 @@ class Session(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(4 << 20, self._budget // 2))
+        self.transport.set_write_buffer_limits(high=self._catch_up_high)
         loop = asyncio.get_running_loop()
         self._handshake_timer = loop.call_later(ctx.handshake_timeout, self._handshake_expired)
         self._write_now(
             p.Hello(
                 p.PROTOCOL_VERSION,
-                ctx.daemon_id,
+                self._hub.daemon_id,
                 self._hub.generation,
                 list(self._hub.channels),
                 p.MAX_CLIENT_FRAME,
@@ -133,10 +152,15 @@ class Session(asyncio.Protocol):
                 reason=f"truncated frame ({self._decoder.buffered} bytes)",
             )
             return False
-        if self._status_waiting and not self.closing:
+        if (self._status_waiting or self._reloading) and not self.closing:
             self._eof = True  # answer what it asked for, then close (see _work)
             return True
         return False
+
+    def resume_writing(self) -> None:
+        """The transport drained below its low-water mark: feed a catch-up on."""
+        if self._catching_up:
+            self._catch_up()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -153,20 +177,43 @@ class Session(asyncio.Protocol):
         """Handle what the client sent, in order, until a status request has to wait its turn."""
         inbox = self._inbox
         try:
-            while inbox and not self._status_waiting and not self.closing:
+            while inbox and not (self._status_waiting or self._reloading or self.closing):
                 msg = inbox.popleft()
                 if type(msg) is p.StatusRequest and self.attached:
                     self._status_waiting = True
                     self._ctx.status.request(self)
+                elif type(msg) is p.Reload and self.attached:
+                    self._reloading = True
+                    asyncio.get_running_loop().create_task(self._reload(msg))
                 else:
                     self._handle(msg)
         except ProtocolError as exc:
             self._rejected(exc)
             return
-        if self._eof and not self._status_waiting and not inbox:
+        if self._eof and not (self._status_waiting or self._reloading) and not inbox:
             self.close()
             return
         self._pace_reading()
+
+    async def _reload(self, msg: p.Reload) -> None:
+        """An operator asks for a hand-off reload: answer once it is done or off."""
+        try:
+            refusal = self._ctx.access.refuse_admin(self.peer)
+            if refusal is not None:
+                self.log.warning("reload refused", reason=refusal)
+                self.send(p.Error(p.E_FORBIDDEN, refusal))
+                return
+            self.log.info("reload requested", environment=msg.environment is not None)
+            try:
+                pid, version = await self._ctx.reload(msg.environment)
+            except HandoffError as exc:
+                self.send(p.Error(p.E_RELOAD_FAILED, str(exc)))
+            else:
+                self.send(p.Reloaded(pid, version))
+        finally:
+            self._reloading = False
+            if not self.closing:
+                self._work()
 
     def _pace_reading(self) -> None:
         """Stop reading while more than MAX_INBOX messages wait; the kernel holds the rest."""
@@ -226,6 +273,15 @@ class Session(asyncio.Protocol):
                 self.log.warning("subscribe refused", channel=msg.channel, reason=refusal)
                 self.send(p.Error(p.E_FORBIDDEN, refusal, msg.channel))
                 return
+            after = msg.after
+            if after is not None and self._hub.can_resume(msg.channel, after):
+                # Resume: confirm the seq the client holds, then feed it what followed.
+                self.subscriptions[msg.channel] = None
+                self._catching_up[msg.channel] = after
+                self.send(p.Subscribed(msg.channel, after))
+                self.log.debug("resumed", channel=msg.channel, after=after)
+                self._catch_up()
+                return
             seq = self._hub.subscribe(self, msg.channel)
             if seq is None:
                 self.log.info("subscribe refused", channel=msg.channel, reason="unknown channel")
@@ -236,11 +292,40 @@ class Session(asyncio.Protocol):
             self.send(p.Subscribed(msg.channel, seq))
             self.log.debug("subscribed", channel=msg.channel)
         elif isinstance(msg, p.Unsubscribe):
+            self._catching_up.pop(msg.channel, None)
             self._hub.unsubscribe(self, msg.channel)
             self.subscriptions.pop(msg.channel, None)
             self.send(p.Unsubscribed(msg.channel))
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} after attach")
+
+    def _catch_up(self) -> None:
+        """Feed catching-up channels from the replay buffer while the transport takes it; a
+        channel that is up to date joins the live stream in the same step (no gap, nothing
+        twice). Seqs the buffer dropped meanwhile show as a gap, which the client tells."""
+        transport = self.transport
+        catching_up = self._catching_up
+        while catching_up and not self.closing and transport is not None:
+            if transport.get_write_buffer_size() > self._catch_up_high:
+                return  # resume_writing() calls again
+            channel, after = next(iter(catching_up.items()))
+            step = self._hub.replay_after(channel, after)
+            if step is None:
+                del catching_up[channel]
+                self._hub.subscribe(self, channel)
+                continue
+            frame, last = step
+            catching_up[channel] = last
+            self.send_batch(frame, last - after)
+
+    def send_tick(self, frame: bytes) -> None:
+        """Write a Generation tick. A client still catching up would get it before older
+        notifications: it is cut instead, and re-attaches with the generation step."""
+        if self._catching_up and not self.closing:
+            self.log.info("client cut", reason="a reconnect to PostgreSQL while catching up")
+            self.abort()
+            return
+        self.send_frame(frame)
 
     def _handshake_expired(self) -> None:
         if not self.attached and not self.closing:
@@ -249,7 +334,7 @@ class Session(asyncio.Protocol):
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def send_batch(self, frame: bytearray, count: int) -> None:
+    def send_batch(self, frame: bytes | bytearray, count: int) -> None:
         """Write a sealed batch of ``count`` notifications (the hub writes the same frame to every
         subscriber)."""
         if not self.closing:
@@ -343,6 +428,7 @@ class Session(asyncio.Protocol):
             name=self.name,
             attached=self.attached,
             subscriptions=list(self.subscriptions),
+            catching_up=len(self._catching_up),
             bytes_waiting=self.write_buffer_size(),
             messages_sent=self.sent,
             notifications_sent=self.notifications_sent,

@@ -65,6 +65,8 @@ class ChannelStatus(msgspec.Struct, kw_only=True):
     subscribers: int
     received: int
     last_received: float | None
+    #: The oldest seq the replay buffer still holds (``received + 1``: none; added after 0.1.0).
+    replay_from: int | None = None
 
 
 class ClientStatus(msgspec.Struct, kw_only=True):
@@ -83,6 +85,8 @@ class ClientStatus(msgspec.Struct, kw_only=True):
     connected_at: float
     #: Always complete (added after 0.1.0; None from an older daemon: count ``subscriptions``).
     subscription_count: int | None = None
+    #: Channels the client still catches up on from the replay buffer after resuming.
+    catching_up: int = 0
 
     @property
     def subscribed(self) -> int:
@@ -105,6 +109,9 @@ class Totals(msgspec.Struct, kw_only=True):
     #: Status requests answered, and documents built to answer them (added after 0.1.0).
     status_requests: int = 0
     status_documents: int = 0
+    #: Bytes the replay buffer holds, of its --replay-bytes (added after 0.1.0).
+    replay_bytes: int = 0
+    replay_limit: int = 0
 
 
 class Omitted(msgspec.Struct, kw_only=True):
@@ -154,6 +161,9 @@ class Counters(msgspec.Struct):
     clients_cut_slow: int = 0
     status_requests: int = 0
     status_documents: int = 0
+    #: Bytes the replay buffer holds, of its --replay-bytes (added after 0.1.0).
+    replay_bytes: int = 0
+    replay_limit: int = 0
 
 
 class IncompatibleStatusError(ValueError):

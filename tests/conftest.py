@@ -116,21 +116,41 @@ class Daemon:
         env.pop("PGBUSD_SOCKET", None)
         self.log_path = self.workdir / f"daemon-{uuid.uuid4().hex[:6]}.log"
         with open(self.log_path, "wb") as log:
+            # Its own session, so that kill() also ends the successors of reloads (which are
+            # children of the first process, then of init), and nothing else.
             self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                cwd=self.workdir,  # not the checkout: PYTHONPATH decides what `-m pgbusd` runs
             )
         return self
 
     @property
     def pid(self) -> int:
+        """The pid of the process this fixture started (see :meth:`serving_pid` after reloads)."""
         assert self.proc is not None
         return self.proc.pid
+
+    def serving_pid(self) -> int | None:
+        """The pid of the daemon that holds the socket now (the last successor after reloads),
+        from the lock file it writes its pid into."""
+        try:
+            return int(Path(self.socket + ".lock").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        """Whether a daemon serves: the process started here, or the successor it handed to."""
+        if self.proc is not None and self.proc.poll() is None:
+            return True
+        pid = self.serving_pid()
+        return pid is not None and pid != self.pid and _running(pid)
 
     async def status(self) -> Status | None:
         """The daemon's status, asked by a short-lived client named :data:`STATUS_PROBE`.
@@ -169,15 +189,38 @@ class Daemon:
         return pid
 
     def terminate(self, timeout: float = 10.0) -> int:
+        """SIGTERM to the process started here; its exit status."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        """SIGKILL to every daemon process of this fixture (successors of reloads included)."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        pid = self.serving_pid()
+        if pid is not None and pid != self.proc.pid and _group_of(pid) == self.proc.pid:
+            wait_until_sync(lambda: not _running(pid), what=f"successor {pid} gone")
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
 
 
 @pytest.fixture

@@ -264,7 +264,7 @@ def test_a_request_lost_with_its_link_keeps_the_subscription_and_fails_a_status(
     att = attached(engine)
     s = sub(engine)
     request = engine.subscribe(s)
-    status = engine.request_status()
+    status = engine.request(p.StatusRequest())
     changes = att.lost(ConnectionResetError("reset"))
     assert set(changes.replies) == {request, status}
     assert request is not None
@@ -273,7 +273,7 @@ def test_a_request_lost_with_its_link_keeps_the_subscription_and_fails_a_status(
     with pytest.raises(pgbus.DaemonUnavailableError):
         status.result()
     with pytest.raises(pgbus.DaemonUnavailableError):
-        engine.request_status()
+        engine.request(p.StatusRequest())
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """The hub's batching, in process: what each subscriber is written, and in what order.
 
 The sessions here are recorders of what the hub writes to them (the hub's side of the session
-interface: ``send_batch`` and ``send_frame``); the frames are decoded with the clients' decoder.
+interface: ``send_batch``, ``send_frame`` and ``send_tick``); the frames are decoded with the
+clients' decoder.
 End-to-end delivery through sockets and PostgreSQL is covered by test_relay and test_seed.
 """
 
@@ -38,6 +39,9 @@ class Recorder:
     def send_frame(self, frame: bytes) -> None:
         self.frames.append(frame)
         self.written.set()
+
+    def send_tick(self, frame: bytes) -> None:
+        self.send_frame(frame)
 
     def messages(self) -> list[p.ServerMessage]:
         decoder = p.server_decoder()

@@ -518,15 +518,19 @@ async def lone_session(
 ) -> AsyncIterator[tuple[Counters, asyncio.StreamReader, asyncio.StreamWriter]]:
     """A Session over a real socket pair, given only its context: the seam to the daemon."""
     counters = Counters()
+
+    async def no_reload(environment: dict[str, str] | None) -> tuple[int, str]:
+        raise AssertionError("not asked")
+
     context = SessionContext(
-        daemon_id="0123456789abcdef",
-        hub=Hub(("a",)),
+        hub=Hub(("a",), daemon_id="0123456789abcdef"),
         access=AccessPolicy(),
         counters=counters,
         status=StatusDesk(build, counters),
         write_budget=1 << 20,
         max_clients=4,
         handshake_timeout=5.0,
+        reload=no_reload,
     )
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     transport, _ = await asyncio.get_running_loop().connect_accepted_socket(

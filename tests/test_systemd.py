@@ -292,12 +292,20 @@ async def test_socket_activation_serves_the_inherited_socket_and_leaves_it(
 
 @pytest.fixture
 def installed_units(workdir: Path) -> Path:
-    """Copies of the unit files with ExecStart= pointing at this environment's pgbusd."""
+    """Copies of the unit files with ExecStart= and ExecReload= pointing at this environment's
+    pgbusd and pgbusctl."""
     units = workdir / "units"
     units.mkdir()
     for name in UNIT_FILES:
         text = (UNITS / name).read_text()
         text = re.sub(r"^ExecStart=\S+", f"ExecStart={PGBUSD}", text, count=1, flags=re.MULTILINE)
+        text = re.sub(
+            r"^ExecReload=\S+",
+            f"ExecReload={PGBUSD.with_name('pgbusctl')}",
+            text,
+            count=1,
+            flags=re.MULTILINE,
+        )
         (units / name).write_text(text)
     return units
 

@@ -372,6 +372,76 @@ async def test_stop_tells_attached_clients_and_exits_cleanly(
     assert next(e for e in said if e["event"] == "shutting down")["clients"] == 1
 
 
+# -- reload: a hand-off to a successor --------------------------------------------------------
+
+
+async def psql_stream(lab: SystemdLab, channel: str, count: int) -> asyncio.subprocess.Process:
+    """psql in the lab committing 1..count on ``channel``, one every 10 ms, in the background."""
+    script = "".join(
+        f"SELECT pg_notify('{channel}', '{i}'); SELECT pg_sleep(0.01);\n"
+        for i in range(1, count + 1)
+    )
+    argv = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", SHARED_PG, "-U", "postgres",
+            "-d", "postgres", "-o", "/dev/null"]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *lab.command(argv, None, "/"), stdin=asyncio.subprocess.PIPE, env=dict(LAB_ENV)
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(script.encode())
+    proc.stdin.close()
+    return proc
+
+
+async def test_reload_under_load_moves_no_generation_and_hands_over_main_pid_and_watchdog(
+    lab: SystemdLab, client_processes: list[ClientProcess]
+) -> None:
+    dropin = "/etc/systemd/system/pgbusd.service.d/lab-watchdog.conf"
+    lab.write(dropin, f"[Service]\nWatchdogSec={WATCHDOG_SEC}\n")
+    lab.systemctl("daemon-reload")
+    lab.systemctl("restart", "pgbusd.service")
+    client, _ = await subscriber(lab, client_processes, SOCKET, CHANNELS[0])
+    before = lab.show("pgbusd.service", "MainPID", "NRestarts")
+    sender = await psql_stream(lab, CHANNELS[0], 400)
+
+    pids = [before["MainPID"]]
+    for _ in range(2):
+        lab.systemctl("reload", "pgbusd.service")  # returns once the successor serves
+        shown = lab.show("pgbusd.service", "MainPID", "ActiveState")
+        assert shown["ActiveState"] == "active"
+        assert shown["MainPID"] not in pids, "the successor is the main process"
+        pids.append(shown["MainPID"])
+    assert await sender.wait() == 0
+    # Every number, in order, with no generation step (payloads_until fails on anything else);
+    # the stream outlasted WatchdogSec after the last reload, so the successor pings.
+    assert await payloads_until(client, "400") == [str(i) for i in range(1, 401)]
+    after = lab.show("pgbusd.service", "MainPID", "NRestarts", "ActiveState", "StatusText")
+    assert after["MainPID"] == pids[-1]
+    assert after["NRestarts"] == before["NRestarts"], "no watchdog restart"
+    assert after["StatusText"].startswith("PostgreSQL connected, generation 1,")
+    journal = lab.journal("-u", "pgbusd.service", "-n", "200")
+    assert "Watchdog timeout" not in journal
+    assert "reload: the successor serves" in journal
+
+
+async def test_reload_under_socket_activation_keeps_the_socket_and_its_activation(
+    socket_activated: SystemdLab, client_processes: list[ClientProcess]
+) -> None:
+    lab = socket_activated
+    client, _ = await subscriber(lab, client_processes, SOCKET, CHANNELS[1])
+    first = lab.show("pgbusd.service", "MainPID")["MainPID"]
+
+    lab.systemctl("reload", "pgbusd.service")
+
+    assert lab.show("pgbusd.service", "MainPID")["MainPID"] != first
+    psql_notify(lab, CHANNELS[1], "after the reload")
+    assert await payloads_until(client, "after the reload") == ["after the reload"]
+    # The socket unit still owns the socket: stopped, the service is activated again.
+    lab.systemctl("stop", "pgbusd.service")
+    assert lab.show("pgbusd.socket", "ActiveState")["ActiveState"] == "active"
+    assert attach_once(lab, WORKER)["event"] == "attached"
+    assert lab.show("pgbusd.service", "ActiveState")["ActiveState"] == "active"
+
+
 # -- workers and the group ---------------------------------------------------------------------
 
 

@@ -184,13 +184,30 @@ class Bus(BusBase):
         Raises :class:`~pgbus.DaemonUnavailableError` while not attached, TimeoutError if the
         daemon does not answer within ``timeout`` seconds (default: ``attach_timeout``).
         """
-        request = self._engine.request_status()
+        request = self._engine.request(p.StatusRequest())
         self._flush()
         await self._wait_reply(request, timeout)
         reply = request.result()
         if not isinstance(reply, p.StatusReply):
             raise ProtocolError(f"unexpected reply to a status request: {reply!r}")
         return reply.status
+
+    async def reload(
+        self, environment: dict[str, str] | None = None, timeout: float | None = None
+    ) -> p.Reloaded:
+        """Ask the daemon to hand over to a successor process (``pgbusctl reload``); returns
+        once the successor serves. An operator's request: only root and the daemon's own user
+        may send it. ``environment``: the successor's PGBUSD_* and PG* variables instead of the
+        daemon's own. Raises :class:`~pgbus.RequestRefusedError` (code ``reload_failed``: the
+        daemon serves on, the message says why; ``forbidden``), TimeoutError after
+        ``timeout`` seconds (default: ``attach_timeout``)."""
+        request = self._engine.request(p.Reload(environment))
+        self._flush()
+        await self._wait_reply(request, timeout)
+        reply = request.result()
+        if not isinstance(reply, p.Reloaded):
+            raise ProtocolError(f"unexpected reply to a reload request: {reply!r}")
+        return reply
 
     async def wait_attached(self) -> None:
         """Wait until the bus is attached to a daemon (returns at once if it is).

@@ -622,6 +622,7 @@ _REPLIES: Final[dict[type, type]] = {
     p.Subscribe: p.Subscribed,
     p.Unsubscribe: p.Unsubscribed,
     p.StatusRequest: p.StatusReply,
+    p.Reload: p.Reloaded,
 }
 
 
@@ -741,13 +742,14 @@ class Engine:
             att.request(p.Unsubscribe(sub.channel))
         # A Subscribe still in flight is undone when its reply arrives (Attachment._settle).
 
-    def request_status(self) -> Request:
-        """Ask for the daemon's status document; DaemonUnavailableError while not attached."""
+    def request(self, message: p.StatusRequest | p.Reload) -> Request:
+        """Ask the daemon for its status document, or to reload; DaemonUnavailableError while
+        not attached. A request lost with its connection fails with DaemonUnavailableError."""
         self._check_open()
         att = self._attachment
         if att is None or att.state != _ATTACHED:
             raise DaemonUnavailableError("not attached to the daemon")
-        return att.request(p.StatusRequest())
+        return att.request(message)
 
     def close(self, failure: BaseException | None = None) -> Changes:
         """End the bus: every subscription ends, every request fails. ``failure``: why, when the
@@ -1060,7 +1062,7 @@ class Attachment:
                 req._resolve(None, engine._closed_error())
             elif type(req.message) is p.Subscribe:
                 req._resolve(None)  # kept: the next attach subscribes it
-            elif type(req.message) is p.StatusRequest:
+            elif type(req.message) is p.StatusRequest or type(req.message) is p.Reload:
                 err = DaemonUnavailableError(str(self.failure))
                 err.__cause__ = self.failure
                 req._resolve(None, err)

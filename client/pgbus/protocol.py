@@ -44,7 +44,10 @@ Daemon to client (:data:`ServerMessage`):
 
 Client to daemon (:data:`ClientMessage`): ``Attach`` (protocol version, pid, name; must be the
 first message, within the daemon's handshake timeout), ``Subscribe`` (channel, and ``after``
-for a resume, below), ``Unsubscribe``, ``StatusRequest``.
+for a resume, below), ``Unsubscribe``, ``StatusRequest``, and ``Reload`` (an operator's: only
+root and the daemon's own user may send it; the daemon hands its socket and lineage to a
+successor process and answers ``Reloaded`` once the successor serves, or an ``Error`` with code
+``reload_failed`` saying why it still serves itself). Replies come in request order.
 
 Ordering
 --------
@@ -155,8 +158,23 @@ class Goodbye(Message, tag="bye"):
     reason: str
 
 
+class Reloaded(Message, tag="reloaded"):
+    """The answer to ``Reload``: the successor (``pid``, running pgbusd ``version``) serves."""
+
+    pid: int
+    version: str
+
+
 ServerMessage = (
-    Hello | Notification | Generation | Subscribed | Unsubscribed | Error | StatusReply | Goodbye
+    Hello
+    | Notification
+    | Generation
+    | Subscribed
+    | Unsubscribed
+    | Error
+    | StatusReply
+    | Goodbye
+    | Reloaded
 )
 
 # -- client to daemon ---------------------------------------------------------------------------
@@ -182,7 +200,12 @@ class StatusRequest(Message, tag="status?"):
     pass
 
 
-ClientMessage = Attach | Subscribe | Unsubscribe | StatusRequest
+class Reload(Message, tag="reload"):
+    #: The successor's PGBUSD_* and PG* variables instead of the daemon's own (None: its own).
+    environment: dict[str, str] | None = None
+
+
+ClientMessage = Attach | Subscribe | Unsubscribe | StatusRequest | Reload
 
 # -- error codes carried in Error frames ----------------------------------------------------------
 
@@ -197,6 +220,8 @@ E_FORBIDDEN: Final = "forbidden"
 E_SHUTDOWN: Final = "shutdown"
 #: The reason of a Goodbye when a successor process takes over the socket (a hand-off reload).
 E_RELOAD: Final = "reload"
+#: A reload that did not happen (the daemon serves on); the message says why.
+E_RELOAD_FAILED: Final = "reload_failed"
 
 # -- encoding -----------------------------------------------------------------------------------
 

@@ -168,7 +168,7 @@ class SyncBus(BusBase):
         if the daemon does not answer within ``timeout`` seconds (default: ``attach_timeout``).
         """
         with self._lock:
-            request = self._engine.request_status()
+            request = self._engine.request(p.StatusRequest())
             self._flush()
             self._wait_reply(request, timeout)
             reply = request.result()

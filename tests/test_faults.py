@@ -324,10 +324,11 @@ async def _subscribers(bus: pgbus.Bus, channel: str, n: int) -> bool:
     return count == n
 
 
-async def test_stopped_worker_is_cut_then_reattaches_with_a_generation_step(
+async def test_stopped_worker_is_cut_then_reattaches_with_a_step_when_nothing_can_replay(
     daemon_factory: DaemonFactory, pg: Any, client_processes: list[ClientProcess]
 ) -> None:
-    d = daemon_factory(args=["--write-budget", str(64 * 1024)])
+    # With a replay buffer the worker would resume without a step (test_continuity.py).
+    d = daemon_factory(args=["--write-budget", str(64 * 1024), "--replay-bytes", "0"])
     await d.wait_generation(1)
     channel = d.channels[0]
     worker = await ClientProcess.start(d.socket, channel)

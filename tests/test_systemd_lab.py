@@ -401,6 +401,7 @@ async def test_reload_under_load_moves_no_generation_and_hands_over_main_pid_and
     lab.systemctl("restart", "pgbusd.service")
     client, _ = await subscriber(lab, client_processes, SOCKET, CHANNELS[0])
     before = lab.show("pgbusd.service", "MainPID", "NRestarts")
+    cursor = lab.cursor()
     sender = await psql_stream(lab, CHANNELS[0], 400)
 
     pids = [before["MainPID"]]
@@ -418,7 +419,7 @@ async def test_reload_under_load_moves_no_generation_and_hands_over_main_pid_and
     assert after["MainPID"] == pids[-1]
     assert after["NRestarts"] == before["NRestarts"], "no watchdog restart"
     assert after["StatusText"].startswith("PostgreSQL connected, generation 1,")
-    journal = lab.journal("-u", "pgbusd.service", "-n", "200")
+    journal = lab.journal("--after-cursor", cursor, "-u", "pgbusd.service")
     assert "Watchdog timeout" not in journal
     assert "reload: the successor serves" in journal
 

@@ -70,6 +70,7 @@ async def ensure_stream(
     *,
     max_age: float = 24 * 3600.0,
     max_bytes: int = -1,
+    max_msgs: int = -1,
     duplicate_window: float = 120.0,
 ) -> api.StreamInfo:
     """The fleet stream (file storage, limits retention), created if missing, left as it is
@@ -87,6 +88,7 @@ async def ensure_stream(
         discard=api.DiscardPolicy.OLD,
         max_age=max_age,
         max_bytes=max_bytes,
+        max_msgs=max_msgs,
         duplicate_window=duplicate_window,
         num_replicas=1,
     )

@@ -13,7 +13,10 @@ from pgbusd.fleet.subjects import StreamSubjects, channel_token, token_channel
 _PLAIN_TOKEN = re.compile(r"[A-Za-z0-9_~-]+")
 
 channels = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    alphabet=st.characters(
+        categories=["L", "M", "N", "P", "S", "Z", "Cc", "Cf", "Co", "Cn"],
+        blacklist_characters="\x00",
+    ),
     min_size=1,
     max_size=63,
 ).filter(lambda c: len(c.encode()) <= 63)

@@ -93,7 +93,14 @@ class Fleet:
         for channel in self.channels:
             args += ["--channel", channel]
         args += ["--bridge-id", name, "--lease-ttl", "1.5", "--marker-interval", "0.2"]
-        args += ["--ack-timeout", "1", "--status", str(self.workdir / f"{name}.status")]
+        args += [
+            "--ack-timeout",
+            "1",
+            "--checkpoint-interval",
+            "0.5",
+            "--status",
+            str(self.workdir / f"{name}.status"),
+        ]
         return self._add(Proc(self.workdir, name, args))
 
     def host(self, name: str) -> Proc:
@@ -168,7 +175,8 @@ def live_view(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     generation = events[first]["g"]
     last_seq: dict[str, int] = dict(events[first]["seqs"])
     stepped: set[str] = set()
-    notes, ticks = [], 0
+    notes: list[dict[str, Any]] = []
+    ticks = 0
     for e in events[first + 1 :]:
         if e["e"] == "tick":
             assert e["g"] > generation
@@ -350,3 +358,35 @@ async def test_nats_restarted_or_unreachable_loses_nothing_or_steps_once(
         assert got == sender.sent
     else:  # what is missing is missing behind the one step (live_view checked the seqs)
         assert [p for p in sender.sent if p in set(got)] == got
+
+
+async def test_a_standby_that_cannot_place_the_frontier_takes_over_with_one_step(
+    fleet: Fleet,
+) -> None:
+    a, b = await start_fleet(fleet, hosts=1, standby=True)
+    await b.wait(lambda st: st["held"]["placed"], "the standby placed the stream's frontier")
+    sender = Sender(fleet.channels)
+    await sender.send(100)
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGSTOP)  # the publisher stores nothing more, sends no marker
+    st = b.status()
+    assert st is not None
+    assert sender.conn is not None
+    # The standby's connection is replaced: nothing it held can be placed in the new one.
+    assert await sender.conn.fetchval("SELECT pg_terminate_backend($1)", st["backend_pid"])
+    await b.wait(lambda s: s["pg_connections"] >= 2 and s["postgres_listening"], "reconnected")
+    a.kill()
+    st = await b.wait(publishing, "the standby to take over", timeout=30)
+    assert not st["last_takeover"]["exact"]
+    await sender.send(100)
+    await sender.close()
+    await wait_until(
+        lambda: {"199"} <= {n["p"] for n in live_view(fleet.events("h0"))[0]},
+        30,
+        what="delivery after the takeover",
+    )
+    notes, ticks = live_view(fleet.events("h0"))
+    assert ticks == 1
+    got = payloads(notes)
+    assert len(got) == len(set(got))
+    assert got[-100:] == sender.sent[-100:]

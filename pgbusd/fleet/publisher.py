@@ -35,7 +35,9 @@ seq) and counted; once the buffer has drained to half, a :class:`~pgbusd.fleet.s
 notification kept before them, before every one accepted after. Never a silent loss.
 
 Checkpoints (the whole seq vector) are appended when the term starts and then every
-``checkpoint_interval`` seconds while messages flow.
+``checkpoint_interval`` seconds while messages flow or the position moves (markers arrive
+every second or so, so an idle stream gets one checkpoint per interval: a standby can always
+place the frontier, and a stream with ``max_age`` is never emptied by a quiet night).
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ class StreamPublisher:
         self._sub: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._since_checkpoint = 0
+        self._appended_pos: tuple[str | None, int] = (state.mark, state.off)
         self.fenced = False
         self.deposed_reason: str | None = None
         self.closed = False
@@ -314,6 +317,7 @@ class StreamPublisher:
         )
         self._next_index += 1
         self._since_checkpoint += 1
+        self._appended_pos = (message.mark, message.off)
         self._buffered += len(data)
         self._wake.set()
 
@@ -373,7 +377,10 @@ class StreamPublisher:
                 self._resync_needed(f"no ack within {self.ack_timeout}s")
             if now - last_checkpoint >= self.checkpoint_interval:
                 last_checkpoint = now
-                if self._since_checkpoint:
+                # Also when only markers moved the position: a standby can then place the
+                # frontier (and take over exactly) even after a quiet stretch.
+                moved = (self.stamp.mark, self.stamp.off) != self._appended_pos
+                if self._since_checkpoint or moved:
                     self.checkpoint()
 
     def _resync_needed(self, why: str) -> None:

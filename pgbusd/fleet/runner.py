@@ -271,6 +271,7 @@ def main(log_level: str) -> None:
 @click.option("--max-in-flight", type=int, default=64, show_default=True)
 @click.option("--max-buffer-bytes", type=int, default=64 << 20, show_default=True)
 @click.option("--ack-timeout", type=float, default=5.0, show_default=True)
+@click.option("--checkpoint-interval", type=float, default=5.0, show_default=True)
 @click.option("--status", type=click.Path(path_type=Path))
 def bridge(
     nats_url: str,
@@ -283,10 +284,12 @@ def bridge(
     max_in_flight: int,
     max_buffer_bytes: int,
     ack_timeout: float,
+    checkpoint_interval: float,
     status: Path | None,
 ) -> None:
     """Run one bridge."""
     options = {
+        "checkpoint_interval": checkpoint_interval,
         "max_in_flight": max_in_flight,
         "max_buffer_bytes": max_buffer_bytes,
         "ack_timeout": ack_timeout,

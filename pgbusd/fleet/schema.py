@@ -198,6 +198,7 @@ class StreamState:
         judged against what was stored).
         """
         problems: list[str] = []
+        same_lineage = message.lineage == self.lineage
         if isinstance(message, Checkpoint):
             if message.lineage == self.lineage and _nonzero(message.seqs) != _nonzero(self.seqs):
                 problems.append("checkpoint disagrees with the seqs applied so far")
@@ -214,7 +215,7 @@ class StreamState:
                         f"{message.channel!r} seq {message.first_seq}, expected {expected}"
                     )
                 self.seqs[message.channel] = message.last_seq
-        if message.generation < self.generation and not problems:
+        if message.generation < self.generation and same_lineage and not problems:
             problems.append(f"generation {message.generation} after {self.generation}")
         self.generation = message.generation
         self.mark, self.off = message.mark, message.off

@@ -313,6 +313,8 @@ class Bridge:
         assert self.lease is not None
         assert self.follower is not None
         term = f"{self.bridge_id}-{secrets.token_hex(4)}"
+        # Cleared before the lease is taken: a loss from here on ends the term it would start.
+        self._demoted.clear()
         if not await self.lease.try_acquire(term):
             return False
         self.role = TAKING_OVER
@@ -432,7 +434,6 @@ class Bridge:
                 publisher.submit(entry.pid, entry.channel, entry.payload, entry.mark, entry.off)
         self.publisher = publisher
         self.role = PUBLISHING
-        self._demoted.clear()
         self.takeovers += 1
         self.exact_takeovers += exact
         self.last_takeover = {

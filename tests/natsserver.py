@@ -6,6 +6,7 @@ and may kill, stop and restart it (same port, same storage) to see what survives
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -17,6 +18,29 @@ from pathlib import Path
 from tests.cluster import free_port
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+def freeze(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it is stopped.
+
+    A signal is delivered asynchronously: a process still running for a moment would, say,
+    acknowledge what a test sends next.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    tasks = Path(f"/proc/{pid}/task")
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for task in tasks.iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                continue
+        if states and all(state in ("T", "t") for state in states):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process {pid} not stopped: thread states {states}")
+        time.sleep(0.001)
 
 
 class NatsServer:
@@ -65,6 +89,15 @@ class NatsServer:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server is unreachable (connections hang) until :meth:`resume`."""
+        assert self.proc is not None
+        freeze(self.proc.pid)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import DSN, unique_channel, wait_until
 from tests.fleet_helpers import nats_server_fixture, unique_stream
-from tests.natsserver import NatsServer
+from tests.natsserver import NatsServer, freeze
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -337,12 +337,11 @@ async def test_nats_restarted_or_unreachable_loses_nothing_or_steps_once(
     await wait_until(lambda: len(sender.sent) > 200, 30, what="load")
     await asyncio.to_thread(nats_server.restart)
     await wait_until(lambda: len(sender.sent) > 450, 30, what="load")
-    assert nats_server.proc is not None
-    nats_server.proc.send_signal(signal.SIGSTOP)
+    nats_server.pause()
     try:
         await wait_until(lambda: len(sender.sent) > 700, 30, what="load while unreachable")
     finally:
-        nats_server.proc.send_signal(signal.SIGCONT)
+        nats_server.resume()
     await load
     await sender.close()
     await wait_until(
@@ -368,7 +367,7 @@ async def test_a_standby_that_cannot_place_the_frontier_takes_over_with_one_step
     sender = Sender(fleet.channels)
     await sender.send(100)
     assert a.proc is not None
-    a.proc.send_signal(signal.SIGSTOP)  # the publisher stores nothing more, sends no marker
+    freeze(a.proc.pid)  # the publisher stores nothing more, sends no marker
     st = b.status()
     assert st is not None
     assert sender.conn is not None

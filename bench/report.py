@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 
+from bench.dbcost import SETUPS, DbCostResult
 from bench.scenarios import BurstResult, BurstRun, FanoutResult, LatencyResult, ScaleResult
 
 #: The targets of issue 6, compared within one run.
@@ -35,6 +36,7 @@ class Results(msgspec.Struct):
     fanout: list[FanoutResult] = []
     latency: list[LatencyResult] = []
     scale: ScaleResult | None = None
+    dbcost: DbCostResult | None = None
     errors: list[str] = []
     targets: list[Target] = []
 
@@ -245,6 +247,29 @@ def render(res: Results) -> str:
                  _n(s.load_latency.p50_ms, ".3f"), _n(s.load_latency.p99_ms, ".3f")],
             ],
         )  # fmt: skip
+    if res.dbcost is not None:
+        d = res.dbcost
+        rows = [["0 (no listener)", _n(d.baseline), _n(d.baseline), _n(d.baseline), "", ""]]
+        for point in d.points:
+            c = point.commits
+            rows.append(
+                [
+                    str(point.k),
+                    *(_n(c.get(setup, math.nan)) for setup in SETUPS),
+                    _n(c.get("bridge", math.nan) / c.get("direct", math.nan), ".2f"),
+                    _n(c.get("bridge", math.nan) / c.get("per_host", math.nan), ".2f"),
+                ]
+            )
+        lines += _table(
+            f"5. Database cost: NOTIFY commits/s ({d.clients} pgbench clients, "
+            f"{d.seconds:g} s each) while K hosts' listeners hold connections",
+            ["K hosts", "direct LISTEN", "pgbusd per host", "one fleet bridge",
+             "bridge/direct", "bridge/per host"],
+            rows,
+        )  # fmt: skip
+        for point in d.points:
+            for setup, error in point.errors.items():
+                lines.append(f"   K={point.k} {setup} failed: {error}")
     if res.targets:
         lines += ["", "Targets"]
         lines += [

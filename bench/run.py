@@ -25,11 +25,11 @@ import asyncpg
 import click
 import msgspec
 
-from bench import report, scenarios
+from bench import dbcost, report, scenarios
 from bench.procs import ROOT, BenchError, Fleet
 from bench.worker import raise_nofile_limit
 
-SECTIONS = ("throughput", "fanout", "latency", "scale")
+SECTIONS = ("throughput", "fanout", "latency", "scale", "dbcost")
 
 #: What --quick changes (anything given explicitly still wins).
 QUICK: dict[str, Any] = {
@@ -42,6 +42,8 @@ QUICK: dict[str, Any] = {
     "scale_rate": 2_000,
     "scale_seconds": 2.0,
     "idle_seconds": 2.0,
+    "dbcost_k": (1, 10),
+    "dbcost_seconds": 2.0,
 }
 
 
@@ -140,6 +142,15 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
                     await scenarios.latency(settings, fleet, _log, res.latency, samples)
                 elif section == "scale":
                     res.scale = await scenarios.scale(settings, fleet, _log)
+                elif section == "dbcost":
+                    res.dbcost = await dbcost.dbcost(
+                        settings.dsn,
+                        settings.dbcost_k,
+                        settings.dbcost_seconds,
+                        settings.dbcost_clients,
+                        fleet,
+                        _log,
+                    )
             except (BenchError, asyncpg.PostgresError, OSError) as exc:
                 res.errors.append(f"{section}: {exc}")
                 _log(f"section {section} failed: {exc}")
@@ -161,6 +172,15 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
             res.errors.append("no chart: matplotlib is missing (pip install -e '.[bench]')")
         else:
             shutil.copyfile(png_path, out / "latest.png")
+            written.append(png_path)
+    if res.dbcost is not None and res.dbcost.points:
+        png_path = out / f"dbcost-{stamp}.png"
+        try:
+            dbcost.chart(res.dbcost, png_path, res.commit, res.date)
+        except ImportError:
+            res.errors.append("no chart: matplotlib is missing (pip install -e '.[bench]')")
+        else:
+            shutil.copyfile(png_path, out / "latest-dbcost.png")
             written.append(png_path)
     click.echo(report.render(res))
     click.echo("")
@@ -199,6 +219,9 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
 @click.option("--scale-rate", type=int, help="Scale: notifications per second under load.")
 @click.option("--scale-seconds", type=float, help="Scale: seconds of load.")
 @click.option("--idle-seconds", type=float, help="Scale: seconds of idle measurement.")
+@click.option("--dbcost-k", help="Database cost: host counts K.  [default: 1,10,50]")
+@click.option("--dbcost-seconds", type=float, help="Database cost: seconds per pgbench run.")
+@click.option("--dbcost-clients", type=int, help="Database cost: pgbench clients.  [default: 2]")
 @click.option(
     "--daemon-arg",
     "daemon_args",
@@ -223,7 +246,7 @@ def main(
 ) -> None:
     """Measure pgbusd against raw asyncpg LISTEN, side by side, in one run."""
     raise_nofile_limit()
-    for key in ("sizes", "fanout", "rates"):
+    for key in ("sizes", "fanout", "rates", "dbcost_k"):
         sizes[key] = _ints(sizes[key])
     sizes["daemon_args"] = sizes["daemon_args"] or None
     given = {k: v for k, v in sizes.items() if v is not None}

@@ -66,6 +66,10 @@ class Settings:
     scale_rate: int = 5_000
     scale_seconds: float = 10.0
     idle_seconds: float = 5.0
+    #: Database cost: host counts, seconds per pgbench run, pgbench clients.
+    dbcost_k: tuple[int, ...] = (1, 10, 50)
+    dbcost_seconds: float = 5.0
+    dbcost_clients: int = 2
     #: Extra pgbusd options for every daemon the benchmark starts.
     daemon_args: tuple[str, ...] = ()
     #: If set, py-spy flame graphs of the throughput daemon and client go to PREFIX-daemon.svg and

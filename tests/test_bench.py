@@ -20,6 +20,7 @@ TINY = [
     *("--rates", "200", "--latency-seconds", "0.5"),
     *("--scale-clients", "20", "--scale-channels", "4", "--scale-rate", "100"),
     *("--scale-seconds", "0.5", "--idle-seconds", "0.5"),
+    *("--dbcost-k", "1,2", "--dbcost-seconds", "1"),
 ]
 
 
@@ -35,7 +36,14 @@ def test_bench_runs_every_section_side_by_side_and_writes_table_json_and_chart(
     )
     assert result.returncode == 0, result.stdout + result.stderr
     table = result.stdout
-    for heading in ("1. Throughput", "2. Fan-out", "3. Latency", "4. Scale", "Targets"):
+    for heading in (
+        "1. Throughput",
+        "2. Fan-out",
+        "3. Latency",
+        "4. Scale",
+        "5. Database cost",
+        "Targets",
+    ):
         assert heading in table, f"{heading!r} missing from the table"
 
     res = json.loads((tmp_path / "latest.json").read_text())
@@ -61,6 +69,16 @@ def test_bench_runs_every_section_side_by_side_and_writes_table_json_and_chart(
     assert scale["clients"] == 20
     assert scale["idle"]["rss_mib"] > 0
     assert scale["deliveries"] == scale["load_latency"]["samples"] > 0
+
+    cost = res["dbcost"]
+    assert cost["baseline"] > 0
+    assert [p["k"] for p in cost["points"]] == [1, 2]
+    for p in cost["points"]:
+        assert p["errors"] == {}
+        assert set(p["commits"]) == {"direct", "per_host", "bridge"}
+        assert all(v > 0 for v in p["commits"].values())
+        assert p["listeners"] == {"direct": p["k"], "per_host": p["k"], "bridge": 1}
+    assert (tmp_path / "latest-dbcost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     charts = list(tmp_path.glob("bench-*.png"))
     assert len(charts) == 1

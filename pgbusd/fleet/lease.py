@@ -1,0 +1,147 @@
+"""One publisher among bridges: a lease in a JetStream key-value bucket.
+
+nats-py has no election API; a key does. The bucket (``<STREAM>_LEASE``, history 1) has a TTL
+(its ``max_age``): a value not rewritten within ``ttl`` seconds disappears. The lease is the key
+``publisher``:
+
+- **acquire**: ``create`` (stores only if the key is absent: no holder, or the holder's value
+  expired, or was deleted on a clean release);
+- **renew**: ``update(last=revision)``, a compare-and-set on the revision this bridge wrote
+  last; it fails if anyone else wrote the key since;
+- **release**: ``delete(last=revision)`` on a clean stop, so a standby takes over at once.
+
+Fencing. A holder counts its lease as valid until ``sent + ttl - margin``, where ``sent`` is when
+it *sent* the last renewal that succeeded (the server can only have expired the key later than
+``sent + ttl``). A holder that cannot renew (NATS unreachable, a pause) therefore stops
+publishing before any other bridge can acquire the key. Should clocks or a stalled process
+defeat that, the publisher's message chain still fences it (see :mod:`pgbusd.fleet.publisher`):
+the lease keeps bridges from fighting; correctness does not depend on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import msgspec
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+KEY = "publisher"
+
+
+class LeaseValue(msgspec.Struct):
+    bridge: str
+    term: str
+    since: float
+
+
+class PublisherLease:
+    """This bridge's view of the lease (runtime state only)."""
+
+    def __init__(self, kv: KeyValue, bridge_id: str, ttl: float, margin: float | None = None):
+        self.kv = kv
+        self.bridge_id = bridge_id
+        self.ttl = ttl
+        #: Safety margin kept off the TTL (default a quarter of it).
+        self.margin = ttl / 4 if margin is None else margin
+        self.revision: int | None = None
+        self.term: str | None = None
+        self._valid_until = 0.0
+        #: The holder as last read (this bridge or another), for status.
+        self.holder: LeaseValue | None = None
+        self.acquired = 0
+        self.lost = 0
+
+    @property
+    def renew_interval(self) -> float:
+        return self.ttl / 4
+
+    @property
+    def held(self) -> bool:
+        """True while this bridge holds the lease and it cannot have expired for others."""
+        return self.revision is not None and time.monotonic() < self._valid_until
+
+    @property
+    def valid_until(self) -> float:
+        """time.monotonic() past which this bridge must not publish (0 if it holds nothing)."""
+        return self._valid_until if self.revision is not None else 0.0
+
+    async def try_acquire(self, term: str) -> bool:
+        """Take the lease for ``term`` if nobody holds it; False if someone does."""
+        value = LeaseValue(self.bridge_id, term, time.time())
+        sent = time.monotonic()
+        try:
+            revision = await self.kv.create(KEY, msgspec.json.encode(value))
+        except KeyWrongLastSequenceError:
+            await self.read()
+            return False
+        self.revision, self.term, self.holder = revision, term, value
+        self._valid_until = sent + self.ttl - self.margin
+        self.acquired += 1
+        return True
+
+    async def renew(self) -> bool:
+        """Extend the lease; False (and no longer held) if someone else wrote the key.
+
+        Network errors propagate: the lease stays held until :attr:`valid_until`, no longer.
+        """
+        if self.revision is None or self.term is None:
+            return False
+        value = LeaseValue(self.bridge_id, self.term, time.time())
+        sent = time.monotonic()
+        try:
+            self.revision = await self.kv.update(
+                KEY, msgspec.json.encode(value), last=self.revision
+            )
+        except (KeyWrongLastSequenceError, KeyNotFoundError):
+            self.forget()
+            await self.read()
+            return False
+        self._valid_until = sent + self.ttl - self.margin
+        return True
+
+    async def release(self) -> None:
+        """Give the lease up (a clean stop): the standby need not wait for the TTL."""
+        revision = self.revision
+        self.forget()
+        if revision is not None:
+            with contextlib.suppress(Exception):
+                await self.kv.delete(KEY, last=revision)
+
+    def forget(self) -> None:
+        """Stop counting on the lease (lost, released, or expired)."""
+        if self.revision is not None:
+            self.lost += 1
+        self.revision = None
+        self.term = None
+        self._valid_until = 0.0
+
+    async def read(self) -> LeaseValue | None:
+        """Who holds the lease now (None: nobody)."""
+        try:
+            entry = await self.kv.get(KEY)
+        except KeyNotFoundError:
+            self.holder = None
+            return None
+        if entry.value is None or entry.operation not in (None, "PUT"):
+            self.holder = None
+            return None
+        try:
+            self.holder = msgspec.json.decode(entry.value, type=LeaseValue)
+        except msgspec.DecodeError:
+            self.holder = None
+        return self.holder
+
+    def summary(self) -> dict[str, Any]:
+        holder = self.holder
+        return {
+            "held": self.held,
+            "ttl": self.ttl,
+            "term": self.term,
+            "revision": self.revision,
+            "holder": None if holder is None else msgspec.structs.asdict(holder),
+            "acquired": self.acquired,
+            "lost": self.lost,
+        }

@@ -1,0 +1,510 @@
+"""The bridge's writer: every notification into the stream, in order, pipelined, fenced.
+
+:meth:`StreamPublisher.submit` is called synchronously for each notification (from asyncpg's
+read callback); it stamps the notification (lineage, generation, the channel's next seq) and
+appends it to the open *run*: consecutive notifications on one channel within one event-loop
+turn, bounded in bytes. At the end of the turn (or when the channel changes, or the run is full)
+the run is sealed into one :class:`~pgbusd.fleet.schema.Batch`. It never waits and never raises.
+
+Ordering and fencing
+--------------------
+A publisher *term* writes messages 1, 2, 3, ... with ``Nats-Msg-Id: <term>.<i>``, and message
+``i`` carries ``Nats-Expected-Last-Msg-Id: <term>.<i-1>``: JetStream stores it only if the
+stream's last message is exactly its predecessor. Message 1 expects the message the term started
+after (``Nats-Expected-Last-Sequence`` when there is none, or when it cannot be read). So:
+
+- up to ``max_in_flight`` messages are sent without waiting for acks, and yet the stream can
+  only ever hold a *prefix* of the term's messages, contiguous and in order: a message lost on
+  the way (a reconnect) makes every later one fail instead of overtaking it;
+- a retry cannot duplicate: a re-sent message that is already stored is acknowledged as a
+  duplicate (``Nats-Msg-Id``, checked by JetStream before the expectations), and even past the
+  duplicate window it fails its expectation instead of being stored twice;
+- a deposed publisher cannot write after a takeover: the new publisher's first message expects
+  the message it read as last, so whichever write comes second fails. When a write fails, or an
+  ack does not come within ``ack_timeout``, or NATS reconnected, the publisher *resyncs*: it
+  reads the stream's last message; if that is one of its own, everything up to it is stored and
+  sending resumes after it; if it is anyone else's, the publisher was deposed: it stops for
+  good and calls ``on_deposed``.
+
+Buffer and gaps
+---------------
+Everything not yet acknowledged is kept (``buffered_bytes``, bounded by ``max_buffer_bytes``), so
+a NATS outage costs nothing until the bound. Past it, notifications are dropped (never given a
+seq) and counted; once the buffer has drained to half, a :class:`~pgbusd.fleet.schema.Tick`
+(reason ``overflow``) is appended exactly where the dropped notifications were: after every
+notification kept before them, before every one accepted after. Never a silent loss.
+
+Checkpoints (the whole seq vector) are appended when the term starts and then every
+``checkpoint_interval`` seconds while messages flow or the position moves (markers arrive
+every second or so, so an idle stream gets one checkpoint per interval: a standby can always
+place the frontier, and a stream with ``max_age`` is never emptied by a quiet night).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+
+from pgbus.backoff import Backoff
+from pgbusd.fleet import schema as s
+from pgbusd.fleet.subjects import StreamSubjects
+
+#: Called with (mark, off, stream_seq) of the last message of every acknowledged stretch.
+OnStored = Callable[[str | None, int, int], None]
+OnDeposed = Callable[[str], None]
+
+#: Per-notification overhead counted against the buffer bound besides its payload and channel.
+_NOTE_OVERHEAD = 24
+
+
+@dataclass(slots=True)
+class _Entry:
+    index: int
+    subject: str
+    data: bytes
+    mark: str | None
+    off: int
+    notes: int
+    sent_at: float = 0.0
+
+
+class _Run:
+    __slots__ = ("bytes", "channel", "first_seq", "mark", "notes", "off")
+
+    def __init__(self, channel: str, first_seq: int) -> None:
+        self.channel = channel
+        self.first_seq = first_seq
+        self.notes: list[tuple[int, str]] = []
+        self.bytes = 0
+        self.mark: str | None = None
+        self.off = 0
+
+
+class StreamPublisher:
+    """One publisher term (see the module docstring). Start with :meth:`start`."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: StreamSubjects,
+        state: s.StreamState,
+        *,
+        term: str,
+        bridge_id: str = "",
+        max_in_flight: int = 64,
+        max_buffer_bytes: int = 64 << 20,
+        max_batch_bytes: int = 256 << 10,
+        ack_timeout: float = 5.0,
+        checkpoint_interval: float = 5.0,
+        on_stored: OnStored | None = None,
+        on_deposed: OnDeposed | None = None,
+        log: Any = None,
+    ) -> None:
+        if state.lineage is None:
+            raise ValueError("a publisher needs the lineage it writes")
+        self.nc = nc
+        self.subjects = subjects
+        self.term = term
+        self.bridge_id = bridge_id
+        self.max_in_flight = max_in_flight
+        self.max_buffer_bytes = max_buffer_bytes
+        self.max_batch_bytes = max_batch_bytes
+        self.ack_timeout = ack_timeout
+        self.checkpoint_interval = checkpoint_interval
+        self.on_stored = on_stored
+        self.on_deposed = on_deposed
+        self.log = log
+        #: What the stream holds after everything submitted so far (stamping runs ahead of acks).
+        self.stamp = state.copy()
+        self.lineage: str = state.lineage
+        # The last message known stored: (term index, its msg id or None if unknown, stream seq).
+        self._anchor: tuple[int, str | None, int] = (0, state.msg_id, state.stream_seq)
+        self._queue: deque[_Entry] = deque()
+        self._next_index = 1
+        self._next_send = 1
+        self._run: _Run | None = None
+        self._seal_handle: asyncio.Handle | None = None
+        self._buffered = 0
+        self._dropping = False
+        self._gap_pos: tuple[str | None, int] = (None, 0)
+        self._subject_of: dict[str, str] = {}
+        self._wake = asyncio.Event()
+        self._need_resync = False
+        self._epoch = 0
+        self._inbox = ""
+        self._sub: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._since_checkpoint = 0
+        self._appended_pos: tuple[str | None, int] = (state.mark, state.off)
+        self.fenced = False
+        self.deposed_reason: str | None = None
+        self.closed = False
+        # counters
+        self.submitted = 0
+        self.stored_notes = 0
+        self.stored_messages = 0
+        self.dropped = 0
+        self.gaps = 0
+        self.resyncs = 0
+        self.last_ack_at: float | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe to acks, start sending; appends the term's opening checkpoint first."""
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(
+            self._inbox + ".>", cb=self._on_ack, pending_msgs_limit=1_000_000
+        )
+        self.checkpoint()
+        self._tasks = [
+            asyncio.create_task(self._pump(), name="fleet-publisher"),
+            asyncio.create_task(self._watchdog(), name="fleet-publisher-watchdog"),
+        ]
+
+    def fence(self, reason: str) -> None:
+        """Stop sending now, for good (the lease may be gone). Nothing more reaches the stream
+        from this term except what is already on the wire, which its expectations guard."""
+        if not self.fenced:
+            self.fenced = True
+            self.deposed_reason = reason
+            self._wake.set()
+
+    async def close(self, drain_timeout: float = 0.0) -> None:
+        """Stop; first wait up to ``drain_timeout`` for everything submitted to be stored."""
+        self._seal()
+        deadline = time.monotonic() + drain_timeout
+        while self._queue and not self.fenced and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self.closed = True
+        self.fenced = True
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    def reconnected(self) -> None:
+        """NATS reconnected: whatever was in flight is uncertain, resync before sending more."""
+        self._need_resync = True
+        self._wake.set()
+
+    # -- from PostgreSQL (synchronous, never raises) --------------------------------------------
+
+    def submit(self, pid: int, channel: str, payload: str, mark: str | None, off: int) -> None:
+        """One notification at position (``mark``, ``off``)."""
+        self.submitted += 1
+        self.stamp.mark, self.stamp.off = mark, off
+        size = len(payload) + len(channel) + _NOTE_OVERHEAD
+        if self._dropping:
+            if self._buffered > self.max_buffer_bytes // 2:
+                self._drop(mark, off)
+                return
+            self._gap_tick()
+        elif self._buffered + size > self.max_buffer_bytes:
+            self._dropping = True
+            self.gaps += 1
+            self._drop(mark, off)
+            if self.log is not None:
+                self.log.error(
+                    "fleet publisher buffer full: dropping until it drains to half",
+                    buffered=self._buffered,
+                )
+            return
+        run = self._run
+        if run is None or run.channel != channel or run.bytes + size > self.max_batch_bytes:
+            self._seal()
+            run = self._run = _Run(channel, self.stamp.seqs.get(channel, 0) + 1)
+        run.notes.append((pid, payload))
+        run.bytes += size
+        run.mark, run.off = mark, off
+        self.stamp.seqs[channel] = run.first_seq + len(run.notes) - 1
+        self._buffered += size
+        if self._seal_handle is None:
+            self._seal_handle = asyncio.get_running_loop().call_soon(self._end_of_turn)
+
+    def advance(self, mark: str | None, off: int) -> None:
+        """The position moved without a notification to store (a marker arrived)."""
+        self.stamp.mark, self.stamp.off = mark, off
+
+    def tick(self, reason: str, mark: str | None, off: int) -> int:
+        """Append a generation step here; returns the new generation."""
+        self._seal()
+        self.stamp.generation += 1
+        self.stamp.mark, self.stamp.off = mark, off
+        self._append(
+            self.subjects.ticks,
+            s.Tick(self.lineage, self.stamp.generation, mark, off, reason),
+            0,
+        )
+        return self.stamp.generation
+
+    def checkpoint(self) -> None:
+        """Append the whole seq vector here."""
+        self._seal()
+        st = self.stamp
+        self._append(
+            self.subjects.checkpoints,
+            s.Checkpoint(
+                self.lineage,
+                st.generation,
+                st.mark,
+                st.off,
+                dict(st.seqs),
+                self.term,
+                self.bridge_id,
+            ),
+            0,
+        )
+        self._since_checkpoint = 0
+
+    def _drop(self, mark: str | None, off: int) -> None:
+        self.dropped += 1
+        self._gap_pos = (mark, off)
+
+    def _gap_tick(self) -> None:
+        self._dropping = False
+        mark, off = self._gap_pos
+        generation = self.tick("overflow", mark, off)
+        if self.log is not None:
+            self.log.warning(
+                "fleet publisher dropped notifications; generation step published",
+                generation=generation,
+                dropped=self.dropped,
+            )
+
+    def _end_of_turn(self) -> None:
+        self._seal_handle = None
+        self._seal()
+
+    def _seal(self) -> None:
+        run, self._run = self._run, None
+        if run is None:
+            return
+        subject = self._subject_of.get(run.channel)
+        if subject is None:
+            subject = self._subject_of[run.channel] = self.subjects.notes(run.channel)
+        batch = s.Batch(
+            self.lineage,
+            self.stamp.generation,
+            run.mark,
+            run.off,
+            run.channel,
+            run.first_seq,
+            run.notes,
+        )
+        self._buffered -= run.bytes
+        self._append(subject, batch, len(run.notes))
+
+    def _append(self, subject: str, message: s.StreamMessage, notes: int) -> None:
+        data = s.encode(message)
+        self._queue.append(
+            _Entry(self._next_index, subject, data, message.mark, message.off, notes)
+        )
+        self._next_index += 1
+        self._since_checkpoint += 1
+        self._appended_pos = (message.mark, message.off)
+        self._buffered += len(data)
+        self._wake.set()
+
+    # -- to NATS -----------------------------------------------------------------------------
+
+    def _headers(self, index: int) -> dict[str, str]:
+        headers = {s.H_SCHEMA: str(s.SCHEMA_VERSION), s.H_MSG_ID: s.msg_id(self.term, index)}
+        anchor_index, anchor_id, anchor_seq = self._anchor
+        if index > anchor_index + 1:
+            headers[s.H_EXPECTED_LAST_MSG_ID] = s.msg_id(self.term, index - 1)
+        elif anchor_id is not None:
+            headers[s.H_EXPECTED_LAST_MSG_ID] = anchor_id
+        else:
+            headers[s.H_EXPECTED_LAST_SEQ] = str(anchor_seq)
+        return headers
+
+    async def _pump(self) -> None:
+        nc = self.nc
+        while not self.fenced:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.fenced:
+                break
+            if self._need_resync:
+                await self._resync()
+                continue
+            while (
+                not self.fenced
+                and not self._need_resync
+                and nc.is_connected
+                and self._next_send < self._next_index
+                and self._next_send - self._anchor[0] - 1 < self.max_in_flight
+            ):
+                # Acks pop the queue's head while publish() yields: index from the anchor anew.
+                entry = self._queue[self._next_send - self._anchor[0] - 1]
+                try:
+                    await nc.publish(
+                        entry.subject,
+                        entry.data,
+                        reply=f"{self._inbox}.{self._epoch}.{entry.index}",
+                        headers=self._headers(entry.index),
+                    )
+                except Exception as exc:
+                    self._resync_needed(f"publish failed: {exc!r}")
+                    break
+                entry.sent_at = time.monotonic()
+                self._next_send += 1
+
+    async def _watchdog(self) -> None:
+        period = max(0.05, min(self.ack_timeout / 4, self.checkpoint_interval / 2))
+        last_checkpoint = time.monotonic()
+        while not self.fenced:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            queue = self._queue
+            if queue and 0 < queue[0].sent_at < now - self.ack_timeout:
+                self._resync_needed(f"no ack within {self.ack_timeout}s")
+            if now - last_checkpoint >= self.checkpoint_interval:
+                last_checkpoint = now
+                # Also when only markers moved the position: a standby can then place the
+                # frontier (and take over exactly) even after a quiet stretch.
+                moved = (self.stamp.mark, self.stamp.off) != self._appended_pos
+                if self._since_checkpoint or moved:
+                    self.checkpoint()
+
+    def _resync_needed(self, why: str) -> None:
+        if not self._need_resync and self.log is not None:
+            self.log.info("fleet publisher resync", reason=why)
+        self._need_resync = True
+        self._wake.set()
+
+    async def _on_ack(self, msg: Msg) -> None:
+        try:
+            _, epoch_s, index_s = msg.subject.rsplit(".", 2)
+            epoch, index = int(epoch_s), int(index_s)
+        except ValueError:
+            return
+        self.last_ack_at = time.time()
+        try:
+            reply = json.loads(msg.data) if msg.data else {}
+        except ValueError:
+            reply = {}
+        seq = reply.get("seq")
+        if "error" not in reply and isinstance(seq, int):
+            self._confirm(index, seq)
+        elif epoch == self._epoch and index > self._anchor[0]:
+            self._resync_needed(f"message {index} refused: {reply.get('error') or msg.headers}")
+
+    def _confirm(self, index: int, seq: int) -> None:
+        anchor_index, _, anchor_seq = self._anchor
+        if index <= anchor_index or index >= self._next_index:
+            return
+        expected = anchor_seq + index - anchor_index
+        if seq != expected and self.log is not None:
+            self.log.error("fleet publisher: unexpected stream seq", seq=seq, expected=expected)
+        entry = self._queue[0]
+        while self._queue and self._queue[0].index <= index:
+            entry = self._queue.popleft()
+            self._buffered -= len(entry.data)
+            self.stored_notes += entry.notes
+            self.stored_messages += 1
+        self._anchor = (index, s.msg_id(self.term, index), seq)
+        self._next_send = max(self._next_send, index + 1)
+        if self.on_stored is not None:
+            self.on_stored(entry.mark, entry.off, seq)
+        if self._dropping and self._buffered <= self.max_buffer_bytes // 2:
+            self._gap_tick()
+        self._wake.set()
+
+    async def _resync(self) -> None:
+        """Find out what the stream holds of this term; resume after it, or stop if deposed."""
+        self.resyncs += 1
+        self._epoch += 1
+        backoff = Backoff(0.05, 1.0, jitter=0.3)
+        js = self.nc.jetstream()
+        while not self.fenced:
+            self._next_send = self._anchor[0] + 1
+            if not self.nc.is_connected:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                info = await js.stream_info(self.subjects.stream)
+                last = info.state.last_seq
+                _anchor_index, _, anchor_seq = self._anchor
+                if last < anchor_seq:
+                    self._deposed(f"the stream went back from {anchor_seq} to {last}")
+                elif last > anchor_seq:
+                    raw = await js.get_msg(self.subjects.stream, last)
+                    found = s.parse_msg_id((raw.headers or {}).get(s.H_MSG_ID))
+                    if found is not None and found[0] == self.term and found[1] < self._next_index:
+                        self._confirm(found[1], last)
+                    else:
+                        self._deposed(f"the stream's last message ({found}) is not this term's")
+            except NotFoundError:
+                self._deposed("the stream's last message cannot be read")
+            except Exception as exc:
+                if self.log is not None:
+                    self.log.info("fleet publisher resync failed", error=repr(exc))
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            break
+        self._need_resync = False
+        self._next_send = self._anchor[0] + 1
+        self._wake.set()
+
+    def _deposed(self, reason: str) -> None:
+        if self.log is not None:
+            self.log.warning("fleet publisher deposed", reason=reason, term=self.term)
+        self.fence(reason)
+        if self.on_deposed is not None:
+            self.on_deposed(reason)
+
+    # -- introspection -----------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self._next_send - self._anchor[0] - 1
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffered
+
+    @property
+    def stored_seq(self) -> int:
+        """Stream sequence of the last message of this term known stored."""
+        return self._anchor[2]
+
+    @property
+    def pending(self) -> int:
+        """Messages appended but not yet known stored (plus an open run, if any)."""
+        return len(self._queue) + (self._run is not None)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "term": self.term,
+            "lineage": self.lineage,
+            "generation": self.stamp.generation,
+            "submitted": self.submitted,
+            "stored_notifications": self.stored_notes,
+            "stored_messages": self.stored_messages,
+            "last_stream_seq": self.stored_seq,
+            "pending_messages": self.pending,
+            "in_flight": self.in_flight,
+            "buffered_bytes": self._buffered,
+            "dropped": self.dropped,
+            "gaps": self.gaps,
+            "resyncs": self.resyncs,
+            "fenced": self.fenced,
+            "deposed": self.deposed_reason,
+        }

@@ -1,0 +1,212 @@
+"""Read a JetStream stream in order, from a given stream sequence, whatever happens to NATS.
+
+Why not nats-py's ordered consumer or a pull consumer: both hide what this reader must see.
+An ordered consumer silently restarts where it likes and never says that the messages it
+wanted were removed by retention; a pull consumer adds a request round trip between batches
+and its client-side fetch logic has changed between nats-py releases. This reader is a plain
+*push* consumer that it manages itself:
+
+- an ephemeral consumer (``ack_policy=none``, in memory, ``inactive_threshold`` so that an
+  abandoned one goes away) delivering from ``next_seq`` (``deliver_policy=by_start_sequence``)
+  to a fresh inbox; no acks, so a message costs one delivery and nothing else;
+- every delivery's reply subject carries the stream sequence, the consumer sequence and the
+  number of messages still pending (the lag behind the stream's head);
+- it checks that consumer sequences follow on (a message dropped on the way, say by a slow
+  subscription, breaks the chain) and that idle heartbeats report nothing it did not get; on
+  any doubt, and when heartbeats stop (the server restarted and forgot the consumer), or when
+  its owner calls :meth:`reset` (NATS reconnected), it drops the consumer and creates a new one
+  from ``next_seq``: nothing is skipped and nothing repeated;
+- a stream sequence beyond ``next_seq`` on a fresh consumer means the messages in between are
+  gone (retention, a purge): reported once through ``on_gap(first_missing, next_present)``
+  before the message is delivered. Nothing else ever skips a sequence.
+
+``deliver(stream_seq, msg)`` is called for every message, in stream order, synchronously from
+the NATS client's dispatch; it must not block. An exception it raises stops the reader:
+:meth:`run` re-raises it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api
+
+from pgbus.backoff import Backoff
+
+Deliver = Callable[[int, Msg], None]
+OnGap = Callable[[int, int], None]
+
+
+def ack_fields(reply: str) -> tuple[int, int, int]:
+    """(stream seq, consumer seq, pending) from a JetStream delivery's reply subject."""
+    tokens = reply.split(".")
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the v2 form
+    # with <domain>.<account hash> after ACK (and maybe a trailing token).
+    base = 5 if len(tokens) == 9 else 7
+    return int(tokens[base]), int(tokens[base + 1]), int(tokens[base + 3])
+
+
+class StreamReader:
+    """Delivers every message of ``stream`` from ``start_seq`` on, in order (module docstring)."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        stream: str,
+        deliver: Deliver,
+        *,
+        start_seq: int = 1,
+        on_gap: OnGap | None = None,
+        heartbeat: float = 1.0,
+        filter_subject: str | None = None,
+        log: Any = None,
+    ) -> None:
+        self.nc = nc
+        self.stream = stream
+        self.deliver = deliver
+        self.on_gap = on_gap
+        self.heartbeat = heartbeat
+        self.filter_subject = filter_subject
+        self.log = log
+        #: The next stream sequence this reader wants.
+        self.next_seq = max(1, start_seq)
+        #: The stream's last sequence as last reported (next_seq - 1 + pending).
+        self.head_seq = 0
+        self.resets = 0
+        self.delivered = 0
+        self.connected = False
+        self.last_error: str | None = None
+        self._incarnation = 0
+        self._cseq = 0
+        self._consumer: str | None = None
+        self._sub: Any = None
+        self._reset = asyncio.Event()
+        self._stopping = False
+        self._failure: BaseException | None = None
+        self._activity = time.monotonic()
+        self._backoff = Backoff(0.05, 2.0, jitter=0.3)
+
+    @property
+    def lag(self) -> int:
+        """Stream messages stored but not yet delivered by this reader (as last reported)."""
+        return max(0, self.head_seq - (self.next_seq - 1))
+
+    def reset(self, reason: str = "requested") -> None:
+        """Re-create the consumer from ``next_seq`` (call it when NATS reconnected)."""
+        if self.log is not None and not self._reset.is_set():
+            self.log.debug("stream reader reset", reason=reason, next_seq=self.next_seq)
+        self._reset.set()
+
+    async def run(self) -> None:
+        """Read until :meth:`stop`; re-raises what ``deliver`` raised."""
+        while not self._stopping:
+            self._reset.clear()
+            try:
+                await self._open()
+            except Exception as exc:
+                self.last_error = repr(exc)
+                await self._close()
+                await self._pause(self._backoff.next_delay())
+                continue
+            self.connected = True
+            while not (self._stopping or self._reset.is_set()):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._reset.wait(), self.heartbeat)
+                if time.monotonic() - self._activity > 3 * self.heartbeat:
+                    self.reset("no heartbeat")
+            self.connected = False
+            await self._close()
+            if self._failure is not None:
+                raise self._failure
+            if not self._stopping:
+                self.resets += 1
+                await self._pause(self._backoff.next_delay() if self.resets > 1 else 0)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._reset.set()
+
+    async def _pause(self, delay: float) -> None:
+        if delay > 0 and not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reset.wait(), delay)
+            self._reset.clear()
+
+    async def _open(self) -> None:
+        self._incarnation += 1
+        incarnation = self._incarnation
+        inbox = self.nc.new_inbox()
+        self._cseq = 0
+        self._activity = time.monotonic()
+
+        async def on_msg(msg: Msg) -> None:
+            if incarnation == self._incarnation:
+                self._on_msg(msg)
+
+        self._sub = await self.nc.subscribe(
+            inbox, cb=on_msg, pending_msgs_limit=1_000_000, pending_bytes_limit=512 << 20
+        )
+        config = api.ConsumerConfig(
+            deliver_subject=inbox,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.next_seq,
+            ack_policy=api.AckPolicy.NONE,
+            idle_heartbeat=self.heartbeat,
+            flow_control=False,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=max(30.0, 10 * self.heartbeat),
+            filter_subject=self.filter_subject,
+        )
+        info = await self.nc.jetstream().add_consumer(self.stream, config, timeout=5)
+        self._consumer = info.name
+        self.last_error = None
+        self._backoff.reset()
+
+    async def _close(self) -> None:
+        self._incarnation += 1
+        sub, self._sub = self._sub, None
+        consumer, self._consumer = self._consumer, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if consumer is not None and self.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self.nc.jetstream().delete_consumer(self.stream, consumer)
+
+    def _on_msg(self, msg: Msg) -> None:
+        self._activity = time.monotonic()
+        headers = msg.headers
+        if not msg.reply or (headers and "Status" in headers):
+            status = headers.get("Status") if headers else None
+            if status == "100":  # idle heartbeat (flow control is off)
+                last = headers.get("Nats-Last-Consumer") if headers else None
+                if last is not None and int(last) > self._cseq:
+                    self.reset("a heartbeat reports messages this reader did not get")
+            else:
+                self.reset(f"status {status}")
+            return
+        sseq, cseq, pending = ack_fields(msg.reply)
+        if cseq != self._cseq + 1:
+            self.reset(f"consumer sequence {cseq} after {self._cseq}")
+            return
+        self._cseq = cseq
+        if sseq < self.next_seq:
+            return
+        try:
+            if sseq > self.next_seq and self.on_gap is not None:
+                self.on_gap(self.next_seq, sseq)
+            self.next_seq = sseq + 1
+            self.head_seq = sseq + pending
+            self.delivered += 1
+            self.deliver(sseq, msg)
+        except BaseException as exc:
+            self._failure = exc
+            self._stopping = True
+            self._reset.set()

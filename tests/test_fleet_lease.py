@@ -1,0 +1,71 @@
+"""PublisherLease against a real nats-server: one holder, renewal, expiry, fencing margin."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pgbusd.fleet import natsconn
+from pgbusd.fleet.lease import PublisherLease
+from pgbusd.fleet.subjects import StreamSubjects
+from tests.fleet_helpers import client, nats_server_fixture, unique_stream
+from tests.natsserver import NatsServer
+
+
+@pytest.fixture(scope="module")
+def nats_server() -> Iterator[NatsServer]:
+    yield from nats_server_fixture()
+
+
+async def two_leases(url: str, ttl: float) -> tuple[PublisherLease, PublisherLease]:
+    subjects = StreamSubjects(unique_stream())
+    a_nc, b_nc = await client(url), await client(url)
+    kv_a, ttl_a = await natsconn.lease_bucket(a_nc, subjects, ttl)
+    kv_b, ttl_b = await natsconn.lease_bucket(b_nc, subjects, ttl * 10)
+    assert ttl_a == ttl_b == ttl  # an existing bucket keeps its TTL
+    return PublisherLease(kv_a, "a", ttl_a), PublisherLease(kv_b, "b", ttl_b)
+
+
+async def test_only_one_bridge_holds_the_lease(nats_server: NatsServer) -> None:
+    a, b = await two_leases(nats_server.url, 5.0)
+    assert await a.try_acquire("ta")
+    assert not await b.try_acquire("tb")
+    assert b.holder is not None
+    assert (b.holder.bridge, b.holder.term) == ("a", "ta")
+    assert a.held
+    assert not b.held
+
+
+async def test_a_renewed_lease_stays_and_a_released_one_passes_at_once(
+    nats_server: NatsServer,
+) -> None:
+    a, b = await two_leases(nats_server.url, 1.0)
+    assert await a.try_acquire("ta")
+    deadline = time.monotonic() + 2.5  # more than twice the TTL
+    while time.monotonic() < deadline:
+        assert await a.renew()
+        assert not await b.try_acquire("tb")
+        await asyncio.sleep(0.2)
+    await a.release()
+    assert not a.held
+    assert await b.try_acquire("tb")
+
+
+async def test_an_unrenewed_lease_expires_for_others_only_after_its_holder_stopped_counting(
+    nats_server: NatsServer,
+) -> None:
+    a, b = await two_leases(nats_server.url, 1.0)
+    assert await a.try_acquire("ta")
+    valid_until = a.valid_until
+    acquired_at = None
+    while acquired_at is None:
+        if await b.try_acquire("tb"):
+            acquired_at = time.monotonic()
+        await asyncio.sleep(0.01)
+    assert acquired_at >= valid_until  # fencing: a stops before b can start
+    assert not a.held
+    assert not await a.renew()  # compare-and-set on a's revision fails
+    assert a.revision is None

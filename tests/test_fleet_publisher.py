@@ -1,0 +1,174 @@
+"""StreamPublisher against a real nats-server: order, pipelining, retries, gaps, fencing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from pgbusd.fleet import natsconn
+from pgbusd.fleet import schema as s
+from pgbusd.fleet.publisher import StreamPublisher
+from pgbusd.fleet.subjects import StreamSubjects
+from tests.fleet_helpers import (
+    check_contiguous,
+    client,
+    ensure,
+    eventually,
+    nats_server_fixture,
+    notes_of,
+    read_stream,
+    unique_stream,
+)
+from tests.natsserver import NatsServer
+
+
+@pytest.fixture(scope="module")
+def nats_server() -> Iterator[NatsServer]:
+    yield from nats_server_fixture()
+
+
+def new_publisher(nc: object, subjects: StreamSubjects, **kwargs: object) -> StreamPublisher:
+    state = s.StreamState(lineage=s.new_lineage())
+    return StreamPublisher(nc, subjects, state, term="t1", **kwargs)  # type: ignore[arg-type]
+
+
+async def test_pipelined_batches_land_in_order_with_contiguous_seqs(
+    nats_server: NatsServer,
+) -> None:
+    nc = await client(nats_server.url)
+    subjects = await ensure(nc, unique_stream())
+    publisher = new_publisher(nc, subjects, max_in_flight=8, max_batch_bytes=2000)
+    await publisher.start()
+    sent = []
+    for i in range(3000):
+        channel = ("a", "b.c", "d e")[i % 7 % 3]
+        publisher.submit(1, channel, f"{i}", None, 0)
+        sent.append(f"{i}")
+        if i % 97 == 0:
+            await asyncio.sleep(0)
+        if i % 1000 == 500:
+            publisher.reconnected()  # resync with messages in flight: nothing lost or doubled
+    await eventually(lambda: publisher.stored_notes == 3000 and not publisher.pending)
+    messages = await read_stream(nc, subjects.stream)
+    check_contiguous(messages)
+    assert [payload for _, _, payload in notes_of(messages)] == sent
+    assert isinstance(messages[0][1], s.Checkpoint)
+    assert publisher.statistics()["dropped"] == 0
+    await publisher.close()
+    await nc.close()
+
+
+async def test_a_nats_restart_loses_nothing_and_repeats_nothing(nats_server: NatsServer) -> None:
+    publisher: StreamPublisher | None = None
+
+    async def reconnected() -> None:
+        if publisher is not None:
+            publisher.reconnected()
+
+    nc = await natsconn.connect(nats_server.url, name="t", on_reconnected=reconnected)
+    subjects = await ensure(nc, unique_stream())
+    publisher = new_publisher(nc, subjects, ack_timeout=0.5)
+    await publisher.start()
+    for i in range(500):
+        publisher.submit(1, "a", f"{i}", None, 0)
+    await asyncio.to_thread(nats_server.restart)
+    for i in range(500, 1000):
+        publisher.submit(1, "a", f"{i}", None, 0)
+        if i % 50 == 0:
+            await asyncio.sleep(0.01)
+    await eventually(lambda: publisher.stored_notes == 1000, 30, "everything stored")
+    messages = await read_stream(nc, subjects.stream)
+    check_contiguous(messages)
+    assert [p for _, _, p in notes_of(messages)] == [f"{i}" for i in range(1000)]
+    await publisher.close()
+    await nc.close()
+
+
+async def test_past_the_buffer_bound_one_tick_marks_exactly_where_notifications_were_dropped(
+    nats_server: NatsServer,
+) -> None:
+    nc = await client(nats_server.url)
+    subjects = await ensure(nc, unique_stream())
+    publisher = new_publisher(nc, subjects, max_buffer_bytes=20_000, ack_timeout=0.3)
+    await publisher.start()
+    await eventually(lambda: not publisher.pending)
+    nats_server.pause()  # unreachable: nothing is acknowledged
+    try:
+        for i in range(2000):
+            publisher.submit(1, "a", f"{i:04}" + "x" * 60, f"m{i}", i)
+            if i % 100 == 0:
+                await asyncio.sleep(0)
+        assert publisher.dropped > 0
+    finally:
+        nats_server.resume()
+    await eventually(lambda: not publisher.pending, 30, "the buffer drained")
+    for i in range(2000, 2010):
+        publisher.submit(1, "a", f"{i:04}", f"m{i}", i)
+    await eventually(lambda: not publisher.pending, 30, "the rest stored")
+    messages = await read_stream(nc, subjects.stream)
+    state = check_contiguous(messages)
+    ticks = [(i, m) for i, (_, m, _) in enumerate(messages) if isinstance(m, s.Tick)]
+    assert len(ticks) == 1
+    where, tick = ticks[0]
+    assert tick.reason == "overflow"
+    assert tick.generation == 1
+    before = [p[:4] for _, _, p in notes_of(messages[:where])]
+    after = [p[:4] for _, _, p in notes_of(messages[where:])]
+    assert before == [f"{i:04}" for i in range(len(before))]  # the oldest kept, in order
+    assert after == [f"{i:04}" for i in range(2000, 2010)]
+    # The tick carries the position of the last dropped notification: a standby resumes there.
+    assert (tick.mark, tick.off) == ("m1999", 1999)
+    assert publisher.dropped == 2000 - len(before)
+    assert state.seqs["a"] == len(before) + 10  # dropped notifications have no seq
+    await publisher.close()
+    await nc.close()
+
+
+async def test_a_deposed_publisher_stops_and_never_writes_after_its_rival(
+    nats_server: NatsServer,
+) -> None:
+    nc = await client(nats_server.url)
+    subjects = await ensure(nc, unique_stream())
+    deposed: list[str] = []
+    publisher = new_publisher(nc, subjects, on_deposed=deposed.append, ack_timeout=0.5)
+    await publisher.start()
+    for i in range(10):
+        publisher.submit(1, "a", f"{i}", None, 0)
+    await eventually(lambda: publisher.stored_notes == 10 and not publisher.pending)
+    # A rival takes over: it writes right after the last message it read.
+    js = nc.jetstream()
+    last = (await read_stream(nc, subjects.stream))[-1][2]
+    assert last is not None
+    rival = s.Tick(publisher.lineage, 2, None, 0, "takeover")
+    await js.publish(
+        subjects.ticks,
+        s.encode(rival),
+        headers={
+            s.H_SCHEMA: "1",
+            s.H_MSG_ID: "rival.0",
+            s.H_EXPECTED_LAST_MSG_ID: last,
+        },
+    )
+    for i in range(10, 20):
+        publisher.submit(1, "a", f"{i}", None, 0)
+    await eventually(lambda: publisher.fenced, 10, "the publisher to find itself deposed")
+    assert deposed
+    messages = await read_stream(nc, subjects.stream)
+    assert messages[-1][2] == "rival.0"
+    assert [p for _, _, p in notes_of(messages)] == [f"{i}" for i in range(10)]
+    await publisher.close()
+    await nc.close()
+
+
+async def test_submit_never_blocks_or_raises_while_nats_is_gone(nats_server: NatsServer) -> None:
+    nc = await client(nats_server.url)
+    subjects = await ensure(nc, unique_stream())
+    publisher = new_publisher(nc, subjects, max_buffer_bytes=5_000)
+    await publisher.start()
+    await publisher.close()  # closed and fenced: submit still only counts
+    for i in range(1000):
+        publisher.submit(1, "a", f"{i}", None, 0)
+    assert publisher.submitted == 1000
+    await nc.close()

@@ -1,0 +1,180 @@
+"""HostSource against a real nats-server: order, resume from the state file, gaps, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pgbusd.fleet import natsconn
+from pgbusd.fleet import schema as s
+from pgbusd.fleet.publisher import StreamPublisher
+from pgbusd.fleet.source import HostSource, StateFile
+from pgbusd.fleet.subjects import StreamSubjects
+from tests.fleet_helpers import client, eventually, nats_server_fixture, unique_stream
+from tests.natsserver import NatsServer
+
+
+@pytest.fixture(scope="module")
+def nats_server() -> Iterator[NatsServer]:
+    yield from nats_server_fixture()
+
+
+class Sink:
+    """Records what a HostSource delivers, as a host daemon's hub would see it."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.resets: list[tuple[str, int, dict[str, int]]] = []
+
+    def history(self, pid: int, channel: str, payload: str, generation: int, seq: int) -> None:
+        self.events.append(("history", channel, payload, generation, seq))
+
+    def reset(self, lineage: str, generation: int, seqs: dict[str, int]) -> None:
+        self.resets.append((lineage, generation, dict(seqs)))
+        self.events.append(("reset", lineage, generation))
+
+    def notify(self, pid: int, channel: str, payload: str, generation: int, seq: int) -> None:
+        self.events.append(("notify", channel, payload, generation, seq))
+
+    def tick(self, generation: int) -> None:
+        self.events.append(("tick", generation))
+
+    def live(self) -> list[tuple[Any, ...]]:
+        return [e for e in self.events if e[0] == "notify"]
+
+    def all_notes(self) -> list[tuple[Any, ...]]:
+        return [e for e in self.events if e[0] in ("notify", "history")]
+
+
+class Writer:
+    """A publisher term writing numbered notifications."""
+
+    def __init__(self, nc: Any, subjects: StreamSubjects) -> None:
+        self.publisher = StreamPublisher(
+            nc, subjects, s.StreamState(lineage=s.new_lineage()), term="w", ack_timeout=0.5
+        )
+        self.n = 0
+
+    async def start(self) -> None:
+        await self.publisher.start()
+        self.publisher.tick("start", None, 0)
+
+    async def write(self, count: int, channels: tuple[str, ...] = ("a", "b")) -> None:
+        """``count`` notifications, one loop turn (so one stream message) each."""
+        for _ in range(count):
+            self.publisher.submit(1, channels[self.n % len(channels)], str(self.n), None, 0)
+            self.n += 1
+            await asyncio.sleep(0)
+        await eventually(lambda: not self.publisher.pending, 30, "writes stored")
+
+
+@pytest.fixture
+async def stream(nats_server: NatsServer) -> AsyncIterator[tuple[StreamSubjects, Writer]]:
+    nc = await client(nats_server.url)
+    subjects = StreamSubjects(unique_stream())
+    await natsconn.ensure_stream(nc, subjects, max_msgs=40)
+    writer = Writer(nc, subjects)
+    await writer.start()
+    yield subjects, writer
+    await writer.publisher.close()
+    await nc.close()
+
+
+async def running(source: HostSource) -> asyncio.Task[None]:
+    task = asyncio.create_task(source.run())
+    await asyncio.wait_for(source.caught_up.wait(), 20)
+    return task
+
+
+async def stopped(source: HostSource, task: asyncio.Task[None]) -> None:
+    await source.stop()
+    await asyncio.wait_for(task, 10)
+
+
+def per_channel_seqs(events: list[tuple[Any, ...]]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for e in events:
+        out.setdefault(e[1], []).append(e[4])
+    return out
+
+
+async def test_a_host_relays_in_order_and_a_restart_resumes_without_a_step(
+    nats_server: NatsServer, stream: tuple[StreamSubjects, Writer], tmp_path: Path
+) -> None:
+    subjects, writer = stream
+    await writer.write(10)
+    state = tmp_path / "host.state"
+    first = Sink()
+    source = HostSource(nats_server.url, subjects.stream, first, state_file=state)
+    task = await running(source)
+    lineage, generation, _ = first.resets[0]
+    assert generation == 1
+    await writer.write(10)
+    await eventually(lambda: len(first.live()) == 10)
+    await stopped(source, task)
+    assert [e[2] for e in first.all_notes()] == [str(i) for i in range(20)]
+
+    await writer.write(10)  # while the host is down
+    second = Sink()
+    source = HostSource(nats_server.url, subjects.stream, second, state_file=state)
+    task = await running(source)
+    await writer.write(5)
+    await eventually(lambda: len(second.live()) == 5)
+    await stopped(source, task)
+    assert second.resets == [(lineage, generation, {"a": 15, "b": 15})]
+    # A client that held up to the first host's last seq resumes from the replay buffer:
+    held = {ch: seqs[-1] for ch, seqs in per_channel_seqs(first.all_notes()).items()}
+    resumed = [e for e in second.all_notes() if e[4] > held[e[1]]]
+    assert [e[2] for e in resumed] == [str(i) for i in range(20, 35)]
+    assert all(e[3] == generation for e in resumed)
+    assert StateFile(state).load() is not None
+
+
+async def test_messages_gone_past_retention_step_the_generation_once(
+    nats_server: NatsServer, stream: tuple[StreamSubjects, Writer], tmp_path: Path
+) -> None:
+    subjects, writer = stream
+    state = tmp_path / "host.state"
+    first = Sink()
+    source = HostSource(nats_server.url, subjects.stream, first, state_file=state)
+    task = await running(source)
+    await writer.write(5)
+    await eventually(lambda: len(first.live()) == 5)
+    await stopped(source, task)
+    generation = first.resets[0][1]
+
+    await writer.write(100, channels=("a",))  # the stream keeps 40 messages
+    second = Sink()
+    source = HostSource(nats_server.url, subjects.stream, second, state_file=state)
+    task = await running(source)
+    await writer.write(4)
+    await eventually(lambda: len(second.live()) == 4)
+    (reset,) = second.resets
+    assert reset[1] == generation + 1  # one local step, nothing silent
+    assert source.local_steps == 1
+    assert [e for e in second.events if e[0] == "tick"] == []
+    assert all(e[3] == generation + 1 for e in second.live())
+    await stopped(source, task)
+    loaded = StateFile(state).load()
+    assert loaded is not None
+    assert loaded.local_steps == 1  # the step is not taken back after another restart
+
+
+async def test_a_nats_restart_costs_a_reading_host_nothing(
+    nats_server: NatsServer, stream: tuple[StreamSubjects, Writer]
+) -> None:
+    subjects, writer = stream
+    sink = Sink()
+    source = HostSource(nats_server.url, subjects.stream, sink, heartbeat=0.2)
+    task = await running(source)
+    await writer.write(10)
+    await asyncio.to_thread(nats_server.restart)
+    await writer.write(10)
+    await eventually(lambda: len(sink.live()) == 20, 30, "everything after the restart")
+    await stopped(source, task)
+    assert [e[2] for e in sink.live()] == [str(i) for i in range(20)]
+    assert [e for e in sink.events if e[0] == "tick"] == []

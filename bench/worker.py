@@ -10,7 +10,9 @@ Receiving is what a throughput-minded application would write: a plain asyncpg l
 callback, or ``await sub.recv()`` followed by ``sub.drain()`` for whatever else is waiting.
 A payload that starts with 16 digits carries its send time in microseconds since the epoch
 (see ``bench.sender``); with latency recording on, the worker stores ``receipt - send`` for
-every payload and writes the float64 array to a file when the expected count is reached.
+every payload and writes the float64 array to a file when the expected count is reached (and,
+if asked, the send times too, to a second file: the hand-off section sorts deliveries by when
+they were committed).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class Expect(Command, tag="expect"):
 
     n: int
     latency_out: str = ""
+    #: Also write each payload's send time (seconds since the epoch, float64, in the order of
+    #: the latencies) to ``latency_out + ".sent"``.
+    sent_times: bool = False
 
 
 class Send(Command, tag="send"):
@@ -121,7 +126,7 @@ def emit(event: Event) -> None:
 class Tally:
     """Counts payloads (and optionally their latencies) for one :class:`Expect`."""
 
-    __slots__ = ("count", "first", "lagged", "latencies", "out", "target")
+    __slots__ = ("count", "first", "lagged", "latencies", "out", "sent", "target")
 
     def __init__(self) -> None:
         self.target = -1
@@ -130,6 +135,7 @@ class Tally:
         self.first = 0.0
         self.out = ""
         self.latencies: array[float] | None = None
+        self.sent: array[float] | None = None
 
     def arm(self, cmd: Expect) -> None:
         self.target = cmd.n
@@ -137,10 +143,13 @@ class Tally:
         self.first = 0.0
         self.out = cmd.latency_out
         self.latencies = array("d") if cmd.latency_out else None
+        self.sent = array("d") if cmd.latency_out and cmd.sent_times else None
 
     def add(self, payload: str) -> None:
         self.count += 1
-        if self.latencies is not None:
+        if self.sent is not None:
+            self._add_sent([payload], time.time())
+        elif self.latencies is not None:
             self.latencies.append(time.time() - int(payload[:16]) * 1e-6)
         if self.count == 1:
             self.first = time.time()
@@ -150,7 +159,9 @@ class Tally:
     def add_batch(self, first: str, rest: list[str]) -> None:
         count = self.count
         self.count = count + 1 + len(rest)
-        if self.latencies is not None:
+        if self.sent is not None:
+            self._add_sent([first, *rest], time.time())
+        elif self.latencies is not None:
             now = time.time()
             record = self.latencies.append
             record(now - int(first[:16]) * 1e-6)
@@ -161,12 +172,24 @@ class Tally:
         if count < self.target <= self.count:
             self._finish()
 
+    def _add_sent(self, payloads: list[str], now: float) -> None:
+        assert self.latencies is not None
+        assert self.sent is not None
+        for payload in payloads:
+            sent = int(payload[:16]) * 1e-6
+            self.sent.append(sent)
+            self.latencies.append(now - sent)
+
     def _finish(self) -> None:
         last = time.time()
         if self.latencies is not None:
             with open(self.out, "wb") as f:
                 self.latencies.tofile(f)
             self.latencies = None
+        if self.sent is not None:
+            with open(self.out + ".sent", "wb") as f:
+                self.sent.tofile(f)
+            self.sent = None
         emit(Done(self.count, self.first, last, self.lagged))
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from bench.dbcost import SETUPS, DbCostResult
+from bench.handoff import HandoffResult
 from bench.scenarios import BurstResult, BurstRun, FanoutResult, LatencyResult, ScaleResult
 
 #: The targets of issue 6, compared within one run.
@@ -18,6 +19,9 @@ FANOUT_RATIO = 1.0
 ADDED_P50_MS = 0.2
 ADDED_P99_MS = 1.0
 IDLE_RSS_MIB = 64.0
+#: The targets of issue 14 (hand-off), compared within one run.
+HANDOFF_SECONDS = 2.0
+HANDOFF_ADDED_P99_MS = 50.0
 
 
 class Target(msgspec.Struct):
@@ -37,6 +41,7 @@ class Results(msgspec.Struct):
     latency: list[LatencyResult] = []
     scale: ScaleResult | None = None
     dbcost: DbCostResult | None = None
+    handoff: HandoffResult | None = None
     errors: list[str] = []
     targets: list[Target] = []
 
@@ -89,7 +94,27 @@ def check_targets(res: Results) -> list[Target]:
                 f"{idle.rss_mib:.1f} MiB",
             )
         )
+    out += _handoff_targets(res.handoff)
     return out
+
+
+def _handoff_targets(h: HandoffResult | None) -> list[Target]:
+    if h is None:
+        return []
+    return [
+        Target(
+            f"hand-off: reload request to the old process's exit < {HANDOFF_SECONDS:g} s",
+            h.max_exit_s < HANDOFF_SECONDS,
+            f"max {h.max_exit_s:.3f} s over {len(h.reloads)} reloads "
+            f"(successor serving after max {max(r.serving_s for r in h.reloads):.3f} s)",
+        ),
+        Target(
+            f"hand-off: added p99 latency inside the windows < {HANDOFF_ADDED_P99_MS:g} ms",
+            h.added_p99_ms < HANDOFF_ADDED_P99_MS,
+            f"{h.added_p99_ms:+.3f} ms ({h.relay.inside.p99_ms:.3f} inside vs "
+            f"{h.relay.outside.p99_ms:.3f} outside)",
+        ),
+    ]
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -270,6 +295,8 @@ def render(res: Results) -> str:
         for point in d.points:
             for setup, error in point.errors.items():
                 lines.append(f"   K={point.k} {setup} failed: {error}")
+    if res.handoff is not None:
+        lines += _render_handoff(res.handoff)
     if res.targets:
         lines += ["", "Targets"]
         lines += [
@@ -278,6 +305,75 @@ def render(res: Results) -> str:
     if res.errors:
         lines += ["", "Errors"] + [f"  {e}" for e in res.errors]
     return "\n".join(lines)
+
+
+def _render_handoff(h: HandoffResult) -> list[str]:
+    lines = _table(
+        f"6. Hand-off under load: {h.rate:,}/s to {h.workers} pgbus worker processes, "
+        f"{len(h.reloads)} reloads in {h.seconds:g} s",
+        ["reload", "successor serves s", "old process exits s"],
+        [
+            [str(i + 1), _n(r.serving_s, ".3f"), _n(r.exit_s, ".3f")]
+            for i, r in enumerate(h.reloads)
+        ],
+    )
+    rows = []
+    for side, b in (("relay", h.relay), ("direct", h.direct)):
+        for bucket, st in (
+            (f"no reload ({h.control_seconds:g} s)", b.control),
+            ("outside the windows", b.outside),
+            ("inside the windows", b.inside),
+        ):
+            rows.append(
+                [
+                    side,
+                    bucket,
+                    _n(st.samples),
+                    _n(st.p50_ms, ".3f"),
+                    _n(st.p99_ms, ".3f"),
+                    _n(st.p999_ms, ".3f"),
+                    _n(st.max_ms, ".3f"),
+                ]
+            )
+    rows.append(
+        ["relay", "added inside", "", _n(h.added_p50_ms, "+.3f"), _n(h.added_p99_ms, "+.3f"),
+         "", ""]
+    )  # fmt: skip
+    rows.append(
+        ["direct", "added inside", "",
+         _n(h.direct.inside.p50_ms - h.direct.outside.p50_ms, "+.3f"),
+         _n(h.direct.inside.p99_ms - h.direct.outside.p99_ms, "+.3f"), "", ""]
+    )  # fmt: skip
+    lines += _table(
+        "   Commit to receipt (ms) by commit time: hand-off window = reload request to old exit",
+        ["path", "committed", "deliveries", "p50", "p99", "p99.9", "max"],
+        rows,
+    )
+    m = h.memory
+    if m is not None:
+        d, z = m.default, m.none
+        lines += _table(
+            f"   Replay buffer memory: daemon RSS MiB, --replay-bytes {d.replay_limit >> 20} MiB "
+            "vs 0, same traffic, no subscriber",
+            ["after", "kept MiB", "notifications kept", "RSS with buffer", "RSS without",
+             "buffer costs"],
+            [
+                ["start (empty)", "0.0", "0", _n(d.rss_empty_mib, ".1f"),
+                 _n(z.rss_empty_mib, ".1f"), _n(d.rss_empty_mib - z.rss_empty_mib, "+.1f")],
+                [f"{m.large_n:,} x {m.large_size} B in one transaction",
+                 _n(d.kept_bytes_large / (1 << 20), ".1f"), _n(d.kept_notifications_large),
+                 _n(d.rss_after_large_mib, ".1f"), _n(z.rss_after_large_mib, ".1f"),
+                 _n(d.rss_after_large_mib - z.rss_after_large_mib, "+.1f")],
+                [f"{m.small_n:,} x {m.small_size} B, one per transaction",
+                 _n(d.kept_bytes_small / (1 << 20), ".1f"), _n(d.kept_notifications_small),
+                 _n(d.rss_after_small_mib, ".1f"), _n(z.rss_after_small_mib, ".1f"),
+                 _n(d.rss_after_small_mib - z.rss_after_small_mib, "+.1f")],
+                ["a reload then: old exits s / successor RSS MiB", "", "",
+                 f"{d.reload_exit_s:.3f} / {d.successor_rss_mib:.1f}",
+                 f"{z.reload_exit_s:.3f} / {z.successor_rss_mib:.1f}", ""],
+            ],
+        )  # fmt: skip
+    return lines
 
 
 def median_of(runs: list[BurstRun], role: str) -> float:

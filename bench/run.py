@@ -25,11 +25,11 @@ import asyncpg
 import click
 import msgspec
 
-from bench import dbcost, report, scenarios
+from bench import dbcost, handoff, report, scenarios
 from bench.procs import ROOT, BenchError, Fleet
 from bench.worker import raise_nofile_limit
 
-SECTIONS = ("throughput", "fanout", "latency", "scale", "dbcost")
+SECTIONS = ("throughput", "fanout", "latency", "scale", "dbcost", "handoff")
 
 #: What --quick changes (anything given explicitly still wins).
 QUICK: dict[str, Any] = {
@@ -44,6 +44,11 @@ QUICK: dict[str, Any] = {
     "idle_seconds": 2.0,
     "dbcost_k": (1, 10),
     "dbcost_seconds": 2.0,
+    "handoff_seconds": 4.0,
+    "handoff_reloads": 2,
+    "handoff_control_seconds": 2.0,
+    "replay_large_mib": 20.0,
+    "replay_small_n": 20_000,
 }
 
 
@@ -130,6 +135,7 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
         settings={**settings_doc, "sections": list(sections)},
     )
     samples: dict[str, array[float]] = {}
+    handoff_series: dict[str, Any] = {}
     async with Fleet(settings.workdir, settings.dsn) as fleet:
         for section in sections:
             _log(f"section {section}")
@@ -151,6 +157,8 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
                         fleet,
                         _log,
                     )
+                elif section == "handoff":
+                    res.handoff = await handoff.handoff(settings, fleet, _log, handoff_series)
             except (BenchError, asyncpg.PostgresError, OSError) as exc:
                 res.errors.append(f"{section}: {exc}")
                 _log(f"section {section} failed: {exc}")
@@ -181,6 +189,15 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
             res.errors.append("no chart: matplotlib is missing (pip install -e '.[bench]')")
         else:
             shutil.copyfile(png_path, out / "latest-dbcost.png")
+            written.append(png_path)
+    if res.handoff is not None and handoff_series:
+        png_path = out / f"handoff-{stamp}.png"
+        try:
+            handoff.chart(handoff_series, res.handoff, png_path, res.commit, res.date)
+        except ImportError:
+            res.errors.append("no chart: matplotlib is missing (pip install -e '.[bench]')")
+        else:
+            shutil.copyfile(png_path, out / "latest-handoff.png")
             written.append(png_path)
     click.echo(report.render(res))
     click.echo("")
@@ -222,6 +239,17 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
 @click.option("--dbcost-k", help="Database cost: host counts K.  [default: 1,10,50]")
 @click.option("--dbcost-seconds", type=float, help="Database cost: seconds per pgbench run.")
 @click.option("--dbcost-clients", type=int, help="Database cost: pgbench clients.  [default: 2]")
+@click.option("--handoff-rate", type=int, help="Hand-off: notifications per second.")
+@click.option("--handoff-workers", type=int, help="Hand-off: pgbus worker processes.")
+@click.option("--handoff-seconds", type=float, help="Hand-off: seconds of the run with reloads.")
+@click.option("--handoff-reloads", type=int, help="Hand-off: reloads during that run.")
+@click.option("--handoff-control-seconds", type=float, help="Hand-off: seconds of the run without.")
+@click.option(
+    "--replay-large-mib", type=float, help="Replay memory: MiB of 1 KiB notifications (0: skip)."
+)
+@click.option(
+    "--replay-small-n", type=int, help="Replay memory: 64 B notifications, one per transaction."
+)
 @click.option(
     "--daemon-arg",
     "daemon_args",

@@ -70,6 +70,16 @@ class Settings:
     dbcost_k: tuple[int, ...] = (1, 10, 50)
     dbcost_seconds: float = 5.0
     dbcost_clients: int = 2
+    #: Hand-off under load: paced rate, pgbus worker processes, seconds with reloads and how
+    #: many, seconds of the control phase without; the replay buffer's memory: MiB of the 1 KiB
+    #: burst in one transaction, and 64 B notifications committed one per transaction.
+    handoff_rate: int = 1_000
+    handoff_workers: int = 4
+    handoff_seconds: float = 30.0
+    handoff_reloads: int = 5
+    handoff_control_seconds: float = 10.0
+    replay_large_mib: float = 40.0
+    replay_small_n: int = 250_000
     #: Extra pgbusd options for every daemon the benchmark starts.
     daemon_args: tuple[str, ...] = ()
     #: If set, py-spy flame graphs of the throughput daemon and client go to PREFIX-daemon.svg and

@@ -21,6 +21,9 @@ TINY = [
     *("--scale-clients", "20", "--scale-channels", "4", "--scale-rate", "100"),
     *("--scale-seconds", "0.5", "--idle-seconds", "0.5"),
     *("--dbcost-k", "1,2", "--dbcost-seconds", "1"),
+    *("--handoff-rate", "200", "--handoff-workers", "2", "--handoff-seconds", "2"),
+    *("--handoff-reloads", "1", "--handoff-control-seconds", "0.5"),
+    *("--replay-large-mib", "1", "--replay-small-n", "500"),
 ]
 
 
@@ -42,6 +45,7 @@ def test_bench_runs_every_section_side_by_side_and_writes_table_json_and_chart(
         "3. Latency",
         "4. Scale",
         "5. Database cost",
+        "6. Hand-off under load",
         "Targets",
     ):
         assert heading in table, f"{heading!r} missing from the table"
@@ -79,6 +83,25 @@ def test_bench_runs_every_section_side_by_side_and_writes_table_json_and_chart(
         assert all(v > 0 for v in p["commits"].values())
         assert p["listeners"] == {"direct": p["k"], "per_host": p["k"], "bridge": 1}
     assert (tmp_path / "latest-dbcost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    handoff = res["handoff"]
+    (reload,) = handoff["reloads"]
+    assert 0 < reload["serving_s"] <= reload["exit_s"]
+    assert reload["new_pid"] != reload["old_pid"]
+    # Every worker got every notification of the run with the reload, once (checked by the
+    # section); they fall inside or outside the hand-off window by their commit time.
+    assert handoff["delivered"] == handoff["expected"] == 2 * 400
+    relay = handoff["relay"]
+    assert relay["outside"]["samples"] + relay["inside"]["samples"] == 800
+    assert relay["inside"]["samples"] > 0
+    assert relay["control"]["samples"] == 2 * 100
+    assert handoff["added_p99_ms"] == relay["inside"]["p99_ms"] - relay["outside"]["p99_ms"]
+    memory = handoff["memory"]
+    assert memory["default"]["replay_limit"] == 16 << 20
+    assert memory["none"]["replay_limit"] == 0
+    assert memory["default"]["kept_notifications_small"] == 1024 + 500
+    assert memory["none"]["kept_notifications_small"] == 0
+    assert (tmp_path / "latest-handoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     charts = list(tmp_path.glob("bench-*.png"))
     assert len(charts) == 1

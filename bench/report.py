@@ -11,6 +11,7 @@ import msgspec
 
 from bench.dbcost import SETUPS, DbCostResult
 from bench.handoff import HandoffResult
+from bench.ondemand import OnDemandResult
 from bench.scenarios import BurstResult, BurstRun, FanoutResult, LatencyResult, ScaleResult
 
 #: The targets of issue 6, compared within one run.
@@ -19,9 +20,11 @@ FANOUT_RATIO = 1.0
 ADDED_P50_MS = 0.2
 ADDED_P99_MS = 1.0
 IDLE_RSS_MIB = 64.0
-#: The targets of issue 14 (hand-off), compared within one run.
+#: The targets of issues 14 (hand-off) and 15 (channels on demand), compared within one run.
 HANDOFF_SECONDS = 2.0
 HANDOFF_ADDED_P99_MS = 50.0
+SUBSCRIBE_RATIO = 1.5
+STORM_RATIO = 1.0
 
 
 class Target(msgspec.Struct):
@@ -42,6 +45,7 @@ class Results(msgspec.Struct):
     scale: ScaleResult | None = None
     dbcost: DbCostResult | None = None
     handoff: HandoffResult | None = None
+    ondemand: OnDemandResult | None = None
     errors: list[str] = []
     targets: list[Target] = []
 
@@ -94,7 +98,7 @@ def check_targets(res: Results) -> list[Target]:
                 f"{idle.rss_mib:.1f} MiB",
             )
         )
-    out += _handoff_targets(res.handoff)
+    out += _handoff_targets(res.handoff) + _ondemand_targets(res.ondemand)
     return out
 
 
@@ -115,6 +119,35 @@ def _handoff_targets(h: HandoffResult | None) -> list[Target]:
             f"{h.relay.outside.p99_ms:.3f} outside)",
         ),
     ]
+
+
+def _ondemand_targets(o: OnDemandResult | None) -> list[Target]:
+    if o is None:
+        return []
+    out = [
+        Target(
+            f"dynamic subscribe to ready <= {SUBSCRIBE_RATIO:g} x add_listener (p50)",
+            o.ratio_p50 <= SUBSCRIBE_RATIO,
+            f"{o.subscribe.p50_ms:.3f} vs {o.add_listener.p50_ms:.3f} ms = {o.ratio_p50:.2f} "
+            f"(p99 {o.subscribe.p99_ms:.3f} vs {o.add_listener.p99_ms:.3f} ms = "
+            f"{o.ratio_p99:.2f})",
+        )
+    ]
+    direct = o.storm("direct", 1)
+    for clients in (1, 10):
+        storm = o.storm("pgbus", clients)
+        if storm is None or direct is None:
+            continue
+        ratio = storm.seconds / direct.seconds
+        out.append(
+            Target(
+                f"storm of {storm.channels:,} subscribes, {clients} client(s) <= "
+                f"{STORM_RATIO:g} x add_listener in turn",
+                ratio <= STORM_RATIO,
+                f"{1e3 * storm.seconds:.1f} vs {1e3 * direct.seconds:.1f} ms = {ratio:.2f}",
+            )
+        )
+    return out
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -297,6 +330,8 @@ def render(res: Results) -> str:
                 lines.append(f"   K={point.k} {setup} failed: {error}")
     if res.handoff is not None:
         lines += _render_handoff(res.handoff)
+    if res.ondemand is not None:
+        lines += _render_ondemand(res.ondemand)
     if res.targets:
         lines += ["", "Targets"]
         lines += [
@@ -373,6 +408,38 @@ def _render_handoff(h: HandoffResult) -> list[str]:
                  f"{z.reload_exit_s:.3f} / {z.successor_rss_mib:.1f}", ""],
             ],
         )  # fmt: skip
+    return lines
+
+
+def _render_ondemand(o: OnDemandResult) -> list[str]:
+    lines = _table(
+        "7. Channels on demand: a new channel, subscribe to ready (ms)",
+        ["call", "samples", "p50", "p99", "max", "mean"],
+        [
+            [name, _n(st.samples), _n(st.p50_ms, ".3f"), _n(st.p99_ms, ".3f"),
+             _n(st.max_ms, ".3f"), _n(st.mean_ms, ".3f")]
+            for name, st in (
+                ("await bus.subscribe(new)", o.subscribe),
+                ("await conn.add_listener(new, cb)", o.add_listener),
+            )
+        ]
+        + [["pgbus / direct", "", _n(o.ratio_p50, ".2f"), _n(o.ratio_p99, ".2f"), "", ""]],
+    )  # fmt: skip
+    direct = o.storm("direct", 1)
+    lines += _table(
+        f"   A storm of {o.storms[0].channels:,} new channels at once "
+        "(until all are acknowledged; median of runs)",
+        ["how", "ms", "runs ms", "vs add_listener in turn"],
+        [
+            [
+                s.name,
+                _n(1e3 * s.seconds, ".1f"),
+                " ".join(f"{1e3 * r:.1f}" for r in s.runs),
+                _n(s.seconds / direct.seconds, ".2f") if direct is not None else "-",
+            ]
+            for s in o.storms
+        ],
+    )
     return lines
 
 

@@ -25,11 +25,11 @@ import asyncpg
 import click
 import msgspec
 
-from bench import dbcost, handoff, report, scenarios
+from bench import dbcost, handoff, ondemand, report, scenarios
 from bench.procs import ROOT, BenchError, Fleet
 from bench.worker import raise_nofile_limit
 
-SECTIONS = ("throughput", "fanout", "latency", "scale", "dbcost", "handoff")
+SECTIONS = ("throughput", "fanout", "latency", "scale", "dbcost", "handoff", "ondemand")
 
 #: What --quick changes (anything given explicitly still wins).
 QUICK: dict[str, Any] = {
@@ -49,6 +49,8 @@ QUICK: dict[str, Any] = {
     "handoff_control_seconds": 2.0,
     "replay_large_mib": 20.0,
     "replay_small_n": 20_000,
+    "ondemand_channels": 100,
+    "ondemand_storm": 200,
 }
 
 
@@ -159,6 +161,8 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
                     )
                 elif section == "handoff":
                     res.handoff = await handoff.handoff(settings, fleet, _log, handoff_series)
+                elif section == "ondemand":
+                    res.ondemand = await ondemand.ondemand(settings, fleet, _log)
             except (BenchError, asyncpg.PostgresError, OSError) as exc:
                 res.errors.append(f"{section}: {exc}")
                 _log(f"section {section} failed: {exc}")
@@ -250,6 +254,8 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
 @click.option(
     "--replay-small-n", type=int, help="Replay memory: 64 B notifications, one per transaction."
 )
+@click.option("--ondemand-channels", type=int, help="On demand: new channels, one at a time.")
+@click.option("--ondemand-storm", type=int, help="On demand: new channels in one storm.")
 @click.option(
     "--daemon-arg",
     "daemon_args",

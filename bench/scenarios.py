@@ -80,6 +80,9 @@ class Settings:
     handoff_control_seconds: float = 10.0
     replay_large_mib: float = 40.0
     replay_small_n: int = 250_000
+    #: Channels on demand: fresh channels subscribed one at a time, and channels in one storm.
+    ondemand_channels: int = 500
+    ondemand_storm: int = 1_000
     #: Extra pgbusd options for every daemon the benchmark starts.
     daemon_args: tuple[str, ...] = ()
     #: If set, py-spy flame graphs of the throughput daemon and client go to PREFIX-daemon.svg and

@@ -24,6 +24,7 @@ TINY = [
     *("--handoff-rate", "200", "--handoff-workers", "2", "--handoff-seconds", "2"),
     *("--handoff-reloads", "1", "--handoff-control-seconds", "0.5"),
     *("--replay-large-mib", "1", "--replay-small-n", "500"),
+    *("--ondemand-channels", "10", "--ondemand-storm", "20"),
 ]
 
 
@@ -46,6 +47,7 @@ def test_bench_runs_every_section_side_by_side_and_writes_table_json_and_chart(
         "4. Scale",
         "5. Database cost",
         "6. Hand-off under load",
+        "7. Channels on demand",
         "Targets",
     ):
         assert heading in table, f"{heading!r} missing from the table"
@@ -102,6 +104,20 @@ def test_bench_runs_every_section_side_by_side_and_writes_table_json_and_chart(
     assert memory["default"]["kept_notifications_small"] == 1024 + 500
     assert memory["none"]["kept_notifications_small"] == 0
     assert (tmp_path / "latest-handoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    ondemand = res["ondemand"]
+    assert ondemand["subscribe"]["samples"] == ondemand["add_listener"]["samples"] == 10
+    assert [(s["path"], s["clients"]) for s in ondemand["storms"]] == [
+        ("pgbus", 1),
+        ("pgbus", 10),
+        ("direct", 1),
+        ("direct", 10),
+        ("batched", 1),
+    ]
+    for storm in ondemand["storms"]:
+        assert storm["channels"] == 20
+        assert len(storm["runs"]) == 1
+        assert storm["seconds"] > 0
 
     charts = list(tmp_path.glob("bench-*.png"))
     assert len(charts) == 1

@@ -2,18 +2,26 @@
 
 A paced sender (``--handoff-rate``, 1,000/s; each payload carries its commit time) feeds one
 channel, relayed by one daemon to ``--handoff-workers`` pgbus worker processes; one direct
-asyncpg listener on the same channel is the machine's own reference. First a control phase
-without reloads (``--handoff-control-seconds``), then the same stream for
-``--handoff-seconds`` with ``--handoff-reloads`` reloads spread over it, each asked for with
-``Bus.reload()`` on a fresh connection, as ``pgbusctl reload`` does.
+asyncpg listener on the same channel is the machine's own reference. Three phases, one daemon
+lineage:
 
-For every reload: the time from the request to the successor serving (the ``Reloaded`` reply)
-and to the old process's exit (a pidfd on it becomes readable). The *hand-off window* is the
-request to that exit. Every delivery is put in a bucket by its commit time: inside a window,
-outside every window (same run), or the control phase; the table gives p50/p99/p99.9/max of
-each bucket for the relay (all workers pooled) and for the direct listener. The workers count
-what they receive: a notification lost or delivered twice, or any generation step, fails the
-section.
+- **control**: the stream for ``--handoff-control-seconds`` without a reload;
+- **buffer filling**: ``--handoff-seconds`` with ``--handoff-reloads`` reloads spread over it,
+  while the replay buffer holds only what the stream has put there since the start (a daemon
+  in its first minutes);
+- **buffer full**: ``--handoff-fill`` notifications of 64 B, one per transaction, on a second
+  channel of the daemon that nobody subscribes to fill the replay buffer (to its 16 MiB of
+  small frames, where this stream would bring it after about three minutes), then
+  ``--handoff-full-seconds`` with ``--handoff-full-reloads`` reloads: a daemon in its steady
+  state.
+
+Each reload is asked for with ``Bus.reload()`` on a fresh connection, as ``pgbusctl reload``
+does. For every reload: the time from the request to the successor serving (the ``Reloaded``
+reply) and to the old process's exit (a pidfd on it becomes readable). The *hand-off window*
+is the request to that exit. Every delivery is put in a bucket by its commit time: inside a
+window, or outside every window of its phase; the table gives p50/p99/p99.9/max of each bucket
+for the relay (all workers pooled) and for the direct listener. The workers count what they
+receive: a notification lost or delivered twice, or any generation step, fails the section.
 
 Then the replay buffer's memory: two more daemons relay one channel nobody subscribes to (its
 frames still go to the replay buffer), one with the default ``--replay-bytes`` (16 MiB), one
@@ -61,6 +69,10 @@ class Reload(msgspec.Struct):
     exit_s: float
     old_pid: int
     new_pid: int
+    #: What the replay buffer held just before the request (bytes).
+    replay_bytes: int = 0
+    #: The longest commit-to-receipt latency of a relayed notification committed in the window.
+    max_relay_ms: float = math.nan
 
 
 class Stats(msgspec.Struct):
@@ -82,12 +94,23 @@ class Stats(msgspec.Struct):
         )
 
 
-class Buckets(msgspec.Struct):
-    """One path's deliveries by the time their notification was committed."""
+class Phase(msgspec.Struct):
+    """One run of the stream with reloads: deliveries by when their notification was committed,
+    inside a hand-off window or outside every window."""
 
-    control: Stats
-    outside: Stats
-    inside: Stats
+    name: str
+    seconds: float
+    reloads: list[Reload]
+    relay_outside: Stats
+    relay_inside: Stats
+    direct_outside: Stats
+    direct_inside: Stats
+    #: The relay's inside minus outside, at p50 and p99.
+    added_p50_ms: float
+    added_p99_ms: float
+    #: Deliveries the pgbus workers counted against what was sent (each gets every one).
+    expected: int
+    delivered: int
 
 
 class ReplayMemory(msgspec.Struct):
@@ -122,17 +145,15 @@ class HandoffResult(msgspec.Struct):
     rate: int
     workers: int
     control_seconds: float
-    seconds: float
-    reloads: list[Reload]
-    relay: Buckets
-    direct: Buckets
-    #: Relay minus direct is not what the target is about: inside minus outside is.
-    added_p50_ms: float
-    added_p99_ms: float
-    #: Deliveries counted by the workers against what was sent (each worker gets every one).
-    expected: int
-    delivered: int
+    #: The stream without a reload: relay (workers pooled) and direct.
+    control_relay: Stats
+    control_direct: Stats
+    phases: list[Phase]
     memory: MemoryResult | None = None
+
+    @property
+    def reloads(self) -> list[Reload]:
+        return [r for phase in self.phases for r in phase.reloads]
 
     @property
     def max_exit_s(self) -> float:
@@ -297,16 +318,95 @@ def _pooled(received: list[tuple[array[float], array[float]]]) -> list[float]:
     return [lat for _, latencies in received for lat in latencies]
 
 
+async def _reload_phase(
+    name: str,
+    seconds: float,
+    count: int,
+    lineage: Lineage,
+    conn: Any,
+    workers: list[Worker],
+    ch: str,
+    settings: Settings,
+    log: Callable[[str], None],
+) -> tuple[Phase, dict[str, Any]]:
+    """The stream for ``seconds`` with ``count`` reloads spread evenly over it (the first after
+    a second of steady stream); the phase and its raw series (for the chart)."""
+    rate = settings.handoff_rate
+    n = max(100, int(rate * seconds))
+    span = max(0.0, seconds - 1.0)
+    offsets = [1.0 + span * i / count for i in range(count)]
+    reloads: list[Reload] = []
+
+    async def reload_all(start: float) -> None:
+        for offset in offsets:
+            await asyncio.sleep(max(0.0, start + offset - time.time()))
+            kept = (await lineage.daemon.status())["totals"]["replay_bytes"]
+            run = await lineage.reload()
+            run.replay_bytes = int(kept)
+            reloads.append(run)
+            log(
+                f"hand-off ({name}): reload {len(reloads)}: successor serves after "
+                f"{run.serving_s:.3f} s, old process exited after {run.exit_s:.3f} s "
+                f"(replay buffer {kept / (1 << 20):.1f} MiB)"
+            )
+
+    out = settings.workdir / f"ho-{len(lineage.reloads)}"
+    loaded = await _stream(conn, workers, ch, n, rate, out, reload_all)
+    if len(reloads) != count:
+        raise BenchError(f"{len(reloads)} reloads done, wanted {count}")
+    status = await lineage.daemon.status()
+    if status["pid"] != lineage.pid or status["generation"] != 1:
+        raise BenchError(
+            f"after the reloads: pid {status['pid']} (expected {lineage.pid}), "
+            f"generation {status['generation']} (expected 1)"
+        )
+    windows = [(r.requested_at, r.requested_at + r.exit_s) for r in reloads]
+    k = settings.handoff_workers
+    relay, direct = loaded[:k], loaded[k:]
+    for run, (start, end) in zip(reloads, windows, strict=True):
+        run.max_relay_ms = 1e3 * max(
+            (
+                lat
+                for sent, lats in relay
+                for t, lat in zip(sent, lats, strict=True)
+                if start <= t <= end
+            ),
+            default=math.nan,
+        )
+    r_out, r_in = _split(relay, windows)
+    d_out, d_in = _split(direct, windows)
+    relay_out, relay_in = Stats.of(r_out), Stats.of(r_in)
+    phase = Phase(
+        name,
+        seconds,
+        reloads,
+        relay_out,
+        relay_in,
+        Stats.of(d_out),
+        Stats.of(d_in),
+        relay_in.p50_ms - relay_out.p50_ms,
+        relay_in.p99_ms - relay_out.p99_ms,
+        n * k,
+        sum(len(lat) for _, lat in relay),
+    )
+    log(
+        f"hand-off ({name}): {count} reloads, exit after max "
+        f"{max(r.exit_s for r in reloads):.3f} s; relay p99 outside {relay_out.p99_ms:.3f} ms, "
+        f"inside {relay_in.p99_ms:.3f} ms (added {phase.added_p99_ms:+.3f} ms)"
+    )
+    return phase, {"name": name, "relay": relay, "direct": direct, "windows": windows}
+
+
 async def handoff(
     settings: Settings,
     fleet: Fleet,
     log: Callable[[str], None],
     series: dict[str, Any] | None = None,
 ) -> HandoffResult:
-    """The section; ``series`` (if given) receives the raw (send time, latency) pairs and the
-    windows, for the chart."""
-    ch = channel("handoff")
-    daemon = await fleet.daemon([ch], *settings.daemon_args)
+    """The section; ``series`` (if given) receives each phase's raw (send time, latency) pairs
+    and windows, for the chart."""
+    ch, fill_ch = channel("handoff"), channel("handoff_fill")
+    daemon = await fleet.daemon([ch, fill_ch], *settings.daemon_args)
     lineage = Lineage(fleet, daemon)
     workers: list[Worker] = []
     conn = None
@@ -317,67 +417,57 @@ async def handoff(
         )
         conn = await connect_sender(settings.dsn)
         rate = settings.handoff_rate
+        k = settings.handoff_workers
         # Warm-up, then the control phase: the same stream, no reload.
         await _stream(conn, workers, ch, max(50, rate // 10), rate, settings.workdir / "ho-w")
         n_control = max(100, int(rate * settings.handoff_control_seconds))
         control = await _stream(conn, workers, ch, n_control, rate, settings.workdir / "ho-c")
         log(f"hand-off control phase: {n_control:,} notifications at {rate:,}/s")
-
-        n = max(100, int(rate * settings.handoff_seconds))
-        count = settings.handoff_reloads
-        # Reloads spread evenly, the first after a second of steady stream.
-        span = max(0.0, settings.handoff_seconds - 1.0)
-        offsets = [1.0 + span * i / count for i in range(count)]
-
-        async def reloads(start: float) -> None:
-            for offset in offsets:
-                await asyncio.sleep(max(0.0, start + offset - time.time()))
-                run = await lineage.reload()
-                log(
-                    f"hand-off: reload {len(lineage.reloads)}: successor serves after "
-                    f"{run.serving_s:.3f} s, old process exited after {run.exit_s:.3f} s"
-                )
-
-        loaded = await _stream(conn, workers, ch, n, rate, settings.workdir / "ho-r", reloads)
-        if len(lineage.reloads) != count:
-            raise BenchError(f"{len(lineage.reloads)} reloads done, wanted {count}")
-        status = await daemon.status()
-        if status["pid"] != lineage.pid or status["generation"] != 1:
-            raise BenchError(
-                f"after the reloads: pid {status['pid']} (expected {lineage.pid}), "
-                f"generation {status['generation']} (expected 1)"
+        phases: list[Phase] = []
+        raw: list[dict[str, Any]] = []
+        if settings.handoff_reloads > 0:
+            phase, data = await _reload_phase(
+                "buffer filling",
+                settings.handoff_seconds,
+                settings.handoff_reloads,
+                lineage,
+                conn,
+                workers,
+                ch,
+                settings,
+                log,
             )
-        windows = [(r.requested_at, r.requested_at + r.exit_s) for r in lineage.reloads]
-        k = settings.handoff_workers
-        buckets: dict[str, Buckets] = {}
-        for side, idx in (("relay", slice(0, k)), ("direct", slice(k, k + 1))):
-            outside, inside = _split(loaded[idx], windows)
-            buckets[side] = Buckets(
-                Stats.of(_pooled(control[idx])), Stats.of(outside), Stats.of(inside)
+            phases.append(phase)
+            raw.append(data)
+        if settings.handoff_full_reloads > 0:
+            received = (await daemon.status())["channels"][fill_ch]["received"]
+            await conn.execute(sender.burst_many_transactions(fill_ch, settings.handoff_fill, 64))
+            await _caught_up([daemon], fill_ch, received + settings.handoff_fill)
+            kept, _ = await _kept(daemon, fill_ch)
+            log(f"hand-off: replay buffer filled to {kept / (1 << 20):.1f} MiB")
+            phase, data = await _reload_phase(
+                "buffer full",
+                settings.handoff_full_seconds,
+                settings.handoff_full_reloads,
+                lineage,
+                conn,
+                workers,
+                ch,
+                settings,
+                log,
             )
-        relay = buckets["relay"]
+            phases.append(phase)
+            raw.append(data)
         res = HandoffResult(
             rate,
             k,
             settings.handoff_control_seconds,
-            settings.handoff_seconds,
-            lineage.reloads,
-            relay,
-            buckets["direct"],
-            relay.inside.p50_ms - relay.outside.p50_ms,
-            relay.inside.p99_ms - relay.outside.p99_ms,
-            n * k,
-            sum(len(lat) for _, lat in loaded[:k]),
+            Stats.of(_pooled(control[:k])),
+            Stats.of(_pooled(control[k:])),
+            phases,
         )
         if series is not None:
-            series["relay"] = loaded[:k]
-            series["direct"] = loaded[k:]
-            series["windows"] = windows
-        log(
-            f"hand-off: {count} reloads, exit after max {res.max_exit_s:.3f} s; relay p99 "
-            f"outside {relay.outside.p99_ms:.3f} ms, inside {relay.inside.p99_ms:.3f} ms "
-            f"(added {res.added_p99_ms:+.3f} ms)"
-        )
+            series["phases"] = raw
     finally:
         if conn is not None:
             await conn.close()
@@ -489,34 +579,46 @@ def _binned(
 
 
 def chart(series: dict[str, Any], res: HandoffResult, path: Path, commit: str, date: str) -> None:
-    """Commit-to-receipt latency over the run with reloads (median and max per 100 ms of commit
-    time), relay and direct, the hand-off windows shaded."""
+    """Commit-to-receipt latency over each phase with reloads (median and max per 100 ms of
+    commit time), relay and direct, the hand-off windows shaded; one row per phase."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    windows: list[tuple[float, float]] = series["windows"]
-    t0 = min(float(sent[0]) for sent, _ in series["relay"] if len(sent))
-    fig, ax = plt.subplots(figsize=(11, 4.8))
-    for start, end in windows:
-        ax.axvspan(start - t0, end - t0, color="#ffbb78", alpha=0.5, lw=0)
+    phases: list[dict[str, Any]] = series.get("phases", [])
+    if not phases:
+        return
+    fig, axes = plt.subplots(len(phases), 1, figsize=(11, 4.2 * len(phases)), squeeze=False)
     styles = {"relay": ("#d62728", "pgbus via pgbusd"), "direct": ("#1f77b4", "direct asyncpg")}
-    for side in ("direct", "relay"):
-        color, label = styles[side]
-        xs, p50, top = _binned(series[side], t0, 0.1)
-        ax.plot(xs, top, color=color, lw=0.8, label=f"{label}: max per 100 ms")
-        ax.plot(xs, p50, color=color, lw=0.8, linestyle=":", label=f"{label}: median per 100 ms")
-    ax.set_yscale("log")
-    ax.set_xlabel("commit time (s since the stream started); shaded: reload request to old exit")
-    ax.set_ylabel("commit to receipt (ms, log scale)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
-    ax.set_title(
-        f"Hand-off under load: {res.rate:,}/s to {res.workers} pgbus workers, "
-        f"{len(res.reloads)} reloads (max {res.max_exit_s:.2f} s); added p99 inside "
-        f"{res.added_p99_ms:+.3f} ms\ncommit {commit}, {date}",
-        fontsize=10,
+    for row, (data, phase) in enumerate(zip(phases, res.phases, strict=True)):
+        ax = axes[row][0]
+        t0 = min(float(sent[0]) for sent, _ in data["relay"] if len(sent))
+        for start, end in data["windows"]:
+            ax.axvspan(start - t0, end - t0, color="#ffbb78", alpha=0.5, lw=0)
+        for side in ("direct", "relay"):
+            color, label = styles[side]
+            xs, p50, top = _binned(data[side], t0, 0.1)
+            ax.plot(xs, top, color=color, lw=0.8, label=f"{label}: max per 100 ms")
+            ax.plot(xs, p50, color=color, lw=0.8, linestyle=":", label=f"{label}: median")
+        ax.set_yscale("log")
+        ax.set_ylabel("commit to receipt (ms, log)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7.5, loc="upper right")
+        kept = max((r.replay_bytes for r in phase.reloads), default=0) / (1 << 20)
+        ax.set_title(
+            f"{phase.name} (replay buffer up to {kept:.1f} MiB): {len(phase.reloads)} reloads, "
+            f"old process gone after max {max(r.exit_s for r in phase.reloads):.2f} s; "
+            f"added p99 inside {phase.added_p99_ms:+.1f} ms",
+            fontsize=9.5,
+        )
+    axes[-1][0].set_xlabel(
+        "commit time (s since the phase's stream started); shaded: reload request to old exit"
+    )
+    fig.suptitle(
+        f"Hand-off under load: {res.rate:,}/s to {res.workers} pgbus workers "
+        f"(commit {commit}, {date})",
+        fontsize=10.5,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -8,6 +8,10 @@ asyncpg connection, on fresh channel names throughout:
   (it returns once the daemon LISTENs on the channel) against ``await conn.add_listener(new,
   callback)`` (it returns once PostgreSQL answered the LISTEN), alternating which goes first.
   Subscriptions and listeners stay, so both backends listen on as many channels at every step.
+  Where the time goes: a second pgbus client then subscribes to the same channel (already
+  LISTENed: the client, the socket and the daemon, no PostgreSQL), and a third connection sends
+  a plain ``LISTEN "new"`` query (one round trip; ``add_listener`` prepares the statement first,
+  which is two).
 - **A storm** of ``--ondemand-storm`` (1,000) new channels at once, each way ``--repeat`` times,
   median: one pgbus client subscribing to all of them concurrently, and 10 clients with a tenth
   each (time from the first call until every subscribe is acknowledged); one asyncpg connection
@@ -80,6 +84,11 @@ class OnDemandResult(msgspec.Struct):
     ratio_p50: float
     ratio_p99: float
     storms: list[Storm]
+    #: Where the time goes: a subscribe to a channel the daemon already LISTENs on (another
+    #: client's: no LISTEN, only the client, the socket and the daemon), and a plain
+    #: ``LISTEN "new"`` query on its own connection (one round trip; add_listener is two).
+    subscribe_listened: SubscribeStats
+    listen_query: SubscribeStats
 
     def storm(self, path: str, clients: int) -> Storm | None:
         for s in self.storms:
@@ -179,29 +188,44 @@ async def _ondemand(settings: Settings, fleet: Fleet, log: Callable[[str], None]
     try:
         # -- one subscribe at a time ----------------------------------------------------------
         bus = await pgbus.connect(daemon.socket, name="bench-ondemand", attach_timeout=10)
+        other = await pgbus.connect(daemon.socket, name="bench-ondemand-2", attach_timeout=10)
         conn = await _direct_connection(settings.dsn)
-        relay: list[float] = []
-        direct: list[float] = []
+        plain = await _direct_connection(settings.dsn)
+        times: dict[str, list[float]] = {"pgbus": [], "direct": [], "listened": [], "query": []}
         subs: list[pgbus.Subscription[str]] = []
         try:
             for i in range(settings.ondemand_channels):
-                for side in ("pgbus", "direct") if i % 2 == 0 else ("direct", "pgbus"):
+                sides = ["pgbus", "direct", "query"]
+                if i % 2:
+                    sides.reverse()
+                for side in sides:
                     name = fresh("s")
                     start = time.perf_counter()
                     if side == "pgbus":
                         subs.append(await bus.subscribe(name, timeout=30))
-                        relay.append(time.perf_counter() - start)
-                    else:
+                        times[side].append(time.perf_counter() - start)
+                        start = time.perf_counter()
+                        subs.append(await other.subscribe(name, timeout=30))
+                        times["listened"].append(time.perf_counter() - start)
+                    elif side == "direct":
                         await conn.add_listener(name, _noop)
-                        direct.append(time.perf_counter() - start)
+                        times[side].append(time.perf_counter() - start)
+                    else:
+                        await plain.execute(f'LISTEN "{name}"')
+                        times[side].append(time.perf_counter() - start)
             # Ready means ready: a NOTIFY committed now reaches the newest subscription.
             await conn.execute(f"NOTIFY \"{subs[-1].channel}\", 'ready'")
             if await asyncio.wait_for(subs[-1].recv(), 10) != "ready":
                 raise BenchError("a new dynamic subscription did not receive its NOTIFY")
         finally:
             await bus.close()
+            await other.close()
             await conn.close()
-        sub_stats, direct_stats = SubscribeStats.of(relay), SubscribeStats.of(direct)
+            await plain.close()
+        sub_stats, direct_stats = (
+            SubscribeStats.of(times["pgbus"]),
+            SubscribeStats.of(times["direct"]),
+        )
         log(
             f"on demand: subscribe p50 {sub_stats.p50_ms:.3f} ms p99 {sub_stats.p99_ms:.3f} ms; "
             f"add_listener p50 {direct_stats.p50_ms:.3f} ms p99 {direct_stats.p99_ms:.3f} ms"
@@ -242,4 +266,6 @@ async def _ondemand(settings: Settings, fleet: Fleet, log: Callable[[str], None]
         sub_stats.p50_ms / direct_stats.p50_ms,
         sub_stats.p99_ms / direct_stats.p99_ms,
         storms,
+        SubscribeStats.of(times["listened"]),
+        SubscribeStats.of(times["query"]),
     )

@@ -103,22 +103,28 @@ def check_targets(res: Results) -> list[Target]:
 
 
 def _handoff_targets(h: HandoffResult | None) -> list[Target]:
-    if h is None:
+    if h is None or not h.phases:
         return []
-    return [
+    out = [
         Target(
             f"hand-off: reload request to the old process's exit < {HANDOFF_SECONDS:g} s",
             h.max_exit_s < HANDOFF_SECONDS,
             f"max {h.max_exit_s:.3f} s over {len(h.reloads)} reloads "
             f"(successor serving after max {max(r.serving_s for r in h.reloads):.3f} s)",
-        ),
-        Target(
-            f"hand-off: added p99 latency inside the windows < {HANDOFF_ADDED_P99_MS:g} ms",
-            h.added_p99_ms < HANDOFF_ADDED_P99_MS,
-            f"{h.added_p99_ms:+.3f} ms ({h.relay.inside.p99_ms:.3f} inside vs "
-            f"{h.relay.outside.p99_ms:.3f} outside)",
-        ),
+        )
     ]
+    for phase in h.phases:
+        out.append(
+            Target(
+                f"hand-off, {phase.name}: added p99 latency inside the windows "
+                f"< {HANDOFF_ADDED_P99_MS:g} ms",
+                phase.added_p99_ms < HANDOFF_ADDED_P99_MS,
+                f"{phase.added_p99_ms:+.3f} ms ({phase.relay_inside.p99_ms:.3f} inside vs "
+                f"{phase.relay_outside.p99_ms:.3f} outside; longest "
+                f"{max(r.max_relay_ms for r in phase.reloads):.1f} ms)",
+            )
+        )
+    return out
 
 
 def _ondemand_targets(o: OnDemandResult | None) -> list[Target]:
@@ -345,40 +351,41 @@ def render(res: Results) -> str:
 def _render_handoff(h: HandoffResult) -> list[str]:
     lines = _table(
         f"6. Hand-off under load: {h.rate:,}/s to {h.workers} pgbus worker processes, "
-        f"{len(h.reloads)} reloads in {h.seconds:g} s",
-        ["reload", "successor serves s", "old process exits s"],
+        f"{len(h.reloads)} reloads",
+        ["phase", "reload", "replay buffer MiB", "successor serves s", "old process exits s",
+         "longest relay latency ms"],
         [
-            [str(i + 1), _n(r.serving_s, ".3f"), _n(r.exit_s, ".3f")]
-            for i, r in enumerate(h.reloads)
+            [phase.name, str(i + 1), _n(r.replay_bytes / (1 << 20), ".1f"),
+             _n(r.serving_s, ".3f"), _n(r.exit_s, ".3f"), _n(r.max_relay_ms, ".1f")]
+            for phase in h.phases
+            for i, r in enumerate(phase.reloads)
         ],
-    )
-    rows = []
-    for side, b in (("relay", h.relay), ("direct", h.direct)):
-        for bucket, st in (
-            (f"no reload ({h.control_seconds:g} s)", b.control),
-            ("outside the windows", b.outside),
-            ("inside the windows", b.inside),
+    )  # fmt: skip
+    rows = [
+        [side, f"no reload ({h.control_seconds:g} s)", _n(st.samples), _n(st.p50_ms, ".3f"),
+         _n(st.p99_ms, ".3f"), _n(st.p999_ms, ".3f"), _n(st.max_ms, ".3f")]
+        for side, st in (("relay", h.control_relay), ("direct", h.control_direct))
+    ]  # fmt: skip
+    for phase in h.phases:
+        for side, bucket, st in (
+            ("relay", "outside the windows", phase.relay_outside),
+            ("relay", "inside the windows", phase.relay_inside),
+            ("direct", "outside the windows", phase.direct_outside),
+            ("direct", "inside the windows", phase.direct_inside),
         ):
             rows.append(
-                [
-                    side,
-                    bucket,
-                    _n(st.samples),
-                    _n(st.p50_ms, ".3f"),
-                    _n(st.p99_ms, ".3f"),
-                    _n(st.p999_ms, ".3f"),
-                    _n(st.max_ms, ".3f"),
-                ]
-            )
-    rows.append(
-        ["relay", "added inside", "", _n(h.added_p50_ms, "+.3f"), _n(h.added_p99_ms, "+.3f"),
-         "", ""]
-    )  # fmt: skip
-    rows.append(
-        ["direct", "added inside", "",
-         _n(h.direct.inside.p50_ms - h.direct.outside.p50_ms, "+.3f"),
-         _n(h.direct.inside.p99_ms - h.direct.outside.p99_ms, "+.3f"), "", ""]
-    )  # fmt: skip
+                [side, f"{phase.name}, {bucket}", _n(st.samples), _n(st.p50_ms, ".3f"),
+                 _n(st.p99_ms, ".3f"), _n(st.p999_ms, ".3f"), _n(st.max_ms, ".3f")]
+            )  # fmt: skip
+        rows.append(
+            ["relay", f"{phase.name}, added inside", "", _n(phase.added_p50_ms, "+.3f"),
+             _n(phase.added_p99_ms, "+.3f"), "", ""]
+        )  # fmt: skip
+        rows.append(
+            ["direct", f"{phase.name}, added inside", "",
+             _n(phase.direct_inside.p50_ms - phase.direct_outside.p50_ms, "+.3f"),
+             _n(phase.direct_inside.p99_ms - phase.direct_outside.p99_ms, "+.3f"), "", ""]
+        )  # fmt: skip
     lines += _table(
         "   Commit to receipt (ms) by commit time: hand-off window = reload request to old exit",
         ["path", "committed", "deliveries", "p50", "p99", "p99.9", "max"],
@@ -423,7 +430,15 @@ def _render_ondemand(o: OnDemandResult) -> list[str]:
                 ("await conn.add_listener(new, cb)", o.add_listener),
             )
         ]
-        + [["pgbus / direct", "", _n(o.ratio_p50, ".2f"), _n(o.ratio_p99, ".2f"), "", ""]],
+        + [["pgbus / direct", "", _n(o.ratio_p50, ".2f"), _n(o.ratio_p99, ".2f"), "", ""]]
+        + [
+            [name, _n(st.samples), _n(st.p50_ms, ".3f"), _n(st.p99_ms, ".3f"),
+             _n(st.max_ms, ".3f"), _n(st.mean_ms, ".3f")]
+            for name, st in (
+                ("  for reference: bus.subscribe(listened)", o.subscribe_listened),
+                ("  for reference: conn.execute('LISTEN new')", o.listen_query),
+            )
+        ],
     )  # fmt: skip
     direct = o.storm("direct", 1)
     lines += _table(

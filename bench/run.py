@@ -47,6 +47,9 @@ QUICK: dict[str, Any] = {
     "handoff_seconds": 4.0,
     "handoff_reloads": 2,
     "handoff_control_seconds": 2.0,
+    "handoff_fill": 20_000,
+    "handoff_full_seconds": 4.0,
+    "handoff_full_reloads": 1,
     "replay_large_mib": 20.0,
     "replay_small_n": 20_000,
     "ondemand_channels": 100,
@@ -245,9 +248,18 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
 @click.option("--dbcost-clients", type=int, help="Database cost: pgbench clients.  [default: 2]")
 @click.option("--handoff-rate", type=int, help="Hand-off: notifications per second.")
 @click.option("--handoff-workers", type=int, help="Hand-off: pgbus worker processes.")
-@click.option("--handoff-seconds", type=float, help="Hand-off: seconds of the run with reloads.")
-@click.option("--handoff-reloads", type=int, help="Hand-off: reloads during that run.")
+@click.option(
+    "--handoff-seconds", type=float, help="Hand-off: seconds with reloads, buffer filling."
+)
+@click.option("--handoff-reloads", type=int, help="Hand-off: reloads, buffer filling.")
 @click.option("--handoff-control-seconds", type=float, help="Hand-off: seconds of the run without.")
+@click.option(
+    "--handoff-fill", type=int, help="Hand-off: 64 B notifications that fill the replay buffer."
+)
+@click.option(
+    "--handoff-full-seconds", type=float, help="Hand-off: seconds with reloads, buffer full."
+)
+@click.option("--handoff-full-reloads", type=int, help="Hand-off: reloads with the buffer full.")
 @click.option(
     "--replay-large-mib", type=float, help="Replay memory: MiB of 1 KiB notifications (0: skip)."
 )

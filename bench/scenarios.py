@@ -78,6 +78,11 @@ class Settings:
     handoff_seconds: float = 30.0
     handoff_reloads: int = 5
     handoff_control_seconds: float = 10.0
+    #: ... then 64 B notifications (one per transaction) that fill the replay buffer, and the
+    #: seconds with reloads and how many with it full.
+    handoff_fill: int = 200_000
+    handoff_full_seconds: float = 15.0
+    handoff_full_reloads: int = 3
     replay_large_mib: float = 40.0
     replay_small_n: int = 250_000
     #: Channels on demand: fresh channels subscribed one at a time, and channels in one storm.

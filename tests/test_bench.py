@@ -23,6 +23,7 @@ TINY = [
     *("--dbcost-k", "1,2", "--dbcost-seconds", "1"),
     *("--handoff-rate", "200", "--handoff-workers", "2", "--handoff-seconds", "2"),
     *("--handoff-reloads", "1", "--handoff-control-seconds", "0.5"),
+    *("--handoff-fill", "300", "--handoff-full-seconds", "2", "--handoff-full-reloads", "1"),
     *("--replay-large-mib", "1", "--replay-small-n", "500"),
     *("--ondemand-channels", "10", "--ondemand-storm", "20"),
 ]
@@ -87,17 +88,23 @@ def test_bench_runs_every_section_side_by_side_and_writes_table_json_and_chart(
     assert (tmp_path / "latest-dbcost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     handoff = res["handoff"]
-    (reload,) = handoff["reloads"]
-    assert 0 < reload["serving_s"] <= reload["exit_s"]
-    assert reload["new_pid"] != reload["old_pid"]
-    # Every worker got every notification of the run with the reload, once (checked by the
-    # section); they fall inside or outside the hand-off window by their commit time.
-    assert handoff["delivered"] == handoff["expected"] == 2 * 400
-    relay = handoff["relay"]
-    assert relay["outside"]["samples"] + relay["inside"]["samples"] == 800
-    assert relay["inside"]["samples"] > 0
-    assert relay["control"]["samples"] == 2 * 100
-    assert handoff["added_p99_ms"] == relay["inside"]["p99_ms"] - relay["outside"]["p99_ms"]
+    assert handoff["control_relay"]["samples"] == 2 * 100
+    assert [p["name"] for p in handoff["phases"]] == ["buffer filling", "buffer full"]
+    for phase in handoff["phases"]:
+        (reload,) = phase["reloads"]
+        assert 0 < reload["serving_s"] <= reload["exit_s"]
+        assert reload["new_pid"] != reload["old_pid"]
+        # Every worker got every notification of the phase, once (checked by the section); they
+        # fall inside or outside the hand-off window by their commit time.
+        assert phase["delivered"] == phase["expected"] == 2 * 400
+        assert phase["relay_outside"]["samples"] + phase["relay_inside"]["samples"] == 800
+        assert phase["relay_inside"]["samples"] > 0
+        assert phase["added_p99_ms"] == (
+            phase["relay_inside"]["p99_ms"] - phase["relay_outside"]["p99_ms"]
+        )
+    # The second phase's reload found the fill channel's 300 notifications in the buffer.
+    filling, full = (p["reloads"][0]["replay_bytes"] for p in handoff["phases"])
+    assert full > filling > 0
     memory = handoff["memory"]
     assert memory["default"]["replay_limit"] == 16 << 20
     assert memory["none"]["replay_limit"] == 0

@@ -273,15 +273,20 @@ async def _stream(
     side = asyncio.ensure_future(during(start)) if during is not None else None
     try:
         await conn.execute(sender.paced([ch], n, rate))
+        dones = [asyncio.ensure_future(w.event(Done, 60 + n / 1000)) for w in workers]
         try:
-            await asyncio.gather(*(w.event(Done, 60 + n / 1000) for w in workers))
-        except BenchError:
-            for w in workers:
-                w.send(Count())
-            counts = [await w.event(Counted, 10) for w in workers]
-            raise BenchError(
-                f"expected {n} deliveries per worker, got {[c.count for c in counts]}"
-            ) from None
+            await asyncio.gather(*dones)
+        except BenchError as exc:
+            # Stop reading the other workers' output before asking each for its count.
+            for task in dones:
+                task.cancel()
+            await asyncio.gather(*dones, return_exceptions=True)
+            counts: list[int] = []
+            with contextlib.suppress(BenchError):
+                for w in workers:
+                    w.send(Count())
+                    counts.append((await w.event(Counted, 10)).count)
+            raise BenchError(f"{exc} (deliveries per worker: {counts}, of {n} each)") from None
         if side is not None:
             await side
     finally:
@@ -293,8 +298,8 @@ async def _stream(
     await asyncio.sleep(0.2)
     for w in workers:
         w.send(Count())
-    counts = [await w.event(Counted, 10) for w in workers]
-    extra = [c.count - n for c in counts if c.count != n]
+    final = [(await w.event(Counted, 10)).count for w in workers]
+    extra = [c - n for c in final if c != n]
     if extra:
         raise BenchError(f"workers received {extra} notifications more than were sent")
     return [(_read(path + ".sent"), _read(path)) for path in paths]

@@ -2,9 +2,9 @@
 
 :meth:`StreamPublisher.submit` is called synchronously for each notification (from asyncpg's
 read callback); it stamps the notification (lineage, generation, the channel's next seq) and
-appends it to the open *run*: consecutive notifications on one channel within one event-loop
-turn, bounded in bytes. At the end of the turn (or when the channel changes, or the run is full)
-the run is sealed into one :class:`~pgbusd.fleet.schema.Batch`. It never waits and never raises.
+appends it to the open *run*: the notifications of one event-loop turn, all channels mixed in
+delivery order, bounded in bytes. At the end of the turn (or when the run is full) the run is
+sealed into one :class:`~pgbusd.fleet.schema.Batch`. It never waits and never raises.
 
 Ordering and fencing
 --------------------
@@ -79,12 +79,10 @@ class _Entry:
 
 
 class _Run:
-    __slots__ = ("bytes", "channel", "first_seq", "mark", "notes", "off")
+    __slots__ = ("bytes", "mark", "notes", "off")
 
-    def __init__(self, channel: str, first_seq: int) -> None:
-        self.channel = channel
-        self.first_seq = first_seq
-        self.notes: list[tuple[int, str]] = []
+    def __init__(self) -> None:
+        self.notes: list[tuple[str, int, int, str]] = []
         self.bytes = 0
         self.mark: str | None = None
         self.off = 0
@@ -137,7 +135,6 @@ class StreamPublisher:
         self._buffered = 0
         self._dropping = False
         self._gap_pos: tuple[str | None, int] = (None, 0)
-        self._subject_of: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._need_resync = False
         self._epoch = 0
@@ -226,13 +223,14 @@ class StreamPublisher:
                 )
             return
         run = self._run
-        if run is None or run.channel != channel or run.bytes + size > self.max_batch_bytes:
+        if run is None or run.bytes + size > self.max_batch_bytes:
             self._seal()
-            run = self._run = _Run(channel, self.stamp.seqs.get(channel, 0) + 1)
-        run.notes.append((pid, payload))
+            run = self._run = _Run()
+        seqs = self.stamp.seqs
+        seqs[channel] = seq = seqs.get(channel, 0) + 1
+        run.notes.append((channel, seq, pid, payload))
         run.bytes += size
         run.mark, run.off = mark, off
-        self.stamp.seqs[channel] = run.first_seq + len(run.notes) - 1
         self._buffered += size
         if self._seal_handle is None:
             self._seal_handle = asyncio.get_running_loop().call_soon(self._end_of_turn)
@@ -295,20 +293,9 @@ class StreamPublisher:
         run, self._run = self._run, None
         if run is None:
             return
-        subject = self._subject_of.get(run.channel)
-        if subject is None:
-            subject = self._subject_of[run.channel] = self.subjects.notes(run.channel)
-        batch = s.Batch(
-            self.lineage,
-            self.stamp.generation,
-            run.mark,
-            run.off,
-            run.channel,
-            run.first_seq,
-            run.notes,
-        )
+        batch = s.Batch(self.lineage, self.stamp.generation, run.mark, run.off, run.notes)
         self._buffered -= run.bytes
-        self._append(subject, batch, len(run.notes))
+        self._append(self.subjects.notes, batch, len(run.notes))
 
     def _append(self, subject: str, message: s.StreamMessage, notes: int) -> None:
         data = s.encode(message)

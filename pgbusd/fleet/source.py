@@ -296,11 +296,8 @@ class HostSource:
 
     def _notes(self, batch: s.Batch, emit: Any) -> None:
         generation = batch.generation + self.local_steps
-        channel = batch.channel
-        seq = batch.first_seq
-        for pid, payload in batch.notes:
+        for channel, seq, pid, payload in batch.notes:
             emit(pid, channel, payload, generation, seq)
-            seq += 1
 
     def _gap(self, first_missing: int, next_present: int) -> None:
         if next_present <= self.base_seq + 1:

@@ -28,7 +28,8 @@ async def connect(
     log: Any = None,
     connect_timeout: float = 2.0,
 ) -> NATS:
-    """A client that reconnects forever (every 0.1 to ~1 s) and logs errors quietly.
+    """A client that reconnects forever (every 0.1 to ~1 s) and logs errors quietly. ``url``
+    may name several servers of a cluster, comma-separated.
 
     The first connection is retried too (until it succeeds, or the caller cancels): a bridge or
     host may start before NATS does.
@@ -42,10 +43,11 @@ async def connect(
         return None
 
     backoff = Backoff(0.1, 2.0, jitter=0.3)
+    servers = [server.strip() for server in url.split(",") if server.strip()]
     while True:
         try:
             return await nats.connect(
-                url,
+                servers,
                 name=name,
                 error_cb=error_cb,
                 reconnected_cb=on_reconnected or noop,

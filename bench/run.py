@@ -25,11 +25,11 @@ import asyncpg
 import click
 import msgspec
 
-from bench import dbcost, report, scenarios
+from bench import dbcost, fleetrelay, report, scenarios
 from bench.procs import ROOT, BenchError, Fleet
 from bench.worker import raise_nofile_limit
 
-SECTIONS = ("throughput", "fanout", "latency", "scale", "dbcost")
+SECTIONS = ("throughput", "fanout", "latency", "scale", "dbcost", "fleet")
 
 #: What --quick changes (anything given explicitly still wins).
 QUICK: dict[str, Any] = {
@@ -151,6 +151,8 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
                         fleet,
                         _log,
                     )
+                elif section == "fleet":
+                    res.fleet = await fleetrelay.fleet_relay(settings, fleet, _log)
             except (BenchError, asyncpg.PostgresError, OSError) as exc:
                 res.errors.append(f"{section}: {exc}")
                 _log(f"section {section} failed: {exc}")

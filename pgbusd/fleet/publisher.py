@@ -4,7 +4,9 @@
 read callback); it stamps the notification (lineage, generation, the channel's next seq) and
 appends it to the open *run*: the notifications of one event-loop turn, all channels mixed in
 delivery order, bounded in bytes. At the end of the turn (or when the run is full) the run is
-sealed into one :class:`~pgbusd.fleet.schema.Batch`. It never waits and never raises.
+sealed into one :class:`~pgbusd.fleet.schema.Batch`; under load (``coalesce`` messages waiting
+for their acks) it stays open across turns until the next ack, so that batches grow with the
+load. It never waits and never raises.
 
 Ordering and fencing
 --------------------
@@ -104,6 +106,7 @@ class StreamPublisher:
         max_batch_bytes: int = 256 << 10,
         ack_timeout: float = 5.0,
         checkpoint_interval: float = 5.0,
+        coalesce: int | None = 2,
         on_stored: OnStored | None = None,
         on_deposed: OnDeposed | None = None,
         log: Any = None,
@@ -118,6 +121,12 @@ class StreamPublisher:
         self.max_buffer_bytes = max_buffer_bytes
         self.max_batch_bytes = max_batch_bytes
         self.ack_timeout = ack_timeout
+        #: While this many messages wait for their acks, a loop turn's notifications stay in the
+        #: open run instead of going out as a message of their own; the run is sealed at the next
+        #: ack (or when full). Batches grow with the load, and an idle stream waits for nothing.
+        #: None: every turn's run is a message of its own.
+        self.coalesce = coalesce
+        self._run_held_open = False
         self.checkpoint_interval = checkpoint_interval
         self.on_stored = on_stored
         self.on_deposed = on_deposed
@@ -205,16 +214,17 @@ class StreamPublisher:
     def submit(self, pid: int, channel: str, payload: str, mark: str | None, off: int) -> None:
         """One notification at position (``mark``, ``off``)."""
         self.submitted += 1
-        self.stamp.mark, self.stamp.off = mark, off
         size = len(payload) + len(channel) + _NOTE_OVERHEAD
         if self._dropping:
             if self._buffered > self.max_buffer_bytes // 2:
+                self.stamp.mark, self.stamp.off = mark, off
                 self._drop(mark, off)
                 return
             self._gap_tick()
         elif self._buffered + size > self.max_buffer_bytes:
             self._dropping = True
             self.gaps += 1
+            self.stamp.mark, self.stamp.off = mark, off
             self._drop(mark, off)
             if self.log is not None:
                 self.log.error(
@@ -226,6 +236,7 @@ class StreamPublisher:
         if run is None or run.bytes + size > self.max_batch_bytes:
             self._seal()
             run = self._run = _Run()
+        # The stamp's position follows the open run's (set when it is sealed).
         seqs = self.stamp.seqs
         seqs[channel] = seq = seqs.get(channel, 0) + 1
         run.notes.append((channel, seq, pid, payload))
@@ -237,6 +248,7 @@ class StreamPublisher:
 
     def advance(self, mark: str | None, off: int) -> None:
         """The position moved without a notification to store (a marker arrived)."""
+        self._seal()  # the open run ends before the marker (markers are rare: once a second)
         self.stamp.mark, self.stamp.off = mark, off
 
     def tick(self, reason: str, mark: str | None, off: int) -> int:
@@ -287,12 +299,22 @@ class StreamPublisher:
 
     def _end_of_turn(self) -> None:
         self._seal_handle = None
+        coalesce = self.coalesce
+        if (
+            coalesce is not None
+            and len(self._queue) >= coalesce
+            and not (self.fenced or self._need_resync)
+        ):
+            self._run_held_open = True  # sealed by the next ack (see coalesce)
+            return
         self._seal()
 
     def _seal(self) -> None:
+        self._run_held_open = False
         run, self._run = self._run, None
         if run is None:
             return
+        self.stamp.mark, self.stamp.off = run.mark, run.off
         batch = s.Batch(self.lineage, self.stamp.generation, run.mark, run.off, run.notes)
         self._buffered -= run.bytes
         self._append(self.subjects.notes, batch, len(run.notes))
@@ -359,6 +381,8 @@ class StreamPublisher:
         while not self.fenced:
             await asyncio.sleep(period)
             now = time.monotonic()
+            if self._run_held_open:  # no ack came for a while: do not hold it any longer
+                self._seal()
             queue = self._queue
             if queue and 0 < queue[0].sent_at < now - self.ack_timeout:
                 self._resync_needed(f"no ack within {self.ack_timeout}s")
@@ -410,6 +434,8 @@ class StreamPublisher:
         self._next_send = max(self._next_send, index + 1)
         if self.on_stored is not None:
             self.on_stored(entry.mark, entry.off, seq)
+        if self._run_held_open:
+            self._seal()
         if self._dropping and self._buffered <= self.max_buffer_bytes // 2:
             self._gap_tick()
         self._wake.set()

@@ -27,7 +27,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.fleet_helpers import nats_server_fixture, unique_stream
-from tests.natsserver import NatsServer
+from tests.natsserver import NatsServer, freeze
 from tests.test_continuity import Sender, Worker, assert_complete, pgbusctl, workers
 
 
@@ -153,6 +153,34 @@ async def test_killing_the_publishing_bridge_the_standby_continues_without_a_ste
         for summary in await summaries([group], last):
             assert_complete(summary, last)  # 0 lost, 0 twice, no generation step
     assert st.fleet.exact_takeovers == 1
+
+
+async def test_a_standby_that_cannot_place_the_frontier_takes_over_with_one_step(
+    fleet: Fleet, pg: Any
+) -> None:
+    a = fleet.bridge("ba", "--lease-ttl", "1.5")
+    await fleet_state(a, "publishing")
+    b = fleet.bridge("bb", "--lease-ttl", "1.5")
+    await wait_until(lambda: _exact_ready(b), 30, what="the standby placed the frontier")
+    (host,) = await fleet.hosts(1)
+    async with (
+        workers(host.socket, fleet.channels, 2) as group,
+        Sender(fleet.channels) as sender,
+    ):
+        await sender.wait_sent(50)
+        freeze(a.pid)  # the publisher stores nothing more and sends no marker
+        # The standby's connection is replaced: nothing it held can be placed in the new one.
+        await terminate_backend(pg, await b.backend_pid())
+        await b.wait_generation(2)
+        a.kill()
+        st = await fleet_state(b, "publishing")
+        await sender.wait_sent(50)
+        last = await sender.stop()
+        for summary in await summaries([group], last):
+            assert summary["generation_steps"] == 1, summary  # what may be missing is told
+            assert summary["repeated"] == dict.fromkeys(last, 0), summary
+            assert summary["last"] == last, summary
+    assert (st.fleet.takeovers, st.fleet.exact_takeovers) == (1, 0)
 
 
 async def _exact_ready(daemon: Daemon) -> bool:

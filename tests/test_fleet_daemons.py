@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pgbusd.config import Config
 from tests.conftest import (
     DSN,
     Daemon,
@@ -29,6 +34,9 @@ from tests.conftest import (
 from tests.fleet_helpers import nats_server_fixture, unique_stream
 from tests.natsserver import NatsServer, freeze
 from tests.test_continuity import Sender, Worker, assert_complete, pgbusctl, workers
+from tests.test_systemd import PGBUSD, UNITS, NotifySocket, notify_socket, systemd_env
+
+__all__ = ["notify_socket"]  # a fixture, used by name
 
 
 @pytest.fixture(scope="module")
@@ -289,3 +297,47 @@ def test_a_fleet_configuration_that_cannot_work_exits_2_naming_the_option(
     )
     assert result.returncode == 2, result.stderr
     assert option in result.stderr
+
+
+async def test_a_host_tells_systemd_it_is_ready_once_its_stream_caught_up(
+    fleet: Fleet, notify_socket: NotifySocket
+) -> None:
+    host = fleet.factory(
+        fleet.channels,
+        dsn=None,
+        args=["--source", fleet.nats.url, "--stream", fleet.stream, "--source-timeout", "60"],
+        env=systemd_env(notify_socket, watchdog=False),
+        subdir="h",
+    )
+    assert await notify_socket.receive(0.5) is None, "no READY=1 before there is a stream"
+    bridge = fleet.bridge("b")
+    await fleet_state(bridge, "publishing")
+    await notify_socket.expect_line("READY=1", timeout=30)
+    status = await notify_socket.expect(lambda line: line.startswith("STATUS="), "STATUS=")
+    assert status == "STATUS=PostgreSQL connected, generation 1, 0 clients"  # its stream, read
+    assert (await host.wait_generation(1)).fleet is not None
+
+
+@pytest.mark.parametrize("drop_in", ["fleet-host.conf", "fleet-bridge.conf"])
+def test_the_fleet_drop_ins_load_cleanly_on_the_service(workdir: Path, drop_in: str) -> None:
+    text = (UNITS / "pgbusd.service").read_text()
+    text = re.sub(r"^ExecStart=\S+", f"ExecStart={PGBUSD}", text, count=1, flags=re.M)
+    text = re.sub(
+        r"^ExecReload=\S+", f"ExecReload={PGBUSD.with_name('pgbusctl')}", text, count=1, flags=re.M
+    )
+    (workdir / "pgbusd.service").write_text(text)
+    (workdir / "pgbusd.service.d").mkdir()
+    shutil.copy(UNITS / drop_in, workdir / "pgbusd.service.d" / drop_in)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(workdir / "pgbusd.service")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=workdir,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert [line for line in output.splitlines() if "pgbusd" in line] == []
+    options = {"PGBUSD_" + f.name.upper() for f in fields(Config)}
+    named = set(re.findall(r"(PGBUSD_[A-Z_]+)=", (UNITS / drop_in).read_text()))
+    assert named <= options

@@ -257,8 +257,9 @@ class HostRole(FleetRole):
 
     @property
     def connected(self) -> bool:
-        reader = self.source.reader
-        return self.source.caught_up.is_set() and reader is not None and reader.connected
+        """Caught up with the stream, and connected to NATS."""
+        nc = self.source.nc
+        return self.source.caught_up.is_set() and nc is not None and nc.is_connected
 
     @property
     def reconnects(self) -> int:

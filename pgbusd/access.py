@@ -10,6 +10,7 @@ database password anyway).
 
 from __future__ import annotations
 
+import fnmatch
 import grp
 import os
 import pwd
@@ -101,6 +102,11 @@ def parse_rule(items: list[str]) -> Rule:
     return Rule(frozenset(uids), frozenset(gids))
 
 
+def is_glob(name: str) -> bool:
+    """Whether a channel ACL's key is a shell-style glob (``*``, ``?``, ``[``) or a name."""
+    return any(c in name for c in "*?[")
+
+
 def parse_channel_acl(spec: str) -> tuple[str, Rule]:
     """``CHANNEL=uid:1001,gid:workers`` -> (channel, rule). The channel is everything before the
     last ``=``, so channel names may themselves contain ``=``."""
@@ -141,8 +147,13 @@ class AccessPolicy:
         return f"uid {peer.uid} may not reload the daemon (only root and its own user may)"
 
     def refuse_subscribe(self, peer: Peer, channel: str) -> str | None:
-        """Why ``peer`` may not subscribe to ``channel``, or None if it may."""
-        rule = self.channels.get(channel)
-        if rule is None or peer.uid in self.always or rule.matches(peer):
+        """Why ``peer`` may not subscribe to ``channel``, or None if it may. Every rule whose
+        key is the channel, or a glob matching it, must let the peer in."""
+        if peer.uid in self.always:
             return None
-        return f"uid {peer.uid} (gid {peer.gid}) may not subscribe to {channel!r}"
+        for key, rule in self.channels.items():
+            if (key == channel or (is_glob(key) and fnmatch.fnmatchcase(channel, key))) and (
+                not rule.matches(peer)
+            ):
+                return f"uid {peer.uid} (gid {peer.gid}) may not subscribe to {channel!r}"
+        return None

@@ -7,10 +7,12 @@ written exactly once, here.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -23,6 +25,8 @@ from pgbusd import access
 MAX_SECONDS = 86_400.0
 #: The replay buffer lives in the daemon's memory, and a reload copies it to the successor.
 MAX_REPLAY_BYTES = 1 << 30
+#: PostgreSQL takes many more; a status document lists every channel.
+MAX_CHANNELS = 65536
 #: The most clients: it is also the listen() backlog, a C int.
 MAX_CLIENTS = 1 << 20
 
@@ -54,6 +58,24 @@ class Config:
         multiple=True,
         metavar="NAME",
     )
+    channel_pattern: tuple[str, ...] = _opt(
+        (),
+        "Allow clients to subscribe to any channel matching this shell-style glob (*, ?, [...]; "
+        "repeatable; exact case): it is LISTENed while someone subscribes. "
+        "PGBUSD_CHANNEL_PATTERN takes several globs separated by whitespace.",
+        multiple=True,
+        metavar="GLOB",
+    )
+    unlisten_delay: float = _opt(
+        10.0,
+        "Seconds a channel allowed by --channel-pattern stays LISTENed after its last "
+        "subscriber left (0: at once), so that subscribe/unsubscribe loops do not flap.",
+    )
+    max_channels: int = _opt(
+        4096,
+        "Channels LISTENed at once (--channel ones included); a subscribe that would need one "
+        "more is refused.",
+    )
     socket: str = _opt(DEFAULT_SOCKET, "Unix socket path clients attach to.", metavar="PATH")
     socket_mode: int = _opt(0o660, "Permission bits of the socket file (octal).", metavar="MODE")
     socket_group: str | None = _opt(
@@ -76,7 +98,8 @@ class Config:
     )
     channel_acl: tuple[str, ...] = _opt(
         (),
-        "Restrict subscribing to a channel: CHANNEL=uid:USER,gid:GROUP,... (repeatable).",
+        "Restrict subscribing to a channel: CHANNEL=uid:USER,gid:GROUP,... (repeatable; "
+        "CHANNEL may be a glob, for the channels of --channel-pattern).",
         multiple=True,
         metavar="RULE",
     )
@@ -181,6 +204,22 @@ class Config:
                 raise ConfigError("channel", str(exc)) from None
             seen[name] = None
         object.__setattr__(self, "channel", tuple(seen))
+        for pattern in self.channel_pattern:
+            if not pattern or "\x00" in pattern:
+                raise ConfigError("channel_pattern", f"{pattern!r} is not a channel pattern")
+        object.__setattr__(self, "channel_pattern", tuple(dict.fromkeys(self.channel_pattern)))
+        if not (math.isfinite(self.unlisten_delay) and 0 <= self.unlisten_delay <= MAX_SECONDS):
+            raise ConfigError(
+                "unlisten_delay",
+                f"unlisten_delay must be a number of seconds from 0 and at most "
+                f"{MAX_SECONDS:g} (got {self.unlisten_delay!r})",
+            )
+        if not len(self.channel) <= self.max_channels <= MAX_CHANNELS:
+            raise ConfigError(
+                "max_channels",
+                f"max_channels must be at least the {len(self.channel)} --channel names and at "
+                f"most {MAX_CHANNELS}",
+            )
         if len(os.fsencode(self.socket)) > 107:
             raise ConfigError("socket", f"socket path {self.socket!r} is longer than 107 bytes")
         for name in (
@@ -236,9 +275,10 @@ class Config:
                 access.AccessPolicy.build(**only)
             except ValueError as exc:
                 raise ConfigError(name, str(exc)) from None
+        allowed = self.allowed_channels()
         for acl in self.channel_acl:
             channel = access.parse_channel_acl(acl)[0]
-            if channel not in self.channel:
+            if not access.is_glob(channel) and channel not in self.channel and not allowed(channel):
                 raise ConfigError("channel_acl", f"channel {channel!r} in {acl!r} is not relayed")
         if self.metrics_address is not None:
             try:
@@ -299,6 +339,13 @@ class Config:
     @property
     def channels(self) -> tuple[str, ...]:
         return self.channel
+
+    def allowed_channels(self) -> Callable[[str], bool]:
+        """Whether a channel name matches a --channel-pattern (not whether it is pinned)."""
+        if not self.channel_pattern:
+            return lambda _name: False
+        match = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in self.channel_pattern))
+        return lambda name: match.fullmatch(name) is not None
 
     def access_policy(self) -> access.AccessPolicy:
         """The allow lists with user and group names resolved (ValueError naming a bad one)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import fnmatch
 import json
 import os
 import signal
@@ -217,6 +218,17 @@ def render(status: Status) -> str:
     ]
     if pg.relay_errors:
         lines.append(f"relay errors {pg.relay_errors}  (contained; see the daemon's log)")
+    if pg.listening_channels is not None:
+        lines.append(
+            f"listening   {pg.listening_channels} channels (pg_listening_channels(), the "
+            "daemon's probe included)"
+        )
+    if totals.listens or totals.unlistens or totals.subscribes_refused:
+        refused = ", ".join(f"{code} {n}" for code, n in sorted(totals.subscribes_refused.items()))
+        lines.append(
+            f"on demand   listened {totals.listens}, unlistened {totals.unlistens}"
+            + (f", refused: {refused}" if refused else "")
+        )
     if status.fleet is not None:  # fleet mode (issue 17)
         lines += _fleet(status.fleet)
     if status.omitted:
@@ -224,17 +236,18 @@ def render(status: Status) -> str:
     lines.append("")
     channels = status.channels
     lines += _table(
-        ["CHANNEL", "SUBSCRIBERS", "RECEIVED", "LAST RECEIVED"],
+        ["CHANNEL", "KIND", "SUBSCRIBERS", "RECEIVED", "LAST RECEIVED"],
         [
             [
                 _printable(name),
+                "pinned" if ch.pinned else "dynamic",
                 str(ch.subscribers),
                 str(ch.received),
                 _relative(ch.last_received, now),
             ]
             for name, ch in channels.items()
         ],
-        right={1, 2},
+        right={2, 3},
     )
     if not status.channel_count:
         lines.append("(no channels registered)")
@@ -382,12 +395,18 @@ async def listen(
         _unreachable(path, exc)
         return EXIT_UNREACHABLE
     try:
-        unknown = [ch for ch in channels if ch not in bus.channels()]
+        patterns = bus.channel_patterns()
+        unknown = [
+            ch
+            for ch in channels
+            if ch not in bus.channels() and not any(fnmatch.fnmatchcase(ch, g) for g in patterns)
+        ]
         if unknown:
             relayed = ", ".join(bus.channels()) or "none"
+            globs = f"; on demand: {', '.join(patterns)}" if patterns else ""
             click.echo(
                 f"pgbusctl: pgbusd does not relay {', '.join(map(repr, unknown))} "
-                f"(it relays: {relayed})",
+                f"(it relays: {relayed}{globs})",
                 err=True,
             )
             return EXIT_USAGE

@@ -11,9 +11,11 @@ twice and their generation does not move. How:
 2. The successor reads its configuration (a refused one ends the reload here), connects to
    PostgreSQL and LISTENs on every channel and on the marker channel, holding back everything it
    receives; then it says ``Listening``.
-3. The predecessor LISTENs on the marker channel too and commits one NOTIFY on it (``Split``
-   tells the successor its payload). PostgreSQL delivers every notification to every listener
-   from one queue, in commit order, so the marker stands at the same place in both streams:
+3. The predecessor freezes its channel set (channels on demand wait), sends ``Split``: the
+   marker's payload and every channel it listens on now, which the successor LISTENs on too
+   before it says ``Ready``. Then the predecessor LISTENs on the marker channel and commits one
+   NOTIFY on it. PostgreSQL delivers every notification to every listener from one queue, in
+   commit order, so the marker stands at the same place in both streams:
    the predecessor relays everything before it and holds back everything after it; the
    successor drops everything it held before it and keeps everything after it.
 4. At the marker the predecessor seals what it relayed and sends its ``State``: lineage (daemon
@@ -78,9 +80,16 @@ class Listening(Message, tag="listening"):
 
 
 class Split(Message, tag="split"):
-    """Predecessor: the marker notification about to be committed carries ``token``."""
+    """Predecessor: the marker notification about to be committed carries ``token``; before it
+    is, LISTEN on ``channels`` too (its channels now; none change until the hand-off ends) and
+    say Ready."""
 
     token: str
+    channels: list[str] = msgspec.field(default_factory=list)
+
+
+class Ready(Message, tag="ready"):
+    """Successor: LISTENing on every channel the Split named."""
 
 
 class ChannelSnapshot(msgspec.Struct, array_like=True):
@@ -90,6 +99,8 @@ class ChannelSnapshot(msgspec.Struct, array_like=True):
     last_received: float | None
     #: The replay buffer's frames, oldest first: (first seq, frame).
     frames: list[tuple[int, bytes]]
+    #: A --channel, or a channel of --channel-pattern listened to on demand.
+    pinned: bool = True
 
 
 class State(Message, tag="state"):
@@ -98,6 +109,9 @@ class State(Message, tag="state"):
     daemon_id: str
     generation: int
     channels: list[ChannelSnapshot]
+    #: The lineage's count of notifications received, and its seq floor (see Hub.seq_floor).
+    received: int = 0
+    seq_floor: int = 0
 
 
 class Serving(Message, tag="serving"):
@@ -116,7 +130,7 @@ class Abort(Message, tag="abort"):
     reason: str
 
 
-ControlMessage = Listening | Split | State | Serving | Main | Abort
+ControlMessage = Listening | Split | Ready | State | Serving | Main | Abort
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(ControlMessage)

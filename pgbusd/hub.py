@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 
 from pgbus import protocol as p
-from pgbusd.handoff import ChannelSnapshot
+from pgbusd.handoff import ChannelSnapshot, State
 from pgbusd.replay import ChannelLog, ReplayLog
 
 if TYPE_CHECKING:
@@ -59,15 +59,18 @@ class ChannelState:
         "last_received",
         "log",
         "name",
+        "pinned",
         "seq",
         "subscribers",
     )
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, pinned: bool = True, seq: int = 0) -> None:
         self.name = name
-        #: Notifications PostgreSQL delivered on this channel so far (this lineage).
-        self.seq = 0
-        self.log = ChannelLog()
+        #: A --channel (listened to always), or one of --channel-pattern's (while subscribed).
+        self.pinned = pinned
+        #: The seq of the channel's last notification (this lineage; see Hub.seq_floor).
+        self.seq = seq
+        self.log = ChannelLog(seq + 1)
         #: When the latest loop turn that delivered notifications on this channel began to.
         self.last_received: float | None = None
         self.subscribers: dict[Session, None] = {}
@@ -82,6 +85,7 @@ class ChannelState:
             "received": self.seq,
             "last_received": self.last_received,
             "replay_from": self.log.oldest,
+            "pinned": self.pinned,
         }
 
 
@@ -106,6 +110,12 @@ class Hub:
         self.daemon_id = daemon_id or secrets.token_hex(8)
         self.generation = 0
         self.replay = ReplayLog(replay_bytes)
+        #: Notifications received so far (this lineage, every channel, gone ones included).
+        self.received = 0
+        #: A channel created now starts past every seq any channel had in this lineage, so that
+        #: a client holding a seq of an earlier channel of the same name sees a gap, never a
+        #: false continuation (the daemon did not listen in between).
+        self.seq_floor = 0
         #: Notification deliveries to clients so far (one per subscriber).
         self.sent = 0
         self._unrouted = unrouted
@@ -114,10 +124,6 @@ class Hub:
         self._seal_handle: asyncio.Handle | None = None
         #: Fleet mode: what :meth:`remember` batches this turn, per channel: (frame, first, n).
         self._history: dict[str, tuple[bytearray, int, int]] | None = None
-
-    @property
-    def received(self) -> int:
-        return sum(state.seq for state in self.channels.values())
 
     # -- from the PostgreSQL side ------------------------------------------------------------
 
@@ -174,6 +180,7 @@ class Hub:
         for session in subscribers:
             session.send_batch(frame, count)
         self.sent += count * len(subscribers)
+        self.received += count
         self.replay.append(state.log, state.batch_first_seq, count, frame)
 
     def tick(self, generation: int) -> None:
@@ -258,43 +265,86 @@ class Hub:
         changed = lineage != self.daemon_id
         self.daemon_id = lineage
         self.generation = generation
-        for name, state in self.channels.items():
-            seq = seqs.get(name, 0)
-            # What remember() refilled is kept if it ends where the stream's seq is (a new
-            # lineage starts its seqs anew: its first reset never matches the old frames).
-            if state.log.next_seq != seq + 1:
-                self.replay.forget(state.log)
-                state.log.next_seq = seq + 1
-            state.seq = seq
+        for name in self.channels:
+            self.place(name, seqs.get(name, 0))
         if changed:
             for session in list(self.sessions):
                 session.abort()
 
+    def place(self, name: str, seq: int) -> None:
+        """A host: ``name``'s last seq is the stream's ``seq``. What the replay buffer holds is
+        kept if it ends there (what remember() refilled; a new lineage starts its seqs anew, so
+        its first reset never matches the old frames)."""
+        state = self.channels.get(name)
+        if state is None:
+            return
+        if state.log.next_seq != seq + 1:
+            self.replay.forget(state.log)
+            state.log.next_seq = seq + 1
+        state.seq = seq
+
     # -- a hand-off ----------------------------------------------------------------------------
 
-    def snapshot(self) -> tuple[str, int, list[ChannelSnapshot]]:
+    def snapshot(self) -> State:
         """The lineage, its generation and every channel's seq and replay log (sealed first)."""
         self.seal_all()
-        return (
+        return State(
             self.daemon_id,
             self.generation,
             [
-                ChannelSnapshot(name, st.seq + 1, st.last_received, st.log.export())
+                ChannelSnapshot(name, st.seq + 1, st.last_received, st.log.export(), st.pinned)
                 for name, st in self.channels.items()
             ],
+            self.received,
+            self.seq_floor,
         )
 
-    def restore(self, daemon_id: str, generation: int, channels: list[ChannelSnapshot]) -> None:
-        """Continue the predecessor's lineage: its id, generation, seqs and replay logs (for the
-        channels this daemon relays; the others are gone)."""
-        self.daemon_id = daemon_id
-        self.generation = generation
-        for snap in channels:
-            state = self.channels.get(snap.name)
-            if state is not None:
-                state.seq = snap.next_seq - 1
-                state.last_received = snap.last_received
-                self.replay.restore(state.log, snap.frames, snap.next_seq)
+    def restore(self, state: State, allowed: Callable[[str], bool]) -> None:
+        """Continue the predecessor's lineage: its id, generation, seqs and replay logs, for the
+        channels this daemon relays or ``allowed``; the others are gone (their seqs raise the
+        floor)."""
+        self.daemon_id = state.daemon_id
+        self.generation = state.generation
+        self.received = state.received
+        self.seq_floor = state.seq_floor
+        for snap in state.channels:
+            channel = self.channels.get(snap.name)
+            if channel is None and allowed(snap.name):
+                channel = self.add_channel(snap.name)
+            if channel is None:
+                self.seq_floor = max(self.seq_floor, snap.next_seq)
+                continue
+            channel.seq = snap.next_seq - 1
+            channel.last_received = snap.last_received
+            self.replay.restore(channel.log, snap.frames, snap.next_seq)
+
+    # -- channels on demand ----------------------------------------------------------------------
+
+    def add_channel(self, name: str) -> ChannelState:
+        """A channel of --channel-pattern, created for its first subscriber (not listened yet)."""
+        state = ChannelState(name, pinned=False, seq=self.seq_floor)
+        self.channels[name] = state
+        return state
+
+    def drop_channel(self, name: str) -> None:
+        """A channel nobody subscribes to any more, no longer listened: forget it (and raise the
+        seq floor past it)."""
+        self.seal_all()
+        state = self.channels.pop(name)
+        self.seq_floor = max(self.seq_floor, state.seq + 1)
+        self.replay.forget(state.log)
+
+    def idle(self, name: str) -> bool:
+        """Whether no client subscribes to ``name``, resumes it from the replay buffer, or is
+        about to subscribe to it (its LISTEN under way)."""
+        state = self.channels.get(name)
+        if state is None:
+            return True
+        if state.subscribers:
+            return False
+        return not any(
+            name in session.subscriptions or name in session.reserved for session in self.sessions
+        )
 
     # -- from the client side ------------------------------------------------------------------
 

@@ -64,10 +64,9 @@ class RelayConnection(asyncpg.Connection):  # type: ignore[misc]
     notification, which in a burst costs the relay more than the callback itself (and loads the
     garbage collector). The daemon's callback only hands the payload on without waiting, so
     :meth:`relay_to` makes asyncpg's protocol call it directly, in order, from its read callback,
-    by shadowing the (private) ``Connection._process_notification`` on this instance. Should a
-    future asyncpg stop calling that method, listeners registered with ``add_listener`` still
-    get every notification through the stock path. LISTEN is still issued through
-    ``add_listener`` (which quotes the channel name).
+    by shadowing the (private) ``Connection._process_notification`` on this instance
+    (tests/test_relay.py fails should a future asyncpg stop calling it). LISTEN and UNLISTEN
+    are issued as statements, many per round trip, with the channel quoted (:func:`quote`).
     """
 
     def relay_to(
@@ -92,6 +91,15 @@ class RelayConnection(asyncpg.Connection):  # type: ignore[misc]
                 on_error(exc, channel)
 
         self._process_notification = relay
+
+
+def quote(channel: str) -> str:
+    """``channel`` as a quoted SQL identifier: exact case, any character (but NUL) literal."""
+    return '"' + channel.replace('"', '""') + '"'
+
+
+#: Channels per LISTEN/UNLISTEN statement batch (one round trip each).
+_BATCH = 500
 
 
 class FatalConfigError(Exception):
@@ -209,6 +217,10 @@ class Listener:
         self._takeover = takeover
         #: While a predecessor splits the stream: what came after its marker (see split()).
         self._split_held: list[tuple[int, str, str]] | None = None
+        #: One query at a time on the connection (health checks, LISTEN/UNLISTEN, the split).
+        self._query_lock = asyncio.Lock()
+        #: pg_listening_channels() as counted by the last health check.
+        self.listening_channels: int | None = None
         self.generation = 0
         self.state = "connecting"
         self.last_error: str | None = None
@@ -356,23 +368,36 @@ class Listener:
         conn.add_termination_listener(lambda _c: lost.set())
         self._held = []
         self._relay(conn, self._hold)
-        timeout = self.config.connect_timeout
         takeover = self._takeover
-        wanted = [*self.config.channels, self.probe_channel]
+        extra = {self.probe_channel}
         if self._hooks is not None:  # fleet mode (issue 17)
-            wanted += self._hooks.extra_channels
+            extra.update(self._hooks.extra_channels)
         if takeover is not None:
-            wanted.append(takeover.marker_channel)
-        for channel in wanted:
-            await asyncio.wait_for(conn.add_listener(channel, self._on_notify), timeout)
-        listening = set(
-            await conn.fetchval(
-                "SELECT array_agg(c) FROM pg_listening_channels() c", timeout=timeout
+            extra.add(takeover.marker_channel)
+        # Every channel the hub has (pinned, and on-demand ones with subscribers), checked
+        # against pg_listening_channels(); channels that came or went meanwhile are done too.
+        listening: set[str] = set()
+        for _ in range(10):
+            wanted = {*self.hub.channels, *extra}
+            if listening == wanted:
+                break
+            await self._execute_batches(
+                conn, sorted(wanted - listening), sorted(listening - wanted)
             )
-            or ()
-        )
-        if listening != set(wanted):
-            raise RuntimeError(f"server listens on {sorted(listening)}, expected {sorted(wanted)}")
+            listening = set(
+                await conn.fetchval(
+                    "SELECT array_agg(c) FROM pg_listening_channels() c",
+                    timeout=self.config.connect_timeout,
+                )
+                or ()
+            )
+        if listening != {*self.hub.channels, *extra}:
+            raise RuntimeError(
+                f"server listens on {len(listening)} channels, expected "
+                f"{len(self.hub.channels) + len(extra)}: "
+                f"{sorted(listening ^ {*self.hub.channels, *extra})[:5]} differ"
+            )
+        self.listening_channels = len(listening)
         self.backend_pid = conn.get_server_pid()
         self._conn = conn
         if takeover is None:
@@ -414,7 +439,65 @@ class Listener:
         self._hooks.tap(pid, channel, payload)
         self.hub.publish(pid, channel, payload)
 
+    # -- channels on demand ----------------------------------------------------------------
+
+    async def _execute_batches(self, conn: Any, listen: list[str], unlisten: list[str]) -> None:
+        statements = [f"LISTEN {quote(ch)}" for ch in listen]
+        statements += [f"UNLISTEN {quote(ch)}" for ch in unlisten]
+        for start in range(0, len(statements), _BATCH):
+            batch = ";".join(statements[start : start + _BATCH])
+            await asyncio.wait_for(conn.execute(batch), self.config.connect_timeout)
+
+    async def apply(self, listen: list[str], unlisten: list[str]) -> dict[str, str]:
+        """LISTEN and UNLISTEN on the current connection, in one round trip; returns the
+        channels PostgreSQL refused to LISTEN on, with its error. Without a connection (or if
+        it is lost now) nothing is done: the next one LISTENs on every channel the hub has,
+        before its generation tick."""
+        conn = self._conn
+        if conn is None or not self.connected or not (listen or unlisten):
+            return {}
+        async with self._query_lock:
+            if conn is not self._conn:
+                return {}
+            try:
+                await self._execute_batches(conn, listen, unlisten)
+                return {}
+            except asyncpg.PostgresError:
+                pass  # one refused statement undoes its batch: find which, one at a time
+            except Exception as exc:
+                self.log.warning("LISTEN/UNLISTEN failed: reconnecting", error=repr(exc))
+                conn.terminate()
+                return {}
+            refused: dict[str, str] = {}
+            for channel in listen:
+                try:
+                    await self._execute_batches(conn, [channel], [])
+                except asyncpg.PostgresError as exc:
+                    refused[channel] = str(exc)
+                except Exception:
+                    conn.terminate()
+                    return refused
+            if unlisten:
+                with contextlib.suppress(asyncpg.PostgresError):
+                    await self._execute_batches(conn, [], unlisten)
+            return refused
+
+    async def _locked(self, awaitable: Awaitable[_T]) -> _T:
+        async with self._query_lock:
+            return await awaitable
+
     # -- a hand-off reload -------------------------------------------------------------------
+
+    async def listen_more(self, channels: list[str]) -> None:
+        """A successor LISTENs on the channels its predecessor has now, before the marker."""
+        conn = self._conn
+        if conn is None:
+            raise HandoffError("not connected to PostgreSQL")
+        missing = sorted(set(channels) - set(self.hub.channels))
+        for channel in missing:
+            self.hub.add_channel(channel)
+        async with self._query_lock:
+            await self._execute_batches(conn, missing, [])
 
     async def _adopted(self, takeover: Takeover) -> int:
         """The successor waits for its predecessor's state; the connection must hold on."""
@@ -460,9 +543,10 @@ class Listener:
 
         try:
             async with asyncio.timeout(timeout):
-                await conn.add_listener(marker_channel, self._on_notify)
-                self._relay(conn, until_marker)
-                await conn.execute("SELECT pg_notify($1, $2)", marker_channel, token)
+                async with self._query_lock:
+                    await conn.execute(f"LISTEN {quote(marker_channel)}")
+                    self._relay(conn, until_marker)
+                    await conn.execute("SELECT pg_notify($1, $2)", marker_channel, token)
                 await seen
         except BaseException as exc:
             if self._conn is conn and not seen.done():
@@ -524,10 +608,17 @@ class Listener:
 
     async def _check_alive(self, conn: Any) -> None:
         """The link answers a query: the cheap check, proving the socket (not the delivery)."""
-        usage = await self._progressing(
-            conn.fetchval("SELECT pg_notification_queue_usage()"), "the health check query"
+        usage, listening = await self._progressing(
+            self._locked(
+                conn.fetchrow(
+                    "SELECT pg_notification_queue_usage(), "
+                    "(SELECT count(*) FROM pg_listening_channels())"
+                )
+            ),
+            "the health check query",
         )
         self.queue_usage = float(usage)
+        self.listening_channels = int(listening)
         if self.queue_usage >= self.config.queue_warn:
             self.log.warning(
                 "notification queue filling",
@@ -548,7 +639,7 @@ class Listener:
         try:
             try:
                 await self._progressing(
-                    conn.execute(_PROBE_SQL, self.probe_channel, token, lock_timeout),
+                    self._locked(conn.execute(_PROBE_SQL, self.probe_channel, token, lock_timeout)),
                     "the self-NOTIFY",
                 )
             except asyncpg.LockNotAvailableError:
@@ -631,13 +722,6 @@ class Listener:
         self._sink = sink
         conn.relay_to(sink, self._relay_failed)
 
-    def _on_notify(self, _conn: Any, pid: int, channel: str, payload: str) -> None:
-        """The stock asyncpg listener path; unused while RelayConnection.relay_to works."""
-        try:
-            self._sink(pid, channel, payload)
-        except Exception as exc:
-            self._relay_failed(exc, channel)
-
     def _hold(self, pid: int, channel: str, payload: str) -> None:
         """Until the generation tick, notifications wait (see :meth:`_listen`)."""
         self._held.append((pid, channel, payload))
@@ -694,4 +778,5 @@ class Listener:
             "last_health_ok": self.last_health_ok,
             "queue_usage": self.queue_usage,
             "relay_errors": self.relay_errors,
+            "listening_channels": self.listening_channels,
         }

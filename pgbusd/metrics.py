@@ -113,6 +113,34 @@ FAMILIES: Final[tuple[tuple[str, str, str], ...]] = (
         "Notifications whose relaying raised an exception (a daemon bug): each is logged and the "
         "generation steps, so subscribers resync.",
     ),
+    (
+        "pgbusd_listens_total",
+        "counter",
+        "LISTENs on channels of --channel-pattern, for their first subscriber.",
+    ),
+    (
+        "pgbusd_unlistens_total",
+        "counter",
+        "UNLISTENs of channels of --channel-pattern, --unlisten-delay after their last "
+        "subscriber left.",
+    ),
+    (
+        "pgbusd_subscribes_refused_total",
+        "counter",
+        "Subscribes refused by the channel rules, by reason (unknown_channel, invalid_channel, "
+        "too_many_channels, listen_refused).",
+    ),
+    (
+        "pgbusd_listening_channels",
+        "gauge",
+        "Channels the LISTEN connection listens on, as pg_listening_channels() counted them at "
+        "the last health check (the daemon's probe channel included).",
+    ),
+    (
+        "pgbusd_replay_bytes",
+        "gauge",
+        "Bytes the replay buffer holds (recent notifications kept for clients that resume).",
+    ),
     ("pgbusd_status_requests_total", "counter", "Status requests the daemon answered."),
     (
         "pgbusd_status_documents_total",
@@ -236,6 +264,12 @@ def _samples(status: Status) -> Iterator[Sample]:
     yield "pgbusd_clients_refused_total", {}, totals.clients_refused
     yield "pgbusd_frames_rejected_total", {}, totals.frames_rejected
     yield "pgbusd_relay_errors_total", {}, pg.relay_errors
+    yield "pgbusd_listens_total", {}, totals.listens
+    yield "pgbusd_unlistens_total", {}, totals.unlistens
+    for code, count in sorted(totals.subscribes_refused.items()):
+        yield "pgbusd_subscribes_refused_total", {"reason": code}, count
+    yield "pgbusd_listening_channels", {}, pg.listening_channels
+    yield "pgbusd_replay_bytes", {}, totals.replay_bytes
     yield "pgbusd_status_requests_total", {}, totals.status_requests
     yield "pgbusd_status_documents_total", {}, totals.status_documents
     yield "pgbusd_status_omitted", {"part": "channels"}, status.omitted.channels

@@ -22,6 +22,7 @@ import pgbusd
 from pgbus import protocol as p
 from pgbusd import access, handoff, sdnotify
 from pgbusd import status as st
+from pgbusd.channels import ChannelDirectory
 from pgbusd.config import Config
 from pgbusd.hub import Hub
 from pgbusd.listener import FatalConfigError, Listener, Probes, Takeover
@@ -110,6 +111,7 @@ class Server:
                 hooks=self.fleet.hooks if self.fleet is not None else None,
             )
         )
+        self.channels = ChannelDirectory(config, self.hub, self.listener, get_logger())
         self.access = config.access_policy()
         self.started_at = time.time()
         self.counters = st.Counters()
@@ -123,6 +125,7 @@ class Server:
             max_clients=config.max_clients,
             handshake_timeout=config.handshake_timeout,
             reload=self.reload,
+            channels=self.channels,
         )
         self.log: Any = get_logger(daemon_id=self.hub.daemon_id)
         self._server: asyncio.Server | None = None
@@ -169,7 +172,7 @@ class Server:
             pid=os.getpid(),
             version=pgbusd.__version__,
         )
-        if not self.config.channels:
+        if not self.config.channels and not self.config.channel_pattern:
             self.log.warning("no channels registered; clients can subscribe to nothing")
 
         def systemd_status() -> str:
@@ -286,11 +289,12 @@ class Server:
                 listening = await self._from(successor, control.expect(handoff.Listening, None))
                 assert isinstance(listening, handoff.Listening)
                 token = secrets.token_hex(8)
-                await control.send(handoff.Split(token))
-                await self.listener.split(marker, token, self.config.reload_timeout)
-                daemon_id, generation, channels = self.hub.snapshot()
-                await control.send(handoff.State(daemon_id, generation, channels))
-                await self._from(successor, control.expect(handoff.Serving, None))
+                with self.channels.frozen():  # the channel set stays as the Split names it
+                    await control.send(handoff.Split(token, list(self.hub.channels)))
+                    await self._from(successor, control.expect(handoff.Ready, None))
+                    await self.listener.split(marker, token, self.config.reload_timeout)
+                    await control.send(self.hub.snapshot())
+                    await self._from(successor, control.expect(handoff.Serving, None))
         except BaseException as exc:
             reason = _reason(exc, self.config.reload_timeout)
             self.listener.release_split()
@@ -419,13 +423,18 @@ class Server:
                 await _unless_failed(listener, takeover.listening.wait())
                 await control.send(handoff.Listening(os.getpid(), pgbusd.__version__))
                 split = await _unless_failed(listener, control.expect(handoff.Split, None))
+                assert isinstance(split, handoff.Split)
+                allowed = [ch for ch in split.channels if self.channels.allowed(ch)]
+                await _unless_failed(listener, self.listener.listen_more(allowed))
+                await control.send(handoff.Ready())
                 state = await _unless_failed(listener, control.expect(handoff.State, None))
                 marker = await _unless_failed(listener, asyncio.shield(takeover.marker))
-            assert isinstance(split, handoff.Split)
             assert isinstance(state, handoff.State)
             if marker != split.token:
                 raise handoff.HandoffError("the marker notification is not the one announced")
-            self.hub.restore(state.daemon_id, state.generation, state.channels)
+            self.hub.restore(state, self.channels.allowed)
+            # Its clients come back at once (Goodbye(reload)); give them the time to attach.
+            self.channels.adopted(self.config.handshake_timeout)
             self.log = get_logger(daemon_id=self.hub.daemon_id)
             takeover.adopted.set_result(state.generation)
             await self._serve_inherited(inherited)
@@ -601,6 +610,9 @@ class Server:
             totals=st.Totals(
                 replay_bytes=self.hub.replay.size,
                 replay_limit=self.hub.replay.limit,
+                listens=self.channels.listens,
+                unlistens=self.channels.unlistens,
+                subscribes_refused=dict(self.channels.refusals),
                 clients=len(clients),
                 notifications_received=self.hub.received,
                 notifications_sent=self.hub.sent,

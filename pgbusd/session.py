@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from pgbus import protocol as p
 from pgbus.errors import ProtocolError
 from pgbusd.access import UNKNOWN_PEER, AccessPolicy, peer_of
+from pgbusd.channels import ChannelDirectory, Refusal
 from pgbusd.handoff import HandoffError
 from pgbusd.log import get_logger
 from pgbusd.status import MAX_RUN, ClientStatus, Counters, StatusDesk
@@ -49,6 +50,7 @@ class SessionContext:
     max_clients: int
     handshake_timeout: float
     reload: Reload
+    channels: ChannelDirectory
 
 
 class Session(asyncio.Protocol):
@@ -74,6 +76,11 @@ class Session(asyncio.Protocol):
         self._status_waiting = False
         #: A reload request is under way: what the client sent after it waits for its answer.
         self._reloading = False
+        #: A subscribe waits for its channel's LISTEN (and what came after it waits too).
+        self._listening: tuple[p.Subscribe, asyncio.Future[None]] | None = None
+        #: Channels this client is about to subscribe to (their LISTEN is under way): the
+        #: daemon must not UNLISTEN them meanwhile (see Hub.idle).
+        self.reserved: set[str] = set()
         #: Channels this client catches up on from the replay buffer: the last seq it was sent.
         self._catching_up: dict[str, int] = {}
         self._reading_paused = False
@@ -128,8 +135,9 @@ class Session(asyncio.Protocol):
                 p.PROTOCOL_VERSION,
                 self._hub.daemon_id,
                 self._hub.generation,
-                list(self._hub.channels),
+                [name for name, state in self._hub.channels.items() if state.pinned],
                 p.MAX_CLIENT_FRAME,
+                list(ctx.channels.patterns),
             )
         )
 
@@ -152,10 +160,14 @@ class Session(asyncio.Protocol):
                 reason=f"truncated frame ({self._decoder.buffered} bytes)",
             )
             return False
-        if (self._status_waiting or self._reloading) and not self.closing:
+        if self._busy() and not self.closing:
             self._eof = True  # answer what it asked for, then close (see _work)
             return True
         return False
+
+    def _busy(self) -> bool:
+        """Whether a request is still being answered (what follows it waits)."""
+        return self._status_waiting or self._reloading or self._listening is not None
 
     def resume_writing(self) -> None:
         """The transport drained below its low-water mark: feed a catch-up on."""
@@ -168,6 +180,9 @@ class Session(asyncio.Protocol):
         self._ctx.status.discard(self)
         self._inbox.clear()
         self._hub.remove(self)
+        for channel in (*self.subscriptions, *self.reserved):
+            self._ctx.channels.released(channel)
+        self.reserved.clear()
         if self.attached:
             self.log.info("client detached", subscriptions=len(self.subscriptions))
 
@@ -177,7 +192,7 @@ class Session(asyncio.Protocol):
         """Handle what the client sent, in order, until a status request has to wait its turn."""
         inbox = self._inbox
         try:
-            while inbox and not (self._status_waiting or self._reloading or self.closing):
+            while inbox and not (self._busy() or self.closing):
                 msg = inbox.popleft()
                 if type(msg) is p.StatusRequest and self.attached:
                     self._status_waiting = True
@@ -190,7 +205,7 @@ class Session(asyncio.Protocol):
         except ProtocolError as exc:
             self._rejected(exc)
             return
-        if self._eof and not (self._status_waiting or self._reloading) and not inbox:
+        if self._eof and not self._busy() and not inbox:
             self.close()
             return
         self._pace_reading()
@@ -273,31 +288,75 @@ class Session(asyncio.Protocol):
                 self.log.warning("subscribe refused", channel=msg.channel, reason=refusal)
                 self.send(p.Error(p.E_FORBIDDEN, refusal, msg.channel))
                 return
-            after = msg.after
-            if after is not None and self._hub.can_resume(msg.channel, after):
-                # Resume: confirm the seq the client holds, then feed it what followed.
-                self.subscriptions[msg.channel] = None
-                self._catching_up[msg.channel] = after
-                self.send(p.Subscribed(msg.channel, after))
-                self.log.debug("resumed", channel=msg.channel, after=after)
-                self._catch_up()
+            outcome = self._ctx.channels.request(msg.channel)
+            if isinstance(outcome, Refusal):
+                self.log.info("subscribe refused", channel=msg.channel, reason=outcome.message)
+                self.send(p.Error(outcome.code, outcome.message, msg.channel))
                 return
-            seq = self._hub.subscribe(self, msg.channel)
-            if seq is None:
-                self.log.info("subscribe refused", channel=msg.channel, reason="unknown channel")
-                refusal = f"channel {msg.channel!r} is not registered"
-                self.send(p.Error(p.E_UNKNOWN_CHANNEL, refusal, msg.channel))
+            if outcome is not None and not outcome.done():
+                # The daemon LISTENs on it first; this client's later requests wait (in order),
+                # and its further subscribes join the same round trip to PostgreSQL.
+                self._listening = (msg, outcome)
+                self.reserved.add(msg.channel)
+                self._prefetch()
+                outcome.add_done_callback(self._listened)
                 return
-            self.subscriptions[msg.channel] = None
-            self.send(p.Subscribed(msg.channel, seq))
-            self.log.debug("subscribed", channel=msg.channel)
+            self._subscribe(msg, outcome)
         elif isinstance(msg, p.Unsubscribe):
             self._catching_up.pop(msg.channel, None)
             self._hub.unsubscribe(self, msg.channel)
             self.subscriptions.pop(msg.channel, None)
+            self._ctx.channels.released(msg.channel)
             self.send(p.Unsubscribed(msg.channel))
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} after attach")
+
+    def _listened(self, future: asyncio.Future[None]) -> None:
+        """The LISTEN a subscribe waited for is in effect (or refused): answer, and go on."""
+        waiting, self._listening = self._listening, None
+        if waiting is None or self.closing:
+            return
+        try:
+            self._subscribe(waiting[0], future)
+        except ProtocolError as exc:
+            self._rejected(exc)
+            return
+        self._work()
+
+    def _prefetch(self) -> None:
+        """Ask now for the LISTENs the subscribes waiting in the inbox will need."""
+        for msg in self._inbox:
+            if (
+                type(msg) is p.Subscribe
+                and self._ctx.access.refuse_subscribe(self.peer, msg.channel) is None
+                and self._ctx.channels.prefetch(msg.channel)
+            ):
+                self.reserved.add(msg.channel)
+
+    def _subscribe(self, msg: p.Subscribe, listened: asyncio.Future[None] | None) -> None:
+        """Subscribe now: the channel exists and is listened (or PostgreSQL is not connected)."""
+        self.reserved.discard(msg.channel)  # taken now, or never
+        if listened is not None and listened.exception() is not None:
+            error = str(listened.exception())
+            self.send(p.Error(p.E_LISTEN_REFUSED, f"PostgreSQL refused: {error}", msg.channel))
+            return
+        after = msg.after
+        if after is not None and self._hub.can_resume(msg.channel, after):
+            # Resume: confirm the seq the client holds, then feed it what followed.
+            self.subscriptions[msg.channel] = None
+            self._catching_up[msg.channel] = after
+            self.send(p.Subscribed(msg.channel, after))
+            self.log.debug("resumed", channel=msg.channel, after=after)
+            self._catch_up()
+            return
+        seq = self._hub.subscribe(self, msg.channel)
+        if seq is None:  # the channel went while it waited (cannot happen: a guard)
+            refusal = f"channel {msg.channel!r} is not relayed now"
+            self.send(p.Error(p.E_UNKNOWN_CHANNEL, refusal, msg.channel))
+            return
+        self.subscriptions[msg.channel] = None
+        self.send(p.Subscribed(msg.channel, seq))
+        self.log.debug("subscribed", channel=msg.channel)
 
     def _catch_up(self) -> None:
         """Feed catching-up channels from the replay buffer while the transport takes it; a

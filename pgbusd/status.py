@@ -57,6 +57,9 @@ class PostgresStatus(msgspec.Struct, kw_only=True):
     queue_usage: float | None
     #: Notifications whose relaying raised an exception, contained (added after 0.1.0).
     relay_errors: int = 0
+    #: pg_listening_channels() counted at the last health check (the daemon's own probe channel
+    #: included).
+    listening_channels: int | None = None
 
 
 class ChannelStatus(msgspec.Struct, kw_only=True):
@@ -67,6 +70,8 @@ class ChannelStatus(msgspec.Struct, kw_only=True):
     last_received: float | None
     #: The oldest seq the replay buffer still holds (``received + 1``: none; added after 0.1.0).
     replay_from: int | None = None
+    #: A --channel (True), or one of --channel-pattern's, listened while subscribed.
+    pinned: bool = True
 
 
 class ClientStatus(msgspec.Struct, kw_only=True):
@@ -112,6 +117,10 @@ class Totals(msgspec.Struct, kw_only=True):
     #: Bytes the replay buffer holds, of its --replay-bytes (added after 0.1.0).
     replay_bytes: int = 0
     replay_limit: int = 0
+    #: On-demand channels LISTENed and UNLISTENed so far, and subscribes refused, by code.
+    listens: int = 0
+    unlistens: int = 0
+    subscribes_refused: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class Omitted(msgspec.Struct, kw_only=True):
@@ -219,6 +228,10 @@ class Counters(msgspec.Struct):
     #: Bytes the replay buffer holds, of its --replay-bytes (added after 0.1.0).
     replay_bytes: int = 0
     replay_limit: int = 0
+    #: On-demand channels LISTENed and UNLISTENed so far, and subscribes refused, by code.
+    listens: int = 0
+    unlistens: int = 0
+    subscribes_refused: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class IncompatibleStatusError(ValueError):

@@ -341,10 +341,10 @@ async def test_status_table_shows_postgres_channels_clients_and_totals(
     assert any(line.startswith("postgres    connected to 127.0.0.1:") for line in lines)
     assert any(line.startswith("generation  1 ") for line in lines)
     channel_rows = {
-        line.split()[0]: line.split()[1:3] for line in lines if line.split()[:1] in ([a], [b])
+        line.split()[0]: line.split()[1:4] for line in lines if line.split()[:1] in ([a], [b])
     }
-    assert channel_rows[a] == ["1", "1"]
-    assert channel_rows[b] == ["0", "0"]
+    assert channel_rows[a] == ["pinned", "1", "1"]
+    assert channel_rows[b] == ["pinned", "0", "0"]
     worker = next(line for line in lines if "worker-7" in line)
     assert worker.split()[0] == str(os.getpid())
     assert worker.split()[-1] == a

@@ -27,6 +27,7 @@ from tests.conftest import (
     Daemon,
     DaemonFactory,
     attached,
+    notify,
     terminate_backend,
     unique_channel,
     wait_until,
@@ -274,6 +275,27 @@ async def test_a_host_without_its_stream_serves_after_the_timeout_and_steps_once
             assert bus.daemon_id != first_lineage  # the stream's lineage: a restart, told
     finally:
         late.destroy()
+
+
+async def test_a_host_serves_on_demand_channels_that_the_stream_carries_at_the_streams_seq(
+    fleet: Fleet, pg: Any
+) -> None:
+    pinned, on_demand = fleet.channels
+    await fleet_state(fleet.bridge("b"), "publishing")
+    args = ["--source", fleet.nats.url, "--stream", fleet.stream, "--channel-pattern", "fb_*"]
+    host = fleet.factory([pinned], dsn=None, args=args, subdir="h")
+    await host.wait_generation(1)
+    async with attached(host) as bus:
+        sentinel = await bus.subscribe(pinned)
+        await notify(pg, on_demand, "a", "b", "c")  # in the stream before anyone subscribes
+        await notify(pg, pinned, "after abc")
+        assert await asyncio.wait_for(sentinel.recv(), 30) == "after abc"
+        generation = bus.generation
+        sub = await bus.subscribe(on_demand)
+        await notify(pg, on_demand, "d")
+        assert await asyncio.wait_for(sub.recv(), 30) == "d"
+        # Its Subscribed named the stream's seq (3): "d", seq 4, follows on, and nothing steps.
+        assert bus.generation == generation
 
 
 @pytest.mark.parametrize(

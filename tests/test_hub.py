@@ -22,6 +22,7 @@ class Recorder:
         self.frames: list[bytes | bytearray] = []
         self.counts: list[int] = []
         self.subscriptions: dict[str, None] = {}
+        self.reserved: set[str] = set()
         self.written = asyncio.Event()
         hub.add(self)  # type: ignore[arg-type]
         for channel in channels:

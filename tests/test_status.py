@@ -25,7 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pgbus import protocol as p
 from pgbusd.access import AccessPolicy
+from pgbusd.channels import ChannelDirectory
+from pgbusd.config import Config
 from pgbusd.hub import Hub
+from pgbusd.listener import Listener, Probes
+from pgbusd.log import get_logger
 from pgbusd.session import Session, SessionContext
 from pgbusd.status import (
     E_STATUS_FAILED,
@@ -522,8 +526,10 @@ async def lone_session(
     async def no_reload(environment: dict[str, str] | None) -> tuple[int, str]:
         raise AssertionError("not asked")
 
+    hub = Hub(("a",), daemon_id="0123456789abcdef")
+    config = Config(channel=("a",))
     context = SessionContext(
-        hub=Hub(("a",), daemon_id="0123456789abcdef"),
+        hub=hub,
         access=AccessPolicy(),
         counters=counters,
         status=StatusDesk(build, counters),
@@ -531,6 +537,7 @@ async def lone_session(
         max_clients=4,
         handshake_timeout=5.0,
         reload=no_reload,
+        channels=ChannelDirectory(config, hub, Listener(config, hub, Probes("x")), get_logger()),
     )
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     transport, _ = await asyncio.get_running_loop().connect_accepted_socket(

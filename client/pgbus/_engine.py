@@ -26,6 +26,7 @@ The pieces:
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 from collections import deque
@@ -656,6 +657,8 @@ class Engine:
         self.clock = GenerationClock()
         self.daemon_id = ""
         self.channels: list[str] = []
+        #: The daemon's --channel-pattern globs: channels it relays on demand.
+        self.patterns: list[str] = []
         self.subscriptions: dict[str, list[PayloadQueue[Any]]] = {}
         self.attach_count = 0
         self.closed = False
@@ -703,8 +706,11 @@ class Engine:
     # -- the application's requests ----------------------------------------------------------------
 
     def check_channel(self, channel: str) -> None:
-        """Raise UnknownChannelError for a channel the daemon does not relay (by its last Hello)."""
-        if channel not in self.channels:
+        """Raise UnknownChannelError for a channel the daemon does not relay (by its last Hello):
+        neither registered nor matched by one of its globs."""
+        if channel not in self.channels and not any(
+            fnmatch.fnmatchcase(channel, pattern) for pattern in self.patterns
+        ):
             raise UnknownChannelError(channel)
 
     def subscribe(self, sub: PayloadQueue[Any]) -> Request | None:
@@ -971,6 +977,7 @@ class Attachment:
         )
         engine.daemon_id = hello.daemon_id
         engine.channels = list(hello.channels)
+        engine.patterns = list(hello.patterns)
         clock.on_hello(hello.generation, resuming=self.resumed)
         self.state = _HANDSHAKE
         self._send(p.Attach(p.PROTOCOL_VERSION, engine.pid, engine.name))
@@ -1124,6 +1131,11 @@ class BusBase:
     def channels(self) -> list[str]:
         """The daemon's registered channels (as of the last attach)."""
         return list(self._engine.channels)
+
+    def channel_patterns(self) -> list[str]:
+        """The daemon's globs of channels it relays on demand (as of the last attach): any
+        channel one matches may be subscribed to as well."""
+        return list(self._engine.patterns)
 
     def _check_open(self) -> None:
         self._engine._check_open()

@@ -23,10 +23,13 @@ class ProtocolError(PgbusError, ValueError):
 
 
 class UnknownChannelError(PgbusError, LookupError):
-    """The channel is not one of the daemon's registered channels."""
+    """The daemon does not relay the channel: not registered, nor allowed by its patterns."""
 
     def __init__(self, channel: str) -> None:
-        super().__init__(f"channel {channel!r} is not registered with the daemon")
+        super().__init__(
+            f"channel {channel!r} is neither registered with the daemon nor allowed by its "
+            "channel patterns"
+        )
         self.channel = channel
 
 

@@ -24,10 +24,14 @@ missing fields are protocol errors.
 Daemon to client (:data:`ServerMessage`):
 
 - ``Hello`` first, on every connection: protocol version, daemon id, the current generation, the
-  registered channels and the daemon's inbound frame limit. The daemon id names a *lineage*: the
-  generation and every channel's ``seq`` count within it. A daemon started afresh (a first start,
-  a restart after a crash) takes a new random id; a daemon that took over from its predecessor
-  by a hand-off reload keeps the predecessor's id, generation and seqs.
+  registered channels, the daemon's inbound frame limit, and the globs of the channels it also
+  relays on demand (shell-style: ``*``, ``?``, ``[...]``, exact case). A subscription to a
+  channel a glob matches makes the daemon LISTEN on it; ``Subscribed`` comes once it does.
+  The daemon id names a *lineage*: the generation and every channel's ``seq`` count within it.
+  A daemon started afresh (a first start, a restart after a crash) takes a new random id; a
+  daemon that took over from its predecessor by a hand-off reload keeps the predecessor's id,
+  generation and seqs. A channel of the globs that the daemon stopped listening on and listens
+  on again starts past every seq of the lineage: a client that held it sees the gap.
 - ``Notification``: channel, payload (exactly the string PostgreSQL delivered), the sending
   backend's pid, the generation it was received under, and ``seq``: a per-channel counter of the
   lineage, starting at 1, +1 for every notification PostgreSQL delivered on the channel.
@@ -119,6 +123,8 @@ class Hello(Message, tag="hello"):
     generation: int
     channels: list[str]
     max_frame: int
+    #: The --channel-pattern globs: any channel they match may be subscribed to as well.
+    patterns: list[str] = msgspec.field(default_factory=list)
 
 
 class Notification(Message, tag="notify"):
@@ -214,6 +220,12 @@ E_FRAME_TOO_LARGE: Final = "frame_too_large"
 E_VERSION: Final = "version"
 E_HANDSHAKE: Final = "handshake"
 E_UNKNOWN_CHANNEL: Final = "unknown_channel"
+#: Not a name PostgreSQL can LISTEN on exactly (1 to 63 bytes of UTF-8, no NUL).
+E_INVALID_CHANNEL: Final = "invalid_channel"
+#: The daemon listens on --max-channels channels already.
+E_TOO_MANY_CHANNELS: Final = "too_many_channels"
+#: PostgreSQL refused to LISTEN on the channel (the message is its error).
+E_LISTEN_REFUSED: Final = "listen_refused"
 E_SLOW_CONSUMER: Final = "slow_consumer"
 E_TOO_MANY_CLIENTS: Final = "too_many_clients"
 E_FORBIDDEN: Final = "forbidden"

@@ -291,7 +291,20 @@ class HostRole(FleetRole):
             "last_health_ok": None,
             "queue_usage": None,
             "relay_errors": 0,
+            "listening_channels": None,
         }
+
+    async def apply(self, listen: list[str], unlisten: list[str]) -> dict[str, str]:
+        """Channels on demand (issue 15) on a host: there is nothing to LISTEN (the stream
+        carries every channel the bridges relay); a new channel takes the stream's seq, so that
+        its first subscriber's Subscribed names the seq the next notification follows."""
+        seqs = self.source.state.seqs
+        for channel in listen:
+            self.hub.place(channel, seqs.get(channel, 0))
+        return {}
+
+    async def listen_more(self, channels: list[str]) -> None:
+        raise HandoffError(self.reload_refusal)
 
     async def split(self, marker_channel: str, token: str, timeout: float) -> None:
         raise HandoffError(self.reload_refusal)

@@ -323,8 +323,9 @@ class HostRole(FleetRole):
     async def stop(self) -> None:
         """Stop reading and write the state file (the position clients resume from)."""
         await self.source.stop()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._done.wait(), 5.0)
+        if self.source.nc is not None:  # else it never reached NATS: nothing to save
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._done.wait(), 5.0)
 
     async def ready(self, timeout: float) -> bool:
         try:

@@ -100,7 +100,9 @@ async def ensure_stream(
 async def lease_bucket(nc: NATS, subjects: StreamSubjects, ttl: float) -> tuple[KeyValue, float]:
     """The lease bucket and its TTL (created with ``ttl`` if missing; an existing bucket keeps
     the TTL it was created with, which is returned)."""
-    js = nc.jetstream(timeout=max(0.5, ttl / 4))
+    # Generous: a slow answer only delays a renewal, and the lease counts from when a renewal
+    # was sent (lease.py), so it cannot make a bridge publish past its lease.
+    js = nc.jetstream(timeout=max(2.0, ttl / 4))
     try:
         kv = await js.key_value(subjects.lease_bucket)
     except (BucketNotFoundError, NotFoundError):

@@ -9,9 +9,10 @@ each idle on an unrelated channel, in three set-ups measured side by side in one
 
 - **direct**: K asyncpg connections that LISTEN (one per host, the best case without pgbusd);
 - **pgbusd per host**: K pgbusd daemons, each with its one LISTEN connection;
-- **one bridge**: one fleet bridge (``pgbusd.fleet.runner bridge``, publishing into a private
-  nats-server) for all K hosts. Host daemons in fleet mode read NATS, not PostgreSQL: they cost
-  the database nothing, so they are not started.
+- **one bridge**: one fleet bridge (``pgbusd --publish``, into a private nats-server) for all K
+  hosts: its LISTEN connection (its markers go through a second, non-listening one). Host
+  daemons in fleet mode read NATS, not PostgreSQL: they cost the database nothing, so they are
+  not started.
 
 plus the baseline with no listener at all. Each (K, set-up) is one pgbench run of
 ``--dbcost-seconds``; the set-ups alternate within each K so they share the machine's noise.
@@ -20,13 +21,9 @@ plus the baseline with no listener at all. Each (K, set-up) is one pgbench run o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +32,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from bench.procs import ROOT, BenchError, Fleet
+from bench.procs import BenchError, Daemon, Fleet, NatsServer, wait_fleet_state
 
 SETUPS = ("direct", "per_host", "bridge")
 LABELS = {
@@ -97,59 +94,13 @@ async def _listening(conn: Any, pids: list[int]) -> int:
     )
 
 
-class _Nats:
-    """A private nats-server for the bridge set-up (never the shared one)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="nats", dir=workdir))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        exe = shutil.which("nats-server") or "/usr/sbin/nats-server"
-        if not Path(exe).exists():
-            raise BenchError("no nats-server on this machine")
-        self.proc = subprocess.Popen(
-            [exe, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.root)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-async def _bridge(
-    fleet: Fleet, dsn: str, nats_url: str, channel: str
-) -> tuple[asyncio.subprocess.Process, int]:
-    status = fleet.workdir / "dbcost-bridge.status"
-    status.unlink(missing_ok=True)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "pgbusd.fleet.runner", "--log-level", "warning", "bridge"),
-        *("--nats", nats_url, "--dsn", dsn, "--channel", channel, "--stream", "BENCHCOST"),
-        *("--status", str(status)),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        cwd=ROOT,
+async def _bridge(fleet: Fleet, nats_url: str, channel: str) -> Daemon:
+    """A bridge daemon publishing ``channel`` into the private NATS."""
+    bridge = await fleet.daemon(
+        [channel], "--publish", nats_url, "--stream", "BENCHCOST", "--log-level", "warning"
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ValueError):
-            doc = msgspec.json.decode(status.read_bytes())
-            if doc["state"] == "publishing" and doc["postgres_listening"]:
-                return proc, int(doc["backend_pid"])
-        if proc.returncode is not None:
-            break
-        await asyncio.sleep(0.05)
-    proc.kill()
-    await proc.wait()
-    raise BenchError("the fleet bridge did not start publishing within 30s")
+    await wait_fleet_state(bridge, "publishing")
+    return bridge
 
 
 async def dbcost(
@@ -205,8 +156,7 @@ async def _measure(
     """One pgbench run with ``setup``'s listeners for K hosts holding connections."""
     conns: list[Any] = []
     daemons: list[Any] = []
-    bridge: asyncio.subprocess.Process | None = None
-    nats: _Nats | None = None
+    nats: NatsServer | None = None
     try:
         if setup == "direct":
             conns = await asyncio.gather(
@@ -226,9 +176,10 @@ async def _measure(
             )  # fmt: skip
             pids = [d.backend_pid for d in daemons]
         else:
-            nats = _Nats(fleet.workdir)
-            bridge, pid = await _bridge(fleet, dsn, nats.url, channel)
-            pids = [pid]
+            nats = NatsServer(fleet.workdir)
+            bridge = await _bridge(fleet, nats.url, channel)
+            daemons = [bridge]
+            pids = [bridge.backend_pid]
         listeners = await _listening(probe, pids)
         if listeners != (1 if setup == "bridge" else k):
             raise BenchError(f"{listeners} listening backends, expected {k}")
@@ -238,9 +189,6 @@ async def _measure(
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
         for daemon in daemons:
             await fleet.stop_daemon(daemon)
-        if bridge is not None and bridge.returncode is None:
-            bridge.terminate()
-            await bridge.wait()
         if nats is not None:
             nats.stop()
 

@@ -11,8 +11,12 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +189,8 @@ class Daemon:
             with contextlib.suppress(pgbus.PgbusError, OSError, TimeoutError):
                 status = await self.status()
                 if status["postgres"]["connected"]:
-                    self.backend_pid = int(status["postgres"]["backend_pid"])
+                    # A fleet host (--source) has no backend: its "postgres" is the stream.
+                    self.backend_pid = int(status["postgres"]["backend_pid"] or 0)
                     return
             await asyncio.sleep(0.05)
         raise BenchError(f"pgbusd at {self.socket} was not listening within {timeout:g}s")
@@ -263,11 +268,14 @@ class Fleet:
 
     # -- daemons ---------------------------------------------------------------------------------
 
-    async def daemon(self, channels: list[str], *args: str) -> Daemon:
-        """Start pgbusd relaying ``channels`` and wait until it listens on PostgreSQL."""
+    async def daemon(self, channels: list[str], *args: str, postgres: bool = True) -> Daemon:
+        """Start pgbusd relaying ``channels`` and wait until it listens on PostgreSQL (or, a
+        fleet host, ``postgres=False`` and ``--source`` in ``args``: until it reads its stream)."""
         self._daemon_count += 1
         socket = str(self.workdir / f"d{self._daemon_count}.sock")
-        cmd = [sys.executable, "-m", "pgbusd", "--dsn", self.dsn, "--socket", socket]
+        cmd = [sys.executable, "-m", "pgbusd", "--socket", socket]
+        if postgres:
+            cmd += ["--dsn", self.dsn]
         for channel in channels:
             cmd += ["--channel", channel]
         cmd += ["--log-format", "json", *args]
@@ -327,3 +335,49 @@ class Fleet:
         for worker in workers:
             if worker in self._workers:
                 self._workers.remove(worker)
+
+
+class NatsServer:
+    """A private nats-server with JetStream for the fleet sections (never the shared one)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="nats", dir=workdir))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        exe = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        if not Path(exe).exists():
+            raise BenchError("no nats-server on this machine")
+        self.proc = subprocess.Popen(
+            [exe, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.root)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+async def wait_fleet_state(daemon: Daemon, state: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The daemon's status once its fleet role is in ``state`` (a bridge "publishing")."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.proc.returncode is not None:
+            raise BenchError(f"pgbusd exited with {daemon.proc.returncode} (see the log)")
+        with contextlib.suppress(pgbus.PgbusError, OSError, TimeoutError):
+            status = await daemon.status()
+            if (status.get("fleet") or {}).get("state") == state:
+                return status
+        await asyncio.sleep(0.05)
+    raise BenchError(f"pgbusd at {daemon.socket} was not {state!r} within {timeout:g}s")

@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from bench.dbcost import SETUPS, DbCostResult
+from bench.fleetrelay import FleetRelayResult
 from bench.handoff import HandoffResult
 from bench.ondemand import OnDemandResult
 from bench.scenarios import BurstResult, BurstRun, FanoutResult, LatencyResult, ScaleResult
@@ -20,6 +21,9 @@ FANOUT_RATIO = 1.0
 ADDED_P50_MS = 0.2
 ADDED_P99_MS = 1.0
 IDLE_RSS_MIB = 64.0
+#: The targets of issue 17 for the fleet relay, against the single-host relay in the same run.
+FLEET_RATIO = 0.5
+FLEET_ADDED_P50_MS = 1.0
 #: The targets of issues 14 (hand-off) and 15 (channels on demand), compared within one run.
 HANDOFF_SECONDS = 2.0
 HANDOFF_ADDED_P99_MS = 50.0
@@ -44,6 +48,7 @@ class Results(msgspec.Struct):
     latency: list[LatencyResult] = []
     scale: ScaleResult | None = None
     dbcost: DbCostResult | None = None
+    fleet: FleetRelayResult | None = None
     handoff: HandoffResult | None = None
     ondemand: OnDemandResult | None = None
     errors: list[str] = []
@@ -87,6 +92,24 @@ def check_targets(res: Results) -> list[Target]:
                 f"added latency at 1,000/s: p99 <= {ADDED_P99_MS} ms",
                 lat.added_p99_ms <= ADDED_P99_MS,
                 f"{lat.added_p99_ms:+.3f} ms ({lat.relay.p99_ms:.3f} vs {lat.direct.p99_ms:.3f})",
+            )
+        )
+    if res.fleet is not None:
+        for fb in res.fleet.bursts:
+            out.append(
+                Target(
+                    f"fleet relay {res.fleet.size} B, {fb.shape}: >= {FLEET_RATIO} x single host",
+                    fb.ratio >= FLEET_RATIO,
+                    f"{fb.fleet:,.0f}/s vs {fb.single:,.0f}/s = {fb.ratio:.2f}",
+                )
+            )
+        fl = res.fleet
+        out.append(
+            Target(
+                f"fleet relay at {fl.rate:,}/s: added p50 <= {FLEET_ADDED_P50_MS} ms",
+                fl.added_p50_ms <= FLEET_ADDED_P50_MS,
+                f"{fl.added_p50_ms:+.3f} ms ({fl.fleet_latency.p50_ms:.3f} vs "
+                f"{fl.single_latency.p50_ms:.3f})",
             )
         )
     if res.scale is not None:
@@ -334,6 +357,31 @@ def render(res: Results) -> str:
         for point in d.points:
             for setup, error in point.errors.items():
                 lines.append(f"   K={point.k} {setup} failed: {error}")
+    if res.fleet is not None:
+        fl = res.fleet
+        lines += _table(
+            f"6. Fleet relay: bridge -> JetStream -> host daemon -> client vs one daemon "
+            f"({fl.size} B; notifications/s, median of runs)",
+            ["transactions", "n", "single host", "fleet", "fleet/single", "CPU us/notification: "
+             "bridge", "nats", "host", "client"],
+            [
+                [b.shape, _n(b.n), _n(b.single), _n(b.fleet), _n(b.ratio, ".2f"),
+                 *(_n(median_of(b.fleet_runs, role), ".2f")
+                   for role in ("bridge", "nats", "host", "client"))]
+                for b in fl.bursts
+            ],
+        )  # fmt: skip
+        lines += _table(
+            f"   Latency at {fl.rate:,}/s, NOTIFY commit to receipt (ms)",
+            ["path", "achieved/s", "samples", "p50", "p99", "p99.9", "max"],
+            [
+                [side, _n(p.achieved_rate), _n(p.samples), _n(p.p50_ms, ".3f"),
+                 _n(p.p99_ms, ".3f"), _n(p.p999_ms, ".3f"), _n(p.max_ms, ".3f")]
+                for side, p in (("single host", fl.single_latency), ("fleet", fl.fleet_latency))
+            ]
+            + [["added", "", "", _n(fl.added_p50_ms, "+.3f"), _n(fl.added_p99_ms, "+.3f"),
+                "", ""]],
+        )  # fmt: skip
     if res.handoff is not None:
         lines += _render_handoff(res.handoff)
     if res.ondemand is not None:
@@ -350,7 +398,7 @@ def render(res: Results) -> str:
 
 def _render_handoff(h: HandoffResult) -> list[str]:
     lines = _table(
-        f"6. Hand-off under load: {h.rate:,}/s to {h.workers} pgbus worker processes, "
+        f"7. Hand-off under load: {h.rate:,}/s to {h.workers} pgbus worker processes, "
         f"{len(h.reloads)} reloads",
         ["phase", "reload", "replay buffer MiB", "successor serves s", "old process exits s",
          "longest relay latency ms"],
@@ -420,7 +468,7 @@ def _render_handoff(h: HandoffResult) -> list[str]:
 
 def _render_ondemand(o: OnDemandResult) -> list[str]:
     lines = _table(
-        "7. Channels on demand: a new channel, subscribe to ready (ms)",
+        "8. Channels on demand: a new channel, subscribe to ready (ms)",
         ["call", "samples", "p50", "p99", "max", "mean"],
         [
             [name, _n(st.samples), _n(st.p50_ms, ".3f"), _n(st.p99_ms, ".3f"),

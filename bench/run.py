@@ -25,11 +25,20 @@ import asyncpg
 import click
 import msgspec
 
-from bench import dbcost, handoff, ondemand, report, scenarios
+from bench import dbcost, fleetrelay, handoff, ondemand, report, scenarios
 from bench.procs import ROOT, BenchError, Fleet
 from bench.worker import raise_nofile_limit
 
-SECTIONS = ("throughput", "fanout", "latency", "scale", "dbcost", "handoff", "ondemand")
+SECTIONS = (
+    "throughput",
+    "fanout",
+    "latency",
+    "scale",
+    "dbcost",
+    "fleet",
+    "handoff",
+    "ondemand",
+)
 
 #: What --quick changes (anything given explicitly still wins).
 QUICK: dict[str, Any] = {
@@ -162,6 +171,8 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
                         fleet,
                         _log,
                     )
+                elif section == "fleet":
+                    res.fleet = await fleetrelay.fleet_relay(settings, fleet, _log)
                 elif section == "handoff":
                     res.handoff = await handoff.handoff(settings, fleet, _log, handoff_series)
                 elif section == "ondemand":

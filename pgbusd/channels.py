@@ -29,6 +29,7 @@ from pgbus import protocol as p
 from pgbusd.config import Config
 
 if TYPE_CHECKING:
+    from pgbusd.fleet.roles import HostRole
     from pgbusd.hub import Hub
     from pgbusd.listener import Listener
 
@@ -49,7 +50,13 @@ class ChannelDirectory:
     """The channels the daemon LISTENs on: pinned ones, and those of --channel-pattern while
     someone subscribes (see the module docstring). Runs on the event loop; never blocks."""
 
-    def __init__(self, config: Config, hub: Hub, listener: Listener, log: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        hub: Hub,
+        listener: Listener | HostRole,  # fleet mode (issue 17): a host's stream
+        log: Any,
+    ) -> None:
         self.hub = hub
         self.listener = listener
         self.patterns = config.channel_pattern

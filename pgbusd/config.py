@@ -8,6 +8,7 @@ written exactly once, here.
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import math
 import os
 import re
@@ -150,6 +151,41 @@ class Config:
         "a free one). Unset: no HTTP listener. No authentication: keep it on loopback.",
         metavar="HOST:PORT",
     )
+    # -- fleet mode (issue 17, docs/fleet.md); checked by _check_fleet ----------------------------
+    publish: str | None = _opt(
+        None,
+        "Bridge role: also publish every notification into the fleet stream on this NATS "
+        "server (nats://HOST:PORT; several, comma-separated, for a cluster). Run two bridges "
+        "for one stream: one publishes, the other stands by.",
+        metavar="URL",
+    )
+    source: str | None = _opt(
+        None,
+        "Host role: relay the fleet stream read from this NATS server (nats://HOST:PORT) "
+        "instead of LISTENing to PostgreSQL (no --dsn then).",
+        metavar="URL",
+    )
+    stream: str = _opt(
+        "PGBUS",
+        "Fleet mode: the JetStream stream's name (1 to 32 of A-Z a-z 0-9 _ -).",
+        metavar="NAME",
+    )
+    state_file: str | None = _opt(
+        None,
+        "Host role: where the stream position is kept across restarts (so that clients resume "
+        "without a generation step). Default: the socket path + '.state'.",
+        metavar="PATH",
+    )
+    source_timeout: float = _opt(
+        10.0,
+        "Host role: seconds a starting host waits for its stream to catch up before it serves "
+        "clients anyway (generation 0, a new lineage: its clients step once it catches up).",
+    )
+    lease_ttl: float = _opt(
+        10.0,
+        "Bridge role: seconds the publisher lease lives without renewal, so about how long a "
+        "standby waits to take over from a publisher that died (a clean stop hands over at once).",
+    )
 
     def __post_init__(self) -> None:
         if self.dsn is not None:
@@ -196,6 +232,8 @@ class Config:
             "handshake_timeout",
             "shutdown_timeout",
             "reload_timeout",
+            "source_timeout",
+            "lease_ttl",
         ):
             seconds = getattr(self, name)
             # NaN passes every comparison that would refuse it, and infinity or 1e308 end in
@@ -247,6 +285,56 @@ class Config:
                 split_host_port(self.metrics_address)
             except ValueError as exc:
                 raise ConfigError("metrics_address", str(exc)) from None
+        self._check_fleet()
+
+    # -- fleet mode (issue 17) ----------------------------------------------------------------
+
+    def _check_fleet(self) -> None:
+        from pgbusd.fleet.subjects import validate_stream_name  # no NATS import
+
+        if self.source is not None and self.dsn is not None:
+            raise ConfigError(
+                "source",
+                "a host (--source) reads the fleet stream, not PostgreSQL: give --source or "
+                "--dsn, not both",
+            )
+        if self.publish is not None and self.source is not None:
+            raise ConfigError(
+                "publish",
+                "--publish makes a bridge, which LISTENs to PostgreSQL: not with --source",
+            )
+        for name in ("publish", "source"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    nats_servers(value)
+                except ValueError as exc:
+                    raise ConfigError(name, str(exc)) from None
+        try:
+            validate_stream_name(self.stream)
+        except ValueError as exc:
+            raise ConfigError("stream", str(exc)) from None
+        if self.state_file is not None and self.source is None:
+            raise ConfigError("state_file", "--state-file is for a host (--source) only")
+        role = self.fleet_role
+        if role is not None and importlib.util.find_spec("nats") is None:
+            option = "publish" if role == "bridge" else "source"
+            raise ConfigError(
+                option,
+                "fleet mode needs nats-py, which is not installed: pip install 'pgbusd[fleet]'",
+            )
+
+    @property
+    def fleet_role(self) -> str | None:
+        """ "bridge" (--publish), "host" (--source), or None: a plain daemon."""
+        if self.publish is not None:
+            return "bridge"
+        return "host" if self.source is not None else None
+
+    @property
+    def state_path(self) -> str:
+        """The host's state file."""
+        return self.state_file if self.state_file is not None else self.socket + ".state"
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -284,6 +372,11 @@ class Config:
             found += parse_qs(parts.query).get("password", [])
         if os.environ.get("PGPASSWORD"):
             found.append(os.environ["PGPASSWORD"])
+        for url in (self.publish, self.source):  # fleet mode (issue 17): NATS credentials
+            for server in nats_servers(url) if url else []:
+                password = urlsplit(server).password
+                if password:
+                    found += [password, unquote(password)]
         return sorted({s for s in found if s}, key=len, reverse=True)
 
     def redacted_dsn(self) -> str | None:
@@ -299,6 +392,24 @@ class Config:
 
 _URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*):[^@\s]*@")
 _KV_PASSWORD = re.compile(r"(password\s*=\s*)(?:'[^']*'|\S+)", re.IGNORECASE)
+
+
+def nats_servers(value: str) -> list[str]:
+    """The NATS server URLs in ``value`` (comma-separated); ValueError naming a bad one."""
+    servers = [s.strip() for s in value.split(",") if s.strip()]
+    if not servers:
+        raise ValueError("expected a NATS URL such as nats://127.0.0.1:4222")
+    for server in servers:
+        parts = urlsplit(server)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("nats", "tls") or not parts.hostname or port == -1:
+            raise ValueError(f"expected a NATS URL such as nats://127.0.0.1:4222, got {server!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"a NATS URL has no path, query or fragment: {server!r}")
+    return servers
 
 
 def split_host_port(address: str) -> tuple[str, int]:

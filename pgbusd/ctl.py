@@ -35,7 +35,14 @@ import pgbus
 import pgbusd
 from pgbus import protocol as p
 from pgbusd import metrics as prom
-from pgbusd.status import ClientStatus, IncompatibleStatusError, Omitted, Status, parse
+from pgbusd.status import (
+    ClientStatus,
+    FleetStatus,
+    IncompatibleStatusError,
+    Omitted,
+    Status,
+    parse,
+)
 
 EXIT_OK = 0
 EXIT_PG_DOWN = 1
@@ -147,6 +154,36 @@ def _omitted(omitted: Omitted) -> str:
     )
 
 
+def _fleet(fleet: FleetStatus) -> list[str]:
+    """Fleet mode's lines: role, stream, position, lag, lease."""
+    nats = "connected" if fleet.nats_connected else "NOT CONNECTED"
+    lines = [
+        f"fleet       {fleet.role}, {fleet.state}; stream {fleet.stream} on {fleet.nats} "
+        f"(NATS {nats})",
+        f"stream      lineage {fleet.lineage or '-'}  generation "
+        f"{'-' if fleet.generation is None else fleet.generation}  last sequence "
+        f"{'-' if fleet.last_stream_seq is None else fleet.last_stream_seq}  lag "
+        f"{'-' if fleet.lag is None else fleet.lag}",
+    ]
+    lease = fleet.lease
+    if fleet.role == "bridge":
+        holder = "-" if lease is None or lease.holder is None else lease.holder
+        held = "held by this bridge" if lease is not None and lease.held else f"holder {holder}"
+        ttl = "" if lease is None else f", ttl {lease.ttl:g} s"
+        lines.append(
+            f"lease       {held}{ttl}; published {fleet.published}, dropped {fleet.dropped}, "
+            f"takeovers {fleet.takeovers} ({fleet.exact_takeovers} exact)"
+            + ("; ready to take over exactly" if fleet.exact_ready else "")
+        )
+    else:
+        lines.append(
+            f"host        local steps {fleet.local_steps}; state file {fleet.state_file or '-'}"
+        )
+    if fleet.failure:
+        lines.append(f"fleet error {fleet.failure}")
+    return lines
+
+
 def render(status: Status) -> str:
     """The status document as a human-readable report."""
     pg = status.postgres
@@ -192,6 +229,8 @@ def render(status: Status) -> str:
             f"on demand   listened {totals.listens}, unlistened {totals.unlistens}"
             + (f", refused: {refused}" if refused else "")
         )
+    if status.fleet is not None:  # fleet mode (issue 17)
+        lines += _fleet(status.fleet)
     if status.omitted:
         lines.append(_omitted(status.omitted))
     lines.append("")

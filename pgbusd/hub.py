@@ -122,6 +122,8 @@ class Hub:
         #: Channels with an open batch, by name: the fast path of :meth:`publish`.
         self._open: dict[str, ChannelState] = {}
         self._seal_handle: asyncio.Handle | None = None
+        #: Fleet mode: what :meth:`remember` batches this turn, per channel: (frame, first, n).
+        self._history: dict[str, tuple[bytearray, int, int]] | None = None
 
     # -- from the PostgreSQL side ------------------------------------------------------------
 
@@ -147,17 +149,21 @@ class Hub:
             if self._unrouted is not None:
                 self._unrouted(pid, channel, payload)
             return
+        self._open_batch(state)
+        self.publish(pid, channel, payload)
+
+    def _open_batch(self, state: ChannelState) -> None:
         state.last_received = time.time()
         state.batch = bytearray(_BATCH_HEAD.size)
         state.batch_first_seq = state.seq + 1
-        self._open[channel] = state
+        self._open[state.name] = state
         if self._seal_handle is None:
             self._seal_handle = asyncio.get_running_loop().call_soon(self._end_of_turn)
-        self.publish(pid, channel, payload)
 
     def _end_of_turn(self) -> None:
         self._seal_handle = None
         self.seal_all()
+        self.seal_history()  # fleet mode (issue 17)
 
     def seal_all(self) -> None:
         """Write every open batch to its subscribers now (before anything else goes out)."""
@@ -184,6 +190,98 @@ class Hub:
         frame = p.encode_frame(p.Generation(generation))
         for session in list(self.sessions):
             session.send_tick(frame)
+
+    # -- fleet mode (issue 17): a host daemon's hub, fed from the stream (pgbusd/fleet/roles.py) --
+
+    def publish_stamped(
+        self, pid: int, channel: str, payload: str, generation: int, seq: int
+    ) -> None:
+        """Relay one notification the bridge already stamped (its generation and seq). A seq
+        that does not follow on (the stream says so with a tick first) leaves a hole that the
+        replay buffer does not bridge: a client that resumes across it steps."""
+        state = self._open.get(channel)
+        if state is None or seq != state.seq + 1:
+            state = self.channels.get(channel)
+            if state is None:
+                return  # a channel this host does not relay
+            if state.name in self._open:
+                self._seal(state)
+            if seq != state.seq + 1:
+                self.replay.forget(state.log)
+                state.seq = seq - 1
+                state.log.next_seq = seq
+            self._open_batch(state)
+        state.seq = seq
+        batch = state.batch
+        _encode_into((_NOTIFY_TAG, channel, payload, pid, generation, seq), batch, -1)
+        if len(batch) > _BATCH_LIMIT:
+            self._seal(state)
+
+    def remember(self, pid: int, channel: str, payload: str, generation: int, seq: int) -> None:
+        """Put a notification from before the current position into the replay buffer only
+        (sent to nobody): a restarted host refills its buffer, so that its clients resume."""
+        state = self.channels.get(channel)
+        if state is None:
+            return
+        if self._history is None:
+            self._history = {}
+            if self._seal_handle is None:
+                self._seal_handle = asyncio.get_running_loop().call_soon(self._end_of_turn)
+        open_batch = self._history.get(channel)
+        if open_batch is not None and seq != open_batch[1] + open_batch[2]:
+            self._seal_remembered(state, *open_batch)
+            open_batch = None
+        if open_batch is None:
+            if seq != state.log.next_seq:  # not where the kept frames end: start afresh
+                self.replay.forget(state.log)
+                state.log.next_seq = seq
+            open_batch = (bytearray(_BATCH_HEAD.size), seq, 0)
+        frame, first, count = open_batch
+        _encode_into((_NOTIFY_TAG, channel, payload, pid, generation, seq), frame, -1)
+        if len(frame) > _BATCH_LIMIT:
+            self._seal_remembered(state, frame, first, count + 1)
+            self._history.pop(channel, None)
+        else:
+            self._history[channel] = (frame, first, count + 1)
+
+    def seal_history(self) -> None:
+        """Keep what :meth:`remember` batched in the replay buffer."""
+        history, self._history = self._history, None
+        if history is None:
+            return
+        for channel, open_batch in history.items():
+            self._seal_remembered(self.channels[channel], *open_batch)
+
+    def _seal_remembered(self, state: ChannelState, frame: bytearray, first: int, n: int) -> None:
+        _BATCH_HEAD.pack_into(frame, 0, len(frame) - p.HEADER_SIZE, 0xDD, n)
+        self.replay.append(state.log, first, n, frame)
+
+    def reset_lineage(self, lineage: str, generation: int, seqs: dict[str, int]) -> None:
+        """Take the stream's lineage, generation and per-channel seqs (a host caught up, or
+        the stream started a new lineage). A lineage change is a restart of the daemon for
+        its clients: every one is cut, and re-attaches with a generation step."""
+        self.seal_all()
+        self.seal_history()
+        changed = lineage != self.daemon_id
+        self.daemon_id = lineage
+        self.generation = generation
+        for name in self.channels:
+            self.place(name, seqs.get(name, 0))
+        if changed:
+            for session in list(self.sessions):
+                session.abort()
+
+    def place(self, name: str, seq: int) -> None:
+        """A host: ``name``'s last seq is the stream's ``seq``. What the replay buffer holds is
+        kept if it ends there (what remember() refilled; a new lineage starts its seqs anew, so
+        its first reset never matches the old frames)."""
+        state = self.channels.get(name)
+        if state is None:
+            return
+        if state.log.next_seq != seq + 1:
+            self.replay.forget(state.log)
+            state.log.next_seq = seq + 1
+        state.seq = seq
 
     # -- a hand-off ----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ The loop, once per connection:
 
 Notifications go from asyncpg's read callback straight to :meth:`Hub.publish`; anything that
 raises there is contained, logged, counted (``relay_errors``) and told to clients as a
-generation step.
+generation step. In fleet mode a bridge's :class:`ListenerHooks` see every notification first.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import itertools
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
@@ -167,6 +167,26 @@ class Takeover:
         self.adopted: asyncio.Future[int] = loop.create_future()
 
 
+class ListenerHooks(Protocol):
+    """Fleet mode (issue 17): a bridge watches the LISTEN connection (pgbusd/fleet/roles.py).
+
+    Without hooks the listener hands notifications straight to the hub; with them, each one
+    also goes to :meth:`tap` first (every channel: the probe and hand-off channels too).
+    """
+
+    #: Channels LISTENed to besides the relayed ones (the bridge's marker channel).
+    extra_channels: tuple[str, ...]
+
+    def tap(self, pid: int, channel: str, payload: str) -> None:
+        """Every notification relayed, in delivery order, before the hub gets it."""
+
+    def listening(self) -> None:
+        """A connection listens on every channel; before anything it delivers is relayed."""
+
+    def lost(self) -> None:
+        """The connection that listened is gone."""
+
+
 class Listener:
     """Owns the daemon's one asyncpg connection. Runtime state only; settings come from Config.
 
@@ -179,10 +199,20 @@ class Listener:
     RELAY_ERROR_LOG_INTERVAL = 1.0
 
     def __init__(
-        self, config: Config, hub: Hub, probes: Probes, takeover: Takeover | None = None
+        self,
+        config: Config,
+        hub: Hub,
+        probes: Probes,
+        takeover: Takeover | None = None,
+        *,
+        hooks: ListenerHooks | None = None,
     ) -> None:
         self.config = config
         self.hub = hub
+        #: Fleet mode (issue 17): what every notification goes to; the hub's own publish unless
+        #: a bridge taps the stream (no cost per notification otherwise).
+        self._hooks = hooks
+        self._publish: Sink = hub.publish if hooks is None else self._tapped
         self.probes = probes
         self._takeover = takeover
         #: While a predecessor splits the stream: what came after its marker (see split()).
@@ -246,6 +276,8 @@ class Listener:
             reason, proven = await self._supervise(conn)
             terminated = self._lost.is_set() or conn.is_closed()
             self._conn = None
+            if self._hooks is not None:  # fleet mode (issue 17)
+                self._hooks.lost()
             self.release_split()  # a reload under way is off; what its marker held goes out first
             if not conn.is_closed():
                 conn.terminate()
@@ -338,6 +370,8 @@ class Listener:
         self._relay(conn, self._hold)
         takeover = self._takeover
         extra = {self.probe_channel}
+        if self._hooks is not None:  # fleet mode (issue 17)
+            extra.update(self._hooks.extra_channels)
         if takeover is not None:
             extra.add(takeover.marker_channel)
         # Every channel the hub has (pinned, and on-demand ones with subscribers), checked
@@ -376,6 +410,8 @@ class Listener:
         self.state = "connected"
         self.connected_since = time.time()
         self.next_retry_at = None
+        if self._hooks is not None:  # fleet mode (issue 17)
+            self._hooks.listening()
         if takeover is None:
             self.hub.tick(self.generation)
         self.log.info(
@@ -386,15 +422,22 @@ class Listener:
             backend_pid=self.backend_pid,
         )
         held, self._held = self._held, []
-        self._relay(conn, self.hub.publish)
+        self._relay(conn, self._publish)
         self._publish_held(held)
 
     def _publish_held(self, held: list[tuple[int, str, str]]) -> None:
+        publish = self._publish
         for pid, channel, payload in held:
             try:
-                self.hub.publish(pid, channel, payload)
+                publish(pid, channel, payload)
             except Exception as exc:
                 self._relay_failed(exc, channel)
+
+    def _tapped(self, pid: int, channel: str, payload: str) -> None:
+        """Fleet mode (issue 17): the hooks' tap, then the hub."""
+        assert self._hooks is not None
+        self._hooks.tap(pid, channel, payload)
+        self.hub.publish(pid, channel, payload)
 
     # -- channels on demand ----------------------------------------------------------------
 
@@ -487,7 +530,7 @@ class Listener:
         if conn is None or not self.connected:
             raise HandoffError("PostgreSQL is not connected: reload once it is")
         seen: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        publish = self.hub.publish
+        publish = self._publish
 
         def until_marker(pid: int, channel: str, payload: str) -> None:
             if channel == marker_channel and payload == token:
@@ -523,7 +566,7 @@ class Listener:
             return
         conn = self._conn
         if conn is not None:
-            self._relay(conn, self.hub.publish)
+            self._relay(conn, self._publish)
         self._publish_held(held)
 
     async def _supervise(self, conn: Any) -> tuple[str, bool]:

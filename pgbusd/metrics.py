@@ -153,6 +153,45 @@ FAMILIES: Final[tuple[tuple[str, str, str], ...]] = (
         "Entries left out of the status document these metrics were rendered from, to keep it "
         "under the 1 MiB frame limit (their series are missing; totals are complete).",
     ),
+    # Fleet mode (issue 17): only a bridge or a host daemon has these.
+    (
+        "pgbusd_fleet_info",
+        "gauge",
+        "Always 1 in fleet mode; the labels name the role (bridge, host), the stream, and the "
+        "role's state (publishing, standby, reading, ...).",
+    ),
+    ("pgbusd_fleet_nats_connected", "gauge", "1 while the daemon's NATS connection is up."),
+    (
+        "pgbusd_fleet_last_stream_sequence",
+        "gauge",
+        "Stream sequence of the last message this daemon stored (bridge) or applied (host).",
+    ),
+    (
+        "pgbusd_fleet_lag_messages",
+        "gauge",
+        "Stream messages stored but not yet read by this daemon (a host, or a standby bridge).",
+    ),
+    (
+        "pgbusd_fleet_lease_held",
+        "gauge",
+        "Bridge: 1 while this bridge holds the publisher lease (it publishes), 0 otherwise.",
+    ),
+    (
+        "pgbusd_fleet_published_total",
+        "counter",
+        "Bridge: notifications this bridge stored into the stream.",
+    ),
+    (
+        "pgbusd_fleet_dropped_total",
+        "counter",
+        "Bridge: notifications dropped past the publisher's buffer bound (each stretch of them "
+        "is a generation step for every host).",
+    ),
+    (
+        "pgbusd_fleet_local_steps_total",
+        "counter",
+        "Host: generation steps only this host took (stream messages it needed were gone).",
+    ),
 )
 
 Labels = Mapping[str, str]
@@ -235,6 +274,22 @@ def _samples(status: Status) -> Iterator[Sample]:
     yield "pgbusd_status_documents_total", {}, totals.status_documents
     yield "pgbusd_status_omitted", {"part": "channels"}, status.omitted.channels
     yield "pgbusd_status_omitted", {"part": "clients"}, status.omitted.clients
+    fleet = status.fleet
+    if fleet is not None:
+        yield (
+            "pgbusd_fleet_info",
+            {"role": fleet.role, "stream": fleet.stream, "state": fleet.state},
+            1,
+        )
+        yield "pgbusd_fleet_nats_connected", {}, fleet.nats_connected
+        yield "pgbusd_fleet_last_stream_sequence", {}, fleet.last_stream_seq
+        yield "pgbusd_fleet_lag_messages", {}, fleet.lag
+        if fleet.role == "bridge":
+            yield "pgbusd_fleet_lease_held", {}, fleet.lease is not None and fleet.lease.held
+            yield "pgbusd_fleet_published_total", {}, fleet.published
+            yield "pgbusd_fleet_dropped_total", {}, fleet.dropped
+        else:
+            yield "pgbusd_fleet_local_steps_total", {}, fleet.local_steps
 
 
 def _exposition(samples: Iterator[Sample]) -> str:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -29,6 +29,9 @@ from pgbusd.listener import FatalConfigError, Listener, Probes, Takeover
 from pgbusd.log import get_logger
 from pgbusd.metrics import MetricsServer
 from pgbusd.session import Session, SessionContext
+
+if TYPE_CHECKING:
+    from pgbusd.fleet.roles import FleetRole, HostRole
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -91,7 +94,23 @@ class Server:
         probes = Probes(secrets.token_hex(8))
         self.hub = Hub(config.channels, unrouted=probes.route, replay_bytes=config.replay_bytes)
         self._takeover = Takeover(inherited.marker) if inherited is not None else None
-        self.listener = Listener(config, self.hub, probes, self._takeover)
+        # Fleet mode (issue 17): a bridge taps the listener, a host's stream replaces it.
+        self.fleet: FleetRole | None = None
+        if config.fleet_role is not None:
+            from pgbusd.fleet import roles  # imports nats, the optional fleet extra
+
+            self.fleet = roles.create(config, self.hub)
+        self.listener: Listener | HostRole = (
+            self.fleet.feed
+            if self.fleet is not None and self.fleet.feed is not None
+            else Listener(
+                config,
+                self.hub,
+                probes,
+                self._takeover,
+                hooks=self.fleet.hooks if self.fleet is not None else None,
+            )
+        )
         self.channels = ChannelDirectory(config, self.hub, self.listener, get_logger())
         self.access = config.access_policy()
         self.started_at = time.time()
@@ -144,6 +163,7 @@ class Server:
         if self._inherited is not None and not await self._take_over(self._inherited, listener):
             await self._give_up(listener)
             return EXIT_FAILURE
+        fleet = await self._start_fleet(listener)  # fleet mode (issue 17)
         self.log.info(
             "serving",
             socket=self.config.socket,
@@ -173,7 +193,8 @@ class Server:
             name="pgbusd-systemd",
         )
         stopper = asyncio.create_task(self._stop.wait())
-        await asyncio.wait((listener, stopper), return_when=asyncio.FIRST_COMPLETED)
+        waited = (listener, stopper) if fleet is None else (listener, stopper, fleet)
+        await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
         heartbeat.cancel()
         if self._successor is None:
             systemd.stopping()
@@ -186,8 +207,11 @@ class Server:
             elif failure is not None:
                 self.log.error("listener crashed", error=repr(failure))
                 code = EXIT_FAILURE
+        if fleet is not None and fleet.done() and not fleet.cancelled():
+            self.log.error("fleet bridge crashed", error=repr(fleet.exception()))
+            code = EXIT_FAILURE
         stopper.cancel()
-        await self.shutdown(listener)
+        await self.shutdown(listener, fleet)
         systemd.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
@@ -196,7 +220,9 @@ class Server:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def shutdown(self, listener: asyncio.Task[None]) -> None:
+    async def shutdown(
+        self, listener: asyncio.Task[None], fleet: asyncio.Task[None] | None = None
+    ) -> None:
         """Stop accepting, tell clients, close PostgreSQL, unlink the socket (unless a
         successor took it over: then the clients are told to move to it)."""
         handed_off = self._successor is not None
@@ -214,6 +240,11 @@ class Server:
         for session in list(self.hub.sessions):
             session.abort()
         self._status_desk.close()
+        if fleet is not None and self.fleet is not None:  # fleet mode (issue 17): the bridge
+            await self.fleet.stop()  # publishes what it has and hands the lease on
+            fleet.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await fleet
         await self.listener.stop()
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -237,6 +268,9 @@ class Server:
         HandoffError says why not, with this daemon serving on as before."""
         if self._reloading or self._successor is not None:
             raise handoff.HandoffError("a reload is already under way")
+        if self.fleet is not None:  # fleet mode (issue 17)
+            self.log.error("reload refused", reason=self.fleet.reload_refusal)
+            raise handoff.HandoffError(self.fleet.reload_refusal)
         if self._server is None or self._takeover is not None:
             raise handoff.HandoffError("this daemon is not serving yet")
         self._reloading = True
@@ -351,6 +385,30 @@ class Server:
         finally:
             message.cancel()
 
+    # -- fleet mode (issue 17, pgbusd/fleet/roles.py) -----------------------------------------
+
+    async def _start_fleet(self, listener: asyncio.Task[None]) -> asyncio.Task[None] | None:
+        """A bridge: start it (its task). A host: serve clients once its stream caught up, or
+        after --source-timeout without it (they step once it catches up)."""
+        fleet = self.fleet
+        if fleet is None:
+            return None
+        if fleet.feed is None:
+            return asyncio.create_task(fleet.run(), name="pgbusd-fleet")
+        ready = asyncio.ensure_future(fleet.ready(self.config.source_timeout))
+        await asyncio.wait((ready, listener), return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+        elif not ready.result():
+            self.log.warning(
+                "serving before the fleet stream caught up: generation 0 and a new lineage",
+                source_timeout=self.config.source_timeout,
+            )
+        self.log = get_logger(daemon_id=self.hub.daemon_id)  # the stream's lineage, if known
+        if self._server is not None and not listener.done():
+            await self._server.start_serving()
+        return None
+
     # -- a hand-off reload: the successor's side ------------------------------------------------
 
     async def _take_over(self, inherited: handoff.Inherited, listener: asyncio.Task[None]) -> bool:
@@ -443,7 +501,10 @@ class Server:
             # Socket activation: the file belongs to the socket unit. No lock, no stale-socket
             # check, and _socket_inode stays None so that _unbind leaves the file alone.
             self._server = await asyncio.get_running_loop().create_unix_server(
-                self._new_session, sock=inherited, backlog=self.config.max_clients
+                self._new_session,
+                sock=inherited,
+                backlog=self.config.max_clients,
+                start_serving=self.config.fleet_role != "host",  # fleet mode: see _start_fleet
             )
             address = inherited.getsockname()
             self.log.info("serving the socket passed by systemd", socket=address)
@@ -480,7 +541,10 @@ class Server:
         old_umask = os.umask(0o777 & ~self.config.socket_mode)
         try:
             self._server = await asyncio.get_running_loop().create_unix_server(
-                self._new_session, path, backlog=self.config.max_clients
+                self._new_session,
+                path,
+                backlog=self.config.max_clients,
+                start_serving=self.config.fleet_role != "host",  # fleet mode: see _start_fleet
             )
         finally:
             os.umask(old_umask)
@@ -561,6 +625,7 @@ class Server:
                 status_documents=counters.status_documents,
             ),
             dsn=self.config.redacted_dsn(),
+            fleet=self.fleet.status() if self.fleet is not None else None,  # issue 17
         )
 
     def _status_reply(self) -> bytes:

@@ -137,6 +137,57 @@ class Omitted(msgspec.Struct, kw_only=True):
         return bool(self.subscriptions or self.channels or self.clients)
 
 
+class FleetLease(msgspec.Struct, kw_only=True):
+    """The publisher lease as a bridge last saw it (fleet mode, issue 17)."""
+
+    #: Whether this bridge holds it (and it cannot have expired for others).
+    held: bool
+    #: The bridge that holds it (None: nobody), and its publisher term.
+    holder: str | None
+    term: str | None
+    #: Seconds the lease lives without renewal.
+    ttl: float
+
+
+class FleetStatus(msgspec.Struct, kw_only=True):
+    """Fleet mode (issue 17, docs/fleet.md): the daemon's role in the stream.
+
+    A bridge (``--publish``) LISTENs and publishes into the stream while it holds the lease
+    (``state`` "publishing"), or follows it as a standby; a host (``--source``) relays the
+    stream to its clients (``state`` "reading" once caught up).
+    """
+
+    role: str
+    stream: str
+    #: The NATS server, without a password.
+    nats: str
+    nats_connected: bool
+    state: str
+    #: The stream's lineage and generation (a host's clients see them as daemon id and
+    #: generation; a bridge's own clients see the bridge daemon's).
+    lineage: str | None
+    generation: int | None
+    #: The stream sequence of the last message this daemon stored (bridge) or applied (host).
+    last_stream_seq: int | None
+    #: Stream messages stored and not yet read by this daemon (a host; a standby bridge).
+    lag: int | None
+    lease: FleetLease | None = None
+    #: Bridge: notifications its publisher terms stored, and dropped past the buffer bound
+    #: (each drop is a generation step).
+    published: int = 0
+    dropped: int = 0
+    #: Bridge: terms it started, and how many continued exactly where the last one stopped.
+    takeovers: int = 0
+    exact_takeovers: int = 0
+    #: Bridge (standby): whether it could take over now without a generation step.
+    exact_ready: bool = False
+    #: Host: generation steps only this host took (messages it needed were gone).
+    local_steps: int = 0
+    state_file: str | None = None
+    #: Why the role cannot go on (a stream this version cannot read), if so.
+    failure: str | None = None
+
+
 class Status(msgspec.Struct, kw_only=True):
     """The daemon's status document."""
 
@@ -155,6 +206,10 @@ class Status(msgspec.Struct, kw_only=True):
     totals: Totals
     dsn: str | None
     omitted: Omitted = msgspec.field(default_factory=Omitted)
+    #: Fleet mode (issue 17): the role, stream, position and lease; None for a plain daemon. In
+    #: the host role, ``postgres`` describes the daemon's feed, the stream: "connected" once it
+    #: caught up and reads it.
+    fleet: FleetStatus | None = None
 
     @property
     def channel_count(self) -> int:

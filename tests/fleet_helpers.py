@@ -53,8 +53,8 @@ def notes_of(messages: list[tuple[int, s.AnyMessage, str | None]]) -> list[tuple
     out = []
     for _, message, _ in messages:
         if isinstance(message, s.Batch):
-            for i, (_, payload) in enumerate(message.notes):
-                out.append((message.channel, message.first_seq + i, payload))
+            for channel, seq, _, payload in message.notes:
+                out.append((channel, seq, payload))
     return out
 
 

@@ -47,8 +47,9 @@ def test_bench_runs_every_section_side_by_side_and_writes_table_json_and_chart(
         "3. Latency",
         "4. Scale",
         "5. Database cost",
-        "6. Hand-off under load",
-        "7. Channels on demand",
+        "6. Fleet relay",
+        "7. Hand-off under load",
+        "8. Channels on demand",
         "Targets",
     ):
         assert heading in table, f"{heading!r} missing from the table"
@@ -86,6 +87,18 @@ def test_bench_runs_every_section_side_by_side_and_writes_table_json_and_chart(
         assert all(v > 0 for v in p["commits"].values())
         assert p["listeners"] == {"direct": p["k"], "per_host": p["k"], "bridge": 1}
     assert (tmp_path / "latest-dbcost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    fleet = res["fleet"]
+    assert [b["shape"] for b in fleet["bursts"]] == ["one transaction", "many"]
+    for b in fleet["bursts"]:
+        assert b["single"] > 0
+        assert b["fleet"] > 0
+        assert b["ratio"] == b["fleet"] / b["single"]
+    assert fleet["fleet_latency"]["samples"] == fleet["single_latency"]["samples"] == 100
+    assert (
+        fleet["added_p50_ms"]
+        == fleet["fleet_latency"]["p50_ms"] - fleet["single_latency"]["p50_ms"]
+    )
 
     handoff = res["handoff"]
     assert handoff["control_relay"]["samples"] == 2 * 100

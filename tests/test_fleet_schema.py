@@ -12,14 +12,15 @@ V1 = {s.H_SCHEMA: "1"}
 
 
 def batch(channel: str, first: int, n: int, generation: int = 1) -> s.Batch:
-    return s.Batch("L", generation, None, 0, channel, first, [(1, str(i)) for i in range(n)])
+    notes = [(channel, first + i, 1, str(i)) for i in range(n)]
+    return s.Batch("L", generation, None, 0, notes)
 
 
 def test_messages_round_trip_and_a_newer_writers_trailing_field_is_ignored() -> None:
-    message = batch("a.b *", 3, 2)
+    message = s.Batch("L", 1, "m", 2, [("a.b *", 3, 1, "x"), ("c", 1, 2, "y"), ("a.b *", 4, 1, "")])
     assert s.decode(s.encode(message), V1) == message
-    newer = msgspec.msgpack.encode(["n", "L", 1, None, 0, "a", 1, [[1, "x"]], "future"])
-    assert s.decode(newer, V1) == s.Batch("L", 1, None, 0, "a", 1, [(1, "x")])
+    newer = msgspec.msgpack.encode(["n", "L", 1, None, 0, [["a", 1, 1, "x"]], "future"])
+    assert s.decode(newer, V1) == s.Batch("L", 1, None, 0, [("a", 1, 1, "x")])
 
 
 @pytest.mark.parametrize("headers", [None, {}, {s.H_SCHEMA: "2"}])
@@ -40,6 +41,12 @@ def test_state_follows_contiguous_messages_and_reports_what_does_not_follow_on()
     assert state.apply(batch("a", 5, 3), 2, "t.1") == []
     assert state.apply(batch("b", 1, 1), 3, "t.2") == []
     assert state.seqs == {"a": 7, "b": 1}
+    mixed = s.Batch("L", 1, None, 0, [("b", 2, 1, ""), ("a", 8, 1, ""), ("b", 3, 1, "")])
+    assert state.apply(mixed, 4, "t.3") == []
+    assert state.seqs == {"a": 8, "b": 3}
+    assert state.apply(s.Batch("L", 1, None, 0, [("a", 9, 1, ""), ("a", 11, 1, "")]), 5, "t.4")
+    assert state.seqs["a"] == 11
+    state.seqs = {"a": 7, "b": 1}  # as before the two batches above, to go on with the story
     assert state.apply(s.Tick("L", 2, None, 0, "reconnect"), 4, "t.3") == []
     assert state.generation == 2
     assert state.apply(batch("a", 9, 1, generation=2), 5, "t.4") == ["'a' seq 9, expected 8"]

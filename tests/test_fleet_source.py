@@ -55,7 +55,12 @@ class Writer:
 
     def __init__(self, nc: Any, subjects: StreamSubjects) -> None:
         self.publisher = StreamPublisher(
-            nc, subjects, s.StreamState(lineage=s.new_lineage()), term="w", ack_timeout=0.5
+            nc,
+            subjects,
+            s.StreamState(lineage=s.new_lineage()),
+            term="w",
+            ack_timeout=0.5,
+            coalesce=None,  # one stream message per loop turn (retention counts messages)
         )
         self.n = 0
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Generator
 from types import TracebackType
-from typing import Any, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from pgbus import protocol as p
 from pgbus._engine import (
     DEFAULT_BUFFER,
-    NO_CHANGES,
     BusBase,
     Changes,
-    PayloadQueue,
+    ConnectSettings,
     Request,
     check_timeout,
     default_socket_path,
@@ -34,6 +33,9 @@ from pgbus._subscription import (
     wake,
 )
 from pgbus.errors import DaemonUnavailableError, PgbusError, ProtocolError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 T = TypeVar("T")
 
@@ -65,7 +67,7 @@ class _Link(asyncio.BufferedProtocol):
         except Exception as exc:  # a bug (or the on_notification hook raised): end the bus loudly
             self.bus._fail(exc)
             return
-        self.bus._apply(changes, self)
+        self.bus._act(changes, self)
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -76,7 +78,7 @@ class _Link(asyncio.BufferedProtocol):
         except Exception as err:
             self.bus._fail(err)
         else:
-            self.bus._apply(changes, self)
+            self.bus._act(changes, self)
         if not self.ended.done():
             self.ended.set_result(None)
 
@@ -150,33 +152,24 @@ class Bus(BusBase):
         ``timeout`` seconds (default: the bus's ``attach_timeout``).
         """
         sub: Subscription[Any] = Subscription(
-            self, self._room, channel, buffer, payload_decoder(type)
+            self, channel, buffer, payload_decoder(type), self._room
         )
-        request = self._engine.subscribe(sub)
-        self._flush()
+        request = self._request_subscription(sub)
         if request is not None:
-            try:
+            with self._unless_answered(sub):
                 await self._wait_reply(request, timeout)
-                request.result()
-            except BaseException:
-                self._remove(sub)
-                raise
         return sub
 
-    def subscribe_reconnects(self) -> GenerationWatch:
-        """A watch on the reconnect generation, seeded with its current value."""
-        return GenerationWatch(self, self._room)
+    _watch_class = GenerationWatch
+    _selector_class = Selector
 
-    def select(
-        self, *subscriptions: Subscription[T], watch: GenerationWatch | None = None
-    ) -> Selector[T]:
-        """Wait on several subscriptions of this bus, and on ``watch``, at once.
+    if TYPE_CHECKING:  # BusBase makes them; these are their types for this client
 
-        ``async for event in bus.select(a, b, watch=w):`` yields :class:`~pgbus.Received`,
-        :class:`~pgbus.Lagged` and :class:`~pgbus.GenerationChanged` events; see
-        :class:`~pgbus.Selector` for the order. The subscriptions stay usable on their own.
-        """
-        return Selector(self, subscriptions, watch, self._room)
+        def subscribe_reconnects(self) -> GenerationWatch: ...
+
+        def select(
+            self, *subscriptions: Subscription[T], watch: GenerationWatch | None = None
+        ) -> Selector[T]: ...
 
     async def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The daemon's status document (what ``pgbusctl status --json`` prints).
@@ -186,8 +179,7 @@ class Bus(BusBase):
         """
         request = self._engine.request(p.StatusRequest())
         self._flush()
-        await self._wait_reply(request, timeout)
-        reply = request.result()
+        reply = await self._wait_reply(request, timeout)
         if not isinstance(reply, p.StatusReply):
             raise ProtocolError(f"unexpected reply to a status request: {reply!r}")
         return reply.status
@@ -203,8 +195,7 @@ class Bus(BusBase):
         ``timeout`` seconds (default: ``attach_timeout``)."""
         request = self._engine.request(p.Reload(environment))
         self._flush()
-        await self._wait_reply(request, timeout)
-        reply = request.result()
+        reply = await self._wait_reply(request, timeout)
         if not isinstance(reply, p.Reloaded):
             raise ProtocolError(f"unexpected reply to a reload request: {reply!r}")
         return reply
@@ -226,7 +217,7 @@ class Bus(BusBase):
         """Detach and close every subscription; further use raises BusClosedError."""
         if self._engine.closed:
             return
-        self._apply(self._engine.close(), None)
+        self._act(self._engine.close(), None)
         supervisor = self._supervisor
         if supervisor is not None and supervisor is not asyncio.current_task():
             supervisor.cancel()
@@ -306,7 +297,7 @@ class Bus(BusBase):
         loop.call_exception_handler(
             {"message": f"pgbus: the bus to {self.path} failed", "exception": exc}
         )
-        self._apply(self._engine.close(exc), None)
+        self._act(self._engine.close(exc), None)
         link = self._link
         if link is not None:
             link.abort()
@@ -316,15 +307,10 @@ class Bus(BusBase):
 
     # -- the engine's changes ----------------------------------------------------------------------
 
-    def _apply(self, changes: Changes, link: _Link | None) -> None:
-        self._flush()
-        if changes is NO_CHANGES:
-            return
-        for request in changes.replies:
-            wake(request.waiters)
-        if changes.state:
-            wake(self._room.state)
-        if changes.drop and link is not None:
+    _wake = staticmethod(wake)
+
+    def _act(self, changes: Changes, link: _Link | None) -> None:
+        if self._apply(changes) and link is not None:
             link.abort()
 
     def _flush(self) -> None:
@@ -332,9 +318,10 @@ class Bus(BusBase):
         if link is not None:
             link.write(link.attachment.data_to_send())
 
-    async def _wait_reply(self, request: Request, timeout: float | None) -> None:
+    async def _wait_reply(self, request: Request, timeout: float | None) -> p.ServerMessage | None:
+        """The request's outcome (:meth:`Request.result`), waiting up to ``timeout``."""
         if request.done:
-            return
+            return request.result()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         request.waiters.append(waiter)
         seconds = self._attach_timeout if timeout is None else check_timeout(timeout)
@@ -345,10 +332,7 @@ class Bus(BusBase):
             raise TimeoutError(f"pgbusd did not answer within {seconds} s") from None
         finally:
             request.waiters.remove(waiter)
-
-    def _remove(self, sub: PayloadQueue[Any]) -> None:
-        self._engine.remove(sub)
-        self._flush()
+        return request.result()
 
 
 class _Connector:
@@ -386,16 +370,12 @@ class _Connector:
             await self._bus.close()
 
 
-def connect(
-    path: str | None = None,
-    *,
-    name: str = "",
-    reconnect_initial: float = 0.1,
-    reconnect_max: float = 5.0,
-    attach_timeout: float = 10.0,
-    on_notification: NotificationHook | None = None,
-) -> _Connector:
+def connect(path: str | None = None, **settings: Unpack[ConnectSettings]) -> _Connector:
     """Attach to the pgbusd daemon at ``path`` (default: :func:`default_socket_path`).
+
+    Settings (keywords, all optional): ``name=""`` (shown in the daemon's status),
+    ``reconnect_initial=0.1``, ``reconnect_max=5.0``, ``attach_timeout=10.0`` (seconds), and
+    ``on_notification=None``.
 
     ``bus = await pgbus.connect()`` or ``async with pgbus.connect() as bus:``. The first attach
     must succeed (else :class:`~pgbus.DaemonUnavailableError`); later losses are re-attached
@@ -411,13 +391,4 @@ def connect(
     already reflects any gap it revealed. It must not block; an exception it raises ends the
     bus (every call then raises :class:`~pgbus.BusClosedError` with it as the cause).
     """
-    return _Connector(
-        path,
-        {
-            "name": name,
-            "reconnect_initial": reconnect_initial,
-            "reconnect_max": reconnect_max,
-            "attach_timeout": attach_timeout,
-            "on_notification": on_notification,
-        },
-    )
+    return _Connector(path, dict(settings))

@@ -26,14 +26,15 @@ The pieces:
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeAlias, TypedDict
 
 import msgspec
 
@@ -237,9 +238,11 @@ class GenerationCursor:
     value greater than the last one this watcher observed. ``bus`` is the bus it watches.
     """
 
-    def __init__(self, bus: HasGeneration) -> None:
+    def __init__(self, bus: HasGeneration, room: Any = None) -> None:
         self.bus = bus
         self._seen = bus.generation
+        #: What the driver's bus lends it to wait (its Room).
+        self._room = room
 
     def borrow(self) -> int:
         """The current generation (does not mark it as seen)."""
@@ -313,11 +316,18 @@ class PayloadQueue(Generic[T_co]):
     """
 
     def __init__(
-        self, bus: object, channel: str, buffer: int, decode: Callable[[str], T_co] | None
+        self,
+        bus: object,
+        channel: str,
+        buffer: int,
+        decode: Callable[[str], T_co] | None,
+        room: Any = None,
     ) -> None:
         if buffer < 1:
             raise ValueError("buffer must be at least 1")
         self.bus = bus
+        #: What the driver's bus lends it to wait and to leave (its Room).
+        self._room = room
         self.channel = channel
         self._buffer = buffer
         self._decode = decode
@@ -327,6 +337,8 @@ class PayloadQueue(Generic[T_co]):
         self._delivered = 0
         self._dropped = 0
         self._undecodable = 0
+        #: Whoever waits for this subscription, in the driver's terms (futures, conditions).
+        self._waiters: list[Any] = []
 
     # -- fed by the engine -----------------------------------------------------------------------
 
@@ -557,6 +569,42 @@ class SelectCore(Generic[T_co]):
     def exhausted(self) -> bool:
         """Nothing more can arrive: no watch, and every (empty) subscription is closed."""
         return self._watch is None and all(sub.closed for sub in self._subs)
+
+    def waiter_lists(self, state: list[Any]) -> list[list[Any]]:
+        """What a selector waits on: its subscriptions' waiters, and ``state`` (the bus's
+        generation waiters) if it has a watch."""
+        lists = [sub._waiters for sub in self._subs]
+        if self._watch is not None:
+            lists.append(state)
+        return lists
+
+
+class SelectorBase(Generic[T_co]):
+    """What both clients' selectors share: the choice (:class:`SelectCore`) and what to wait on
+    (the subscriptions' waiters, and the bus's generation waiters with a watch)."""
+
+    def __init__(
+        self,
+        bus: object,
+        subs: Sequence[PayloadQueue[T_co]],
+        watch: GenerationCursor | None,
+        room: Any,
+    ) -> None:
+        self._core = SelectCore(bus, subs, watch)
+        self._room = room
+        self._waiter_lists = self._core.waiter_lists(room.state)
+
+    def _step(self) -> Event[T_co] | None:
+        """The next ready event, or None if the caller must wait; BusClosedError once nothing
+        more can arrive (the subscriptions closed, or the bus)."""
+        core = self._core
+        event = core.poll()
+        if event is not None:
+            return event
+        if core.exhausted():
+            raise BusClosedError("nothing left to select: the subscriptions are closed")
+        self._room.check_open()
+        return None
 
 
 # -- requests ------------------------------------------------------------------------------------
@@ -1082,6 +1130,17 @@ class Attachment:
         engine._note_state()
 
 
+class ConnectSettings(TypedDict, total=False):
+    """The settings of a bus, the keyword arguments of both clients' ``connect()`` (see
+    :func:`pgbus.connect` for what each means)."""
+
+    name: str
+    reconnect_initial: float
+    reconnect_max: float
+    attach_timeout: float
+    on_notification: Callable[[Any, p.Notification], None] | None
+
+
 class BusBase:
     """What both clients' buses share, none of which waits: the engine, the settings, and the
     read-only state (identity, generation, channels). The drivers add the I/O and the waiting."""
@@ -1139,6 +1198,65 @@ class BusBase:
 
     def _check_open(self) -> None:
         self._engine._check_open()
+
+    def _flush(self) -> None:
+        """Write what the engine has to send (the drivers define how)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _wake(waiters: list[Any]) -> None:
+        """Wake every waiter of a list (futures, conditions: the drivers define how)."""
+        raise NotImplementedError
+
+    def _apply(self, changes: Changes) -> bool:
+        """After an engine call: write what it has to send, wake whoever its changes concern
+        (the waiters of answered requests, the watchers of the state); True if the link must
+        be dropped (the driver does that)."""
+        self._flush()
+        if changes is NO_CHANGES:
+            return False
+        for request in changes.replies:
+            self._wake(request.waiters)
+        if changes.state:
+            self._wake(self._room.state)
+        return changes.drop
+
+    #: The driver's watch and selector classes (see subscribe_reconnects() and select()).
+    _watch_class: Any
+    _selector_class: Any
+    #: What the driver lends its subscriptions, watches and selectors (its Room).
+    _room: Any
+
+    def subscribe_reconnects(self) -> Any:
+        """A watch on the reconnect generation, seeded with its current value."""
+        return self._watch_class(self, self._room)
+
+    def select(self, *subscriptions: Any, watch: Any = None) -> Any:
+        """Wait on several subscriptions of this bus, and on ``watch``, at once (see the
+        driver's Selector for the events and their order). The subscriptions stay usable on
+        their own."""
+        return self._selector_class(self, subscriptions, watch, self._room)
+
+    def _remove(self, sub: PayloadQueue[Any]) -> None:
+        """A subscription closed: take it out (the last of a channel unsubscribes it)."""
+        self._engine.remove(sub)
+        self._flush()
+
+    def _request_subscription(self, sub: PayloadQueue[Any]) -> Request | None:
+        """Register ``sub`` and send what that takes; the request to wait for, if any."""
+        request = self._engine.subscribe(sub)
+        self._flush()
+        return request
+
+    @contextlib.contextmanager
+    def _unless_answered(self, sub: PayloadQueue[Any]) -> Iterator[None]:
+        """Around the wait for a subscribe's answer: a refusal, a timeout or a cancellation
+        takes ``sub`` out again (and unsubscribes, if the daemon said yes meanwhile)."""
+        try:
+            yield
+        except BaseException:
+            self._remove(sub)
+            raise
 
     def _reattach_delay(self) -> float:
         """Seconds to wait before the next attach attempt: none right after a reload's Goodbye

@@ -8,11 +8,11 @@ to leave it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, Generic
+from typing import Any
 
-from pgbus._engine import Event, GenerationCursor, HasGeneration, PayloadQueue, SelectCore, T_co
+from pgbus._engine import Event, GenerationCursor, PayloadQueue, SelectorBase, T_co
 from pgbus.errors import BusClosedError
 
 Waiters = list[asyncio.Future[None]]
@@ -71,17 +71,8 @@ class Subscription(PayloadQueue[T_co]):
     :class:`~pgbus.PayloadDecodeError` from the ``recv()`` that reaches one that does not decode.
     """
 
-    def __init__(
-        self,
-        bus: object,
-        room: Room,
-        channel: str,
-        buffer: int,
-        decode: Callable[[str], T_co] | None = None,
-    ) -> None:
-        super().__init__(bus, channel, buffer, decode)
-        self._room = room
-        self._waiters: Waiters = []
+    _room: Room
+    _waiters: Waiters
 
     def _wake(self) -> None:  # from the engine, in the socket's read callback
         wake(self._waiters)
@@ -138,9 +129,7 @@ class GenerationWatch(GenerationCursor):
     cannot miss a notification committed after it saw the change.
     """
 
-    def __init__(self, bus: HasGeneration, room: Room) -> None:
-        super().__init__(bus)
-        self._room = room
+    _room: Room
 
     async def changed(self) -> int:
         """Wait until the generation moves past the last value this watch saw; return it.
@@ -154,7 +143,7 @@ class GenerationWatch(GenerationCursor):
         return self._observe()
 
 
-class Selector(Generic[T_co]):
+class Selector(SelectorBase[T_co]):
     """Events from several subscriptions of one bus and its generation watch, one at a time.
 
     Create it with :meth:`pgbus.Bus.select`; ``await selector.recv()`` returns the next
@@ -162,18 +151,8 @@ class Selector(Generic[T_co]):
     without a watch, every subscription is). Use ``asyncio.timeout`` to bound a wait.
     """
 
-    def __init__(
-        self,
-        bus: object,
-        subs: Sequence[Subscription[T_co]],
-        watch: GenerationWatch | None,
-        room: Room,
-    ) -> None:
-        self._core = SelectCore(bus, subs, watch)
-        self._room = room
-        self._waiter_lists = [sub._waiters for sub in subs]
-        if watch is not None:
-            self._waiter_lists.append(room.state)
+    _room: Room
+    _waiter_lists: list[Waiters]
 
     async def recv(self) -> Event[T_co]:
         """The next event; waits for one.
@@ -182,15 +161,9 @@ class Selector(Generic[T_co]):
         call goes on), :class:`~pgbus.SubscriptionRefusedError` for a subscription the daemon
         ended, and :class:`~pgbus.BusClosedError` once nothing more can arrive.
         """
-        core = self._core
-        while True:
-            event = core.poll()
-            if event is not None:
-                return event
-            if core.exhausted():
-                raise BusClosedError("nothing left to select: the subscriptions are closed")
-            self._room.check_open()
+        while (event := self._step()) is None:
             await wait_woken(self._waiter_lists)
+        return event
 
     def __aiter__(self) -> Selector[T_co]:
         return self

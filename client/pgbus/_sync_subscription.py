@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, Generic
+from typing import Any
 
 from pgbus._engine import (
     Event,
     GenerationCursor,
-    HasGeneration,
     PayloadQueue,
-    SelectCore,
+    SelectorBase,
     SubscriptionStatistics,
     T_co,
     check_timeout,
@@ -86,17 +85,8 @@ class SyncSubscription(PayloadQueue[T_co]):
     raises :class:`~pgbus.SubscriptionRefusedError` if the daemon ends it.
     """
 
-    def __init__(
-        self,
-        bus: object,
-        room: SyncRoom,
-        channel: str,
-        buffer: int,
-        decode: Callable[[str], T_co] | None = None,
-    ) -> None:
-        super().__init__(bus, channel, buffer, decode)
-        self._room = room
-        self._waiters: Waiters = []
+    _room: SyncRoom
+    _waiters: Waiters
 
     def _wake(self) -> None:  # the lock is held
         notify(self._waiters)
@@ -161,9 +151,7 @@ class SyncSubscription(PayloadQueue[T_co]):
 class SyncGenerationWatch(GenerationCursor):
     """The asyncio :class:`~pgbus.GenerationWatch`, blocking: see there for when it moves."""
 
-    def __init__(self, bus: HasGeneration, room: SyncRoom) -> None:
-        super().__init__(bus)
-        self._room = room
+    _room: SyncRoom
 
     def changed(self, timeout: float | None = None) -> int:
         """Wait until the generation moves past the last value this watch saw; return it.
@@ -181,7 +169,7 @@ class SyncGenerationWatch(GenerationCursor):
             return self._observe()
 
 
-class SyncSelector(Generic[T_co]):
+class SyncSelector(SelectorBase[T_co]):
     """Events from several subscriptions of one bus and its generation watch, one at a time.
 
     Create it with :meth:`SyncBus.select`. The events and their order are the asyncio
@@ -189,18 +177,8 @@ class SyncSelector(Generic[T_co]):
     :class:`~pgbus.GenerationChanged`; a generation change first, then the subscriptions in turn).
     """
 
-    def __init__(
-        self,
-        bus: object,
-        subs: Sequence[SyncSubscription[T_co]],
-        watch: SyncGenerationWatch | None,
-        room: SyncRoom,
-    ) -> None:
-        self._core = SelectCore(bus, subs, watch)
-        self._room = room
-        self._waiter_lists = [sub._waiters for sub in subs]
-        if watch is not None:
-            self._waiter_lists.append(room.state)
+    _room: SyncRoom
+    _waiter_lists: list[Waiters]
 
     def recv(self, timeout: float | None = None) -> Event[T_co]:
         """The next event; waits up to ``timeout`` seconds (None: for ever) for one.
@@ -211,18 +189,12 @@ class SyncSelector(Generic[T_co]):
         :class:`~pgbus.BusClosedError` once nothing more can arrive.
         """
         room = self._room
-        core = self._core
         with room.lock:
             deadline = deadline_of(timeout)
-            while True:
-                event = core.poll()
-                if event is not None:
-                    return event
-                if core.exhausted():
-                    raise BusClosedError("nothing left to select: the subscriptions are closed")
-                room.check_open()
+            while (event := self._step()) is None:
                 if not room.wait(self._waiter_lists, deadline):
                     raise TimeoutError(f"no event within {timeout} s")
+            return event
 
     def __iter__(self) -> SyncSelector[T_co]:
         return self

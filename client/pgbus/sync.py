@@ -26,16 +26,15 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from pgbus import protocol as p
 from pgbus._engine import (
     DEFAULT_BUFFER,
-    NO_CHANGES,
     Attachment,
     BusBase,
     Changes,
-    PayloadQueue,
+    ConnectSettings,
     Request,
     check_timeout,
     default_socket_path,
@@ -50,6 +49,9 @@ from pgbus._sync_subscription import (
     notify,
 )
 from pgbus.errors import BusClosedError, DaemonUnavailableError, PgbusError, ProtocolError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "SyncBus",
@@ -122,44 +124,27 @@ class SyncBus(BusBase):
         type: Any = None,
         timeout: float | None = None,
     ) -> SyncSubscription[Any]:
-        """Subscribe to ``channel``; returns once the daemon confirmed it (or, while the daemon is
-        away, once it is registered here: it is sent on re-attach, with a generation step).
-
-        ``type`` works as in :meth:`pgbus.Bus.subscribe`. Raises
-        :class:`~pgbus.UnknownChannelError` for a channel the daemon does not relay,
-        :class:`~pgbus.RequestRefusedError` for one it refuses this client, and
-        :class:`TimeoutError` if the daemon does not answer within ``timeout`` seconds
-        (default: the bus's ``attach_timeout``).
-        """
+        """:meth:`pgbus.Bus.subscribe`, blocking: the same arguments, the same answers and
+        errors (:class:`TimeoutError` after ``timeout`` seconds, by default ``attach_timeout``)."""
         decode = payload_decoder(type)
         with self._lock:
-            sub: SyncSubscription[Any] = SyncSubscription(self, self._room, channel, buffer, decode)
-            request = self._engine.subscribe(sub)
-            self._flush()
+            sub: SyncSubscription[Any] = SyncSubscription(self, channel, buffer, decode, self._room)
+            request = self._request_subscription(sub)
             if request is not None:
-                try:
+                with self._unless_answered(sub):
                     self._wait_reply(request, timeout)
-                    request.result()
-                except BaseException:
-                    self._remove(sub)
-                    raise
         return sub
 
-    def subscribe_reconnects(self) -> SyncGenerationWatch:
-        """A watch on the reconnect generation, seeded with its current value."""
-        return SyncGenerationWatch(self, self._room)
+    _watch_class = SyncGenerationWatch
+    _selector_class = SyncSelector
 
-    def select(
-        self, *subscriptions: SyncSubscription[T], watch: SyncGenerationWatch | None = None
-    ) -> SyncSelector[T]:
-        """Wait on several subscriptions of this bus, and on ``watch``, at once.
+    if TYPE_CHECKING:  # BusBase makes them: blocking, ``for event in bus.select(...)``
 
-        ``for event in bus.select(a, b, watch=w):`` yields :class:`~pgbus.Received`,
-        :class:`~pgbus.Lagged` and :class:`~pgbus.GenerationChanged` events;
-        ``selector.recv(timeout)`` returns the next one. The subscriptions stay usable on their
-        own.
-        """
-        return SyncSelector(self, subscriptions, watch, self._room)
+        def subscribe_reconnects(self) -> SyncGenerationWatch: ...
+
+        def select(
+            self, *subscriptions: SyncSubscription[T], watch: SyncGenerationWatch | None = None
+        ) -> SyncSelector[T]: ...
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The daemon's status document (what ``pgbusctl status --json`` prints).
@@ -170,8 +155,7 @@ class SyncBus(BusBase):
         with self._lock:
             request = self._engine.request(p.StatusRequest())
             self._flush()
-            self._wait_reply(request, timeout)
-            reply = request.result()
+            reply = self._wait_reply(request, timeout)
         if not isinstance(reply, p.StatusReply):
             raise ProtocolError(f"unexpected reply to a status request: {reply!r}")
         return reply.status
@@ -199,7 +183,7 @@ class SyncBus(BusBase):
             if self._engine.closed:
                 return
             self._stop.set()
-            self._apply(self._engine.close())
+            self._act(self._engine.close())
             sock = self._sock
         if sock is not None:
             _shutdown(sock)
@@ -220,22 +204,19 @@ class SyncBus(BusBase):
 
     # -- waiting and the engine's changes (the lock is held) -----------------------------------
 
-    def _wait_reply(self, request: Request, timeout: float | None) -> None:
+    def _wait_reply(self, request: Request, timeout: float | None) -> p.ServerMessage | None:
+        """The request's outcome (:meth:`Request.result`), waiting up to ``timeout``."""
         seconds = self._attach_timeout if timeout is None else check_timeout(timeout)
         deadline = None if seconds is None else time.monotonic() + seconds
         while not request.done:
             if not self._room.wait((request.waiters,), deadline):
                 raise TimeoutError(f"pgbusd did not answer within {seconds} s")
+        return request.result()
 
-    def _apply(self, changes: Changes) -> None:
-        self._flush()
-        if changes is NO_CHANGES:
-            return
-        for request in changes.replies:
-            notify(request.waiters)
-        if changes.state:
-            notify(self._room.state)
-        if changes.drop and self._sock is not None:
+    _wake = staticmethod(notify)
+
+    def _act(self, changes: Changes) -> None:
+        if self._apply(changes) and self._sock is not None:
             _shutdown(self._sock)
 
     def _flush(self) -> None:
@@ -248,10 +229,6 @@ class SyncBus(BusBase):
                 sock.sendall(data)
             except OSError:
                 _shutdown(sock)  # the reader sees the end, and re-attaches
-
-    def _remove(self, sub: PayloadQueue[Any]) -> None:
-        self._engine.remove(sub)
-        self._flush()
 
     # -- attach / re-attach (the reader thread; the first attach in connect()'s caller) -------
 
@@ -300,7 +277,7 @@ class SyncBus(BusBase):
     def _lose(self, sock: socket.socket, attachment: Attachment | None) -> None:
         with self._lock:
             if attachment is not None:
-                self._apply(attachment.lost())
+                self._act(attachment.lost())
             if self._sock is sock:
                 self._sock = None
             sock.close()
@@ -335,7 +312,7 @@ class SyncBus(BusBase):
     def _fail(self, exc: BaseException) -> None:
         with self._lock:
             self._stop.set()
-            self._apply(self._engine.close(exc))
+            self._act(self._engine.close(exc))
             sock = self._sock
         if sock is not None:
             _shutdown(sock)
@@ -362,20 +339,12 @@ class SyncBus(BusBase):
                 size, reason = 0, exc
             with self._lock:
                 if size:
-                    self._apply(attachment.buffer_updated(size))
+                    self._act(attachment.buffer_updated(size))
                 else:
-                    self._apply(attachment.lost(reason))
+                    self._act(attachment.lost(reason))
 
 
-def connect(
-    path: str | None = None,
-    *,
-    name: str = "",
-    reconnect_initial: float = 0.1,
-    reconnect_max: float = 5.0,
-    attach_timeout: float = 10.0,
-    on_notification: NotificationHook | None = None,
-) -> SyncBus:
+def connect(path: str | None = None, **settings: Unpack[ConnectSettings]) -> SyncBus:
     """Attach to the pgbusd daemon at ``path`` (default: :func:`pgbus.default_socket_path`).
 
     ``bus = pgbus.sync.connect()`` or ``with pgbus.sync.connect() as bus:``. The first attach
@@ -389,13 +358,6 @@ def connect(
     is called on the reader thread with the bus's lock held, so it must neither block nor call
     the bus.
     """
-    bus = SyncBus(
-        path or default_socket_path(),
-        name=name,
-        reconnect_initial=reconnect_initial,
-        reconnect_max=reconnect_max,
-        attach_timeout=attach_timeout,
-        on_notification=on_notification,
-    )
+    bus = SyncBus(path or default_socket_path(), **settings)
     bus._start()
     return bus

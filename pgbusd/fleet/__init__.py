@@ -1,8 +1,9 @@
 """Fleet mode: one PostgreSQL listener for a whole fleet of hosts, through NATS JetStream.
 
-The building blocks, each in its own module; the daemon wires them in (docs/fleet.md):
+The building blocks, each in its own module; :mod:`~pgbusd.fleet.roles` wires them into the
+daemon (docs/fleet.md):
 
-- :mod:`~pgbusd.fleet.subjects`: channel names to NATS subject tokens and back (a bijection).
+- :mod:`~pgbusd.fleet.subjects`: the stream's subjects and the rule for its name.
 - :mod:`~pgbusd.fleet.schema`: what a stream message is (msgpack Structs), the headers, the
   versioning rule, and :class:`~pgbusd.fleet.schema.StreamState`: lineage, generation and the
   per-channel seq vector, which every reader of the stream computes identically.
@@ -17,8 +18,8 @@ The building blocks, each in its own module; the daemon wires them in (docs/flee
   across reconnects and server restarts, with gaps reported.
 - :mod:`~pgbusd.fleet.source`: :class:`HostSource`, the host role's feed: stamped
   notifications and ticks for the hub, a state file, resume after a restart.
-- :mod:`~pgbusd.fleet.runner`: a small bridge / host process around the above, for tests,
-  benchmarks and experiments (not the daemon).
+- :mod:`~pgbusd.fleet.roles`: the two roles in the daemon (``--publish``, ``--source``): what
+  the server runs for each.
 
 Only this package imports ``nats`` (the optional ``fleet`` extra).
 """

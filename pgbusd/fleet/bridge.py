@@ -187,6 +187,9 @@ class Bridge:
         self.pg_connected = False
         self.takeovers = 0
         self.exact_takeovers = 0
+        #: Notifications stored and dropped by this bridge's finished terms (see totals()).
+        self._published_before = 0
+        self._dropped_before = 0
         self.last_takeover: dict[str, Any] | None = None
         self._mark: str | None = None
         self._off = 0
@@ -524,6 +527,8 @@ class Bridge:
         if publisher is not None:
             publisher.fence(reason or "demoted")
             await publisher.close()
+            self._published_before += publisher.stored_notes
+            self._dropped_before += publisher.dropped
             self.log.info("stopped publishing", reason=reason)
         if self.lease is not None and self.lease.revision is not None:
             self.lease.forget()
@@ -534,6 +539,16 @@ class Bridge:
             self.follower = None
 
     # -- introspection -------------------------------------------------------------------------
+
+    def totals(self) -> tuple[int, int]:
+        """Notifications this bridge stored into the stream, and dropped, over all its terms."""
+        publisher = self.publisher
+        if publisher is None:
+            return self._published_before, self._dropped_before
+        return (
+            self._published_before + publisher.stored_notes,
+            self._dropped_before + publisher.dropped,
+        )
 
     def status(self) -> dict[str, Any]:
         """What ``pgbusctl status`` shows for the bridge role (JSON-compatible)."""

@@ -38,10 +38,15 @@ class Held(NamedTuple):
     off: int
 
 
+#: What the buffer keeps per entry: Held's fields and the bytes it counts for (a plain tuple:
+#: one is made for every notification, and a NamedTuple costs several times as much to make).
+_Entry = tuple[int, str | None, int, str, str | None, int, int]
+
+
 class HeldBuffer:
     def __init__(self, max_bytes: int = 64 << 20) -> None:
         self.max_bytes = max_bytes
-        self.entries: deque[Held] = deque()
+        self.entries: deque[_Entry] = deque()
         self.bytes = 0
         self.connection = 0
         self.dropped = 0
@@ -71,23 +76,31 @@ class HeldBuffer:
     def marker(self, payload: str) -> None:
         index = self._next
         self._markers[payload] = index
-        self._add(Held(index, None, 0, payload, payload, 0))
+        self._next = index + 1
+        if index > self._skip_until:
+            size = len(payload) + _OVERHEAD
+            self.entries.append((index, None, 0, payload, payload, 0, size))
+            self.bytes += size
+            self._shed()
         if self._target is None and self.frontier[0] == payload:
             self._place(index + self.frontier[1])
 
     def note(self, pid: int, channel: str, payload: str, mark: str | None, off: int) -> None:
-        self._add(Held(self._next, channel, pid, payload, mark, off))
+        n = self._next
+        self._next = n + 1
+        if n > self._skip_until:
+            size = len(payload) + len(channel) + _OVERHEAD
+            self.entries.append((n, channel, pid, payload, mark, off, size))
+            self.bytes += size
+            if self.bytes > self.max_bytes:
+                self._shed()
 
-    def _add(self, entry: Held) -> None:
-        self._next += 1
-        if entry.n <= self._skip_until:
-            return
-        self.entries.append(entry)
-        self.bytes += len(entry.payload) + len(entry.channel or "") + _OVERHEAD
+    def _shed(self) -> None:
+        """Past the byte bound: the oldest entries go (counted)."""
         while self.bytes > self.max_bytes and self.entries:
             gone = self.entries.popleft()
-            self.bytes -= len(gone.payload) + len(gone.channel or "") + _OVERHEAD
-            self._lost_upto = gone.n
+            self.bytes -= gone[6]
+            self._lost_upto = gone[0]
             self.dropped += 1
 
     # -- from the stream ---------------------------------------------------------------------
@@ -107,9 +120,8 @@ class HeldBuffer:
     def _place(self, target: int) -> None:
         self._target = target
         entries = self.entries
-        while entries and entries[0].n <= target:
-            gone = entries.popleft()
-            self.bytes -= len(gone.payload) + len(gone.channel or "") + _OVERHEAD
+        while entries and entries[0][0] <= target:
+            self.bytes -= entries.popleft()[6]
         if target >= self._next:
             self._skip_until = max(self._skip_until, target)
 
@@ -130,12 +142,12 @@ class HeldBuffer:
 
     def after_frontier(self) -> Iterator[Held]:
         """Everything after the frontier (call when :meth:`exact`)."""
-        return iter(list(self.entries))
+        return iter([Held(*e[:6]) for e in self.entries])
 
     def after_marker(self, payload: str) -> Iterator[Held]:
         """Everything after the marker ``payload`` (which must have been received)."""
         index = self._markers[payload]
-        return iter([e for e in self.entries if e.n > index])
+        return iter([Held(*e[:6]) for e in self.entries if e[0] > index])
 
     def summary(self) -> dict[str, Any]:
         return {

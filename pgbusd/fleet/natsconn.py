@@ -28,7 +28,8 @@ async def connect(
     log: Any = None,
     connect_timeout: float = 2.0,
 ) -> NATS:
-    """A client that reconnects forever (every 0.1 to ~1 s) and logs errors quietly.
+    """A client that reconnects forever (every 0.1 to ~1 s) and logs errors quietly. ``url``
+    may name several servers of a cluster, comma-separated.
 
     The first connection is retried too (until it succeeds, or the caller cancels): a bridge or
     host may start before NATS does.
@@ -42,10 +43,11 @@ async def connect(
         return None
 
     backoff = Backoff(0.1, 2.0, jitter=0.3)
+    servers = [server.strip() for server in url.split(",") if server.strip()]
     while True:
         try:
             return await nats.connect(
-                url,
+                servers,
                 name=name,
                 error_cb=error_cb,
                 reconnected_cb=on_reconnected or noop,
@@ -98,7 +100,9 @@ async def ensure_stream(
 async def lease_bucket(nc: NATS, subjects: StreamSubjects, ttl: float) -> tuple[KeyValue, float]:
     """The lease bucket and its TTL (created with ``ttl`` if missing; an existing bucket keeps
     the TTL it was created with, which is returned)."""
-    js = nc.jetstream(timeout=max(0.5, ttl / 4))
+    # Generous: a slow answer only delays a renewal, and the lease counts from when a renewal
+    # was sent (lease.py), so it cannot make a bridge publish past its lease.
+    js = nc.jetstream(timeout=max(2.0, ttl / 4))
     try:
         kv = await js.key_value(subjects.lease_bucket)
     except (BucketNotFoundError, NotFoundError):

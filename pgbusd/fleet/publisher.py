@@ -2,9 +2,11 @@
 
 :meth:`StreamPublisher.submit` is called synchronously for each notification (from asyncpg's
 read callback); it stamps the notification (lineage, generation, the channel's next seq) and
-appends it to the open *run*: consecutive notifications on one channel within one event-loop
-turn, bounded in bytes. At the end of the turn (or when the channel changes, or the run is full)
-the run is sealed into one :class:`~pgbusd.fleet.schema.Batch`. It never waits and never raises.
+appends it to the open *run*: the notifications of one event-loop turn, all channels mixed in
+delivery order, bounded in bytes. At the end of the turn (or when the run is full) the run is
+sealed into one :class:`~pgbusd.fleet.schema.Batch`; under load (``coalesce`` messages waiting
+for their acks) it stays open across turns until the next ack, so that batches grow with the
+load. It never waits and never raises.
 
 Ordering and fencing
 --------------------
@@ -79,12 +81,10 @@ class _Entry:
 
 
 class _Run:
-    __slots__ = ("bytes", "channel", "first_seq", "mark", "notes", "off")
+    __slots__ = ("bytes", "mark", "notes", "off")
 
-    def __init__(self, channel: str, first_seq: int) -> None:
-        self.channel = channel
-        self.first_seq = first_seq
-        self.notes: list[tuple[int, str]] = []
+    def __init__(self) -> None:
+        self.notes: list[tuple[str, int, int, str]] = []
         self.bytes = 0
         self.mark: str | None = None
         self.off = 0
@@ -106,6 +106,7 @@ class StreamPublisher:
         max_batch_bytes: int = 256 << 10,
         ack_timeout: float = 5.0,
         checkpoint_interval: float = 5.0,
+        coalesce: int | None = 2,
         on_stored: OnStored | None = None,
         on_deposed: OnDeposed | None = None,
         log: Any = None,
@@ -120,6 +121,12 @@ class StreamPublisher:
         self.max_buffer_bytes = max_buffer_bytes
         self.max_batch_bytes = max_batch_bytes
         self.ack_timeout = ack_timeout
+        #: While this many messages wait for their acks, a loop turn's notifications stay in the
+        #: open run instead of going out as a message of their own; the run is sealed at the next
+        #: ack (or when full). Batches grow with the load, and an idle stream waits for nothing.
+        #: None: every turn's run is a message of its own.
+        self.coalesce = coalesce
+        self._run_held_open = False
         self.checkpoint_interval = checkpoint_interval
         self.on_stored = on_stored
         self.on_deposed = on_deposed
@@ -137,7 +144,6 @@ class StreamPublisher:
         self._buffered = 0
         self._dropping = False
         self._gap_pos: tuple[str | None, int] = (None, 0)
-        self._subject_of: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._need_resync = False
         self._epoch = 0
@@ -208,16 +214,17 @@ class StreamPublisher:
     def submit(self, pid: int, channel: str, payload: str, mark: str | None, off: int) -> None:
         """One notification at position (``mark``, ``off``)."""
         self.submitted += 1
-        self.stamp.mark, self.stamp.off = mark, off
         size = len(payload) + len(channel) + _NOTE_OVERHEAD
         if self._dropping:
             if self._buffered > self.max_buffer_bytes // 2:
+                self.stamp.mark, self.stamp.off = mark, off
                 self._drop(mark, off)
                 return
             self._gap_tick()
         elif self._buffered + size > self.max_buffer_bytes:
             self._dropping = True
             self.gaps += 1
+            self.stamp.mark, self.stamp.off = mark, off
             self._drop(mark, off)
             if self.log is not None:
                 self.log.error(
@@ -226,19 +233,22 @@ class StreamPublisher:
                 )
             return
         run = self._run
-        if run is None or run.channel != channel or run.bytes + size > self.max_batch_bytes:
+        if run is None or run.bytes + size > self.max_batch_bytes:
             self._seal()
-            run = self._run = _Run(channel, self.stamp.seqs.get(channel, 0) + 1)
-        run.notes.append((pid, payload))
+            run = self._run = _Run()
+        # The stamp's position follows the open run's (set when it is sealed).
+        seqs = self.stamp.seqs
+        seqs[channel] = seq = seqs.get(channel, 0) + 1
+        run.notes.append((channel, seq, pid, payload))
         run.bytes += size
         run.mark, run.off = mark, off
-        self.stamp.seqs[channel] = run.first_seq + len(run.notes) - 1
         self._buffered += size
         if self._seal_handle is None:
             self._seal_handle = asyncio.get_running_loop().call_soon(self._end_of_turn)
 
     def advance(self, mark: str | None, off: int) -> None:
         """The position moved without a notification to store (a marker arrived)."""
+        self._seal()  # the open run ends before the marker (markers are rare: once a second)
         self.stamp.mark, self.stamp.off = mark, off
 
     def tick(self, reason: str, mark: str | None, off: int) -> int:
@@ -289,26 +299,25 @@ class StreamPublisher:
 
     def _end_of_turn(self) -> None:
         self._seal_handle = None
+        coalesce = self.coalesce
+        if (
+            coalesce is not None
+            and len(self._queue) >= coalesce
+            and not (self.fenced or self._need_resync)
+        ):
+            self._run_held_open = True  # sealed by the next ack (see coalesce)
+            return
         self._seal()
 
     def _seal(self) -> None:
+        self._run_held_open = False
         run, self._run = self._run, None
         if run is None:
             return
-        subject = self._subject_of.get(run.channel)
-        if subject is None:
-            subject = self._subject_of[run.channel] = self.subjects.notes(run.channel)
-        batch = s.Batch(
-            self.lineage,
-            self.stamp.generation,
-            run.mark,
-            run.off,
-            run.channel,
-            run.first_seq,
-            run.notes,
-        )
+        self.stamp.mark, self.stamp.off = run.mark, run.off
+        batch = s.Batch(self.lineage, self.stamp.generation, run.mark, run.off, run.notes)
         self._buffered -= run.bytes
-        self._append(subject, batch, len(run.notes))
+        self._append(self.subjects.notes, batch, len(run.notes))
 
     def _append(self, subject: str, message: s.StreamMessage, notes: int) -> None:
         data = s.encode(message)
@@ -372,6 +381,8 @@ class StreamPublisher:
         while not self.fenced:
             await asyncio.sleep(period)
             now = time.monotonic()
+            if self._run_held_open:  # no ack came for a while: do not hold it any longer
+                self._seal()
             queue = self._queue
             if queue and 0 < queue[0].sent_at < now - self.ack_timeout:
                 self._resync_needed(f"no ack within {self.ack_timeout}s")
@@ -423,6 +434,8 @@ class StreamPublisher:
         self._next_send = max(self._next_send, index + 1)
         if self.on_stored is not None:
             self.on_stored(entry.mark, entry.off, seq)
+        if self._run_held_open:
+            self._seal()
         if self._dropping and self._buffered <= self.max_buffer_bytes // 2:
             self._gap_tick()
         self._wake.set()

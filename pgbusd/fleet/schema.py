@@ -14,10 +14,10 @@ the tag. Every kind starts with the same four fields:
 
 Kinds (subjects in :mod:`pgbusd.fleet.subjects`):
 
-- :class:`Batch` (``n``), subject ``<STREAM>.n.<channel token>``: a run of consecutive
-  notifications on one channel, as PostgreSQL delivered them (pid, payload each), with the seq of
-  the first; the others follow at +1. A batch never spans other channels' notifications, so the
-  stream holds notifications in exactly the order PostgreSQL delivered them, across channels.
+- :class:`Batch` (``n``), subject ``<STREAM>.n``: a run of consecutive notifications, all
+  channels mixed, exactly in the order PostgreSQL delivered them (channel, seq, pid, payload
+  each; one event-loop turn's worth at most, bounded in bytes). So the stream holds every
+  notification in delivery order across channels, in a few large messages.
 - :class:`Tick` (``g``), subject ``<STREAM>.g``: the generation moves to ``generation`` here:
   notifications may be missing between the previous message and the next (a publisher
   reconnected to PostgreSQL, dropped notifications past its buffer, or took over without
@@ -84,15 +84,9 @@ class StreamMessage(msgspec.Struct, tag_field="t", array_like=True):
 
 
 class Batch(StreamMessage, tag="n"):
-    channel: str
-    #: Seq of the first note; note i has first_seq + i.
-    first_seq: int
-    #: (pid, payload) per notification, in delivery order.
-    notes: list[tuple[int, str]]
-
-    @property
-    def last_seq(self) -> int:
-        return self.first_seq + len(self.notes) - 1
+    #: (channel, seq, pid, payload) per notification, in delivery order; on each channel the
+    #: seqs follow on (+1) from the channel's last one before this batch.
+    notes: list[tuple[str, int, int, str]]
 
 
 class Tick(StreamMessage, tag="g"):
@@ -209,12 +203,12 @@ class StreamState:
                 problems.append(f"lineage {message.lineage} without a checkpoint")
                 self.lineage = message.lineage
             if isinstance(message, Batch):
-                expected = self.seqs.get(message.channel, 0) + 1
-                if message.first_seq != expected:
-                    problems.append(
-                        f"{message.channel!r} seq {message.first_seq}, expected {expected}"
-                    )
-                self.seqs[message.channel] = message.last_seq
+                seqs = self.seqs
+                for channel, seq, _pid, _payload in message.notes:
+                    expected = seqs.get(channel, 0) + 1
+                    if seq != expected:
+                        problems.append(f"{channel!r} seq {seq}, expected {expected}")
+                    seqs[channel] = seq
         if message.generation < self.generation and same_lineage and not problems:
             problems.append(f"generation {message.generation} after {self.generation}")
         self.generation = message.generation

@@ -21,8 +21,9 @@ last checkpoint, and a new stream nothing), and reads from ``base - replay_windo
 2. messages after the base up to the stream's head *as seen at start* are applied and passed as
    history too: they are what the host missed while it was down, and its re-attaching clients
    resume through them (seq > what they hold);
-3. then :meth:`HostSink.reset` gives the current lineage, generation and seq vector, the event
-   ``caught_up`` is set, and everything after is passed live (:meth:`HostSink.notify`,
+3. then (once the stream is past its first tick: generation 1 or more) :meth:`HostSink.reset`
+   gives the current lineage, generation and seq vector, the event ``caught_up`` is set, and
+   everything after is passed live (:meth:`HostSink.notify`,
    :meth:`HostSink.tick`).
 
 A host daemon should accept resumes once ``caught_up`` is set (before that its replay buffers
@@ -249,9 +250,13 @@ class HostSource:
         self._maybe_reset()
 
     def _maybe_reset(self) -> None:
+        # Generation 0 is a new lineage's opening checkpoint before its first tick (the bridge
+        # stores one right after the other): a host waits for the tick rather than serve "never
+        # connected" for a moment.
         if (
             not self.caught_up.is_set()
             and self.state.lineage is not None
+            and self.state.generation > 0
             and self.state.stream_seq >= self.history_until
         ):
             self.sink.reset(self.state.lineage, self.generation, dict(self.state.seqs))
@@ -296,11 +301,8 @@ class HostSource:
 
     def _notes(self, batch: s.Batch, emit: Any) -> None:
         generation = batch.generation + self.local_steps
-        channel = batch.channel
-        seq = batch.first_seq
-        for pid, payload in batch.notes:
+        for channel, seq, pid, payload in batch.notes:
             emit(pid, channel, payload, generation, seq)
-            seq += 1
 
     def _gap(self, first_missing: int, next_present: int) -> None:
         if next_present <= self.base_seq + 1:

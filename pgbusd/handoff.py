@@ -11,17 +11,19 @@ twice and their generation does not move. How:
 2. The successor reads its configuration (a refused one ends the reload here), connects to
    PostgreSQL and LISTENs on every channel and on the marker channel, holding back everything it
    receives; then it says ``Listening``.
-3. The predecessor freezes its channel set (channels on demand wait), sends ``Split``: the
-   marker's payload and every channel it listens on now, which the successor LISTENs on too
-   before it says ``Ready``. Then the predecessor LISTENs on the marker channel and commits one
-   NOTIFY on it. PostgreSQL delivers every notification to every listener from one queue, in
-   commit order, so the marker stands at the same place in both streams:
-   the predecessor relays everything before it and holds back everything after it; the
-   successor drops everything it held before it and keeps everything after it.
+3. The predecessor ships its replay buffer as it is (``Replay``: the bulk of it, while it
+   still relays; the successor takes it meanwhile). Then it freezes its channel set (channels
+   on demand wait), sends ``Split``: the marker's payload and every channel it listens on now,
+   which the successor LISTENs on too before it says ``Ready``. Then the predecessor LISTENs
+   on the marker channel and commits one NOTIFY on it. PostgreSQL delivers every notification
+   to every listener from one queue, in commit order, so the marker stands at the same place
+   in both streams: the predecessor relays everything before it and holds back everything
+   after it; the successor drops everything it held before it and keeps everything after it.
 4. At the marker the predecessor seals what it relayed and sends its ``State``: lineage (daemon
-   id), generation, and every channel's seq and replay buffer. The successor takes it, relays
-   what it kept after the marker with the seqs that follow, starts accepting clients on the
-   inherited socket, and says ``Serving``.
+   id), generation, every channel's seq, and the frames its replay buffer kept since the
+   ``Replay`` (a few, however large the buffer: the split waits for those only). The
+   successor takes it, relays what it kept after the marker with the seqs that follow, starts
+   accepting clients on the inherited socket, and says ``Serving``.
 5. The predecessor stops accepting, tells systemd the successor is the main process now
    (``MAINPID=``), says ``Main`` to the successor (which then takes over the watchdog), tells
    its clients ``Goodbye(reload)`` and exits 0, leaving the socket file and the lock to the
@@ -48,6 +50,8 @@ from dataclasses import dataclass
 from typing import Final
 
 import msgspec
+
+from pgbusd.replay import ReplayExport
 
 #: Environment of a successor: the control socket, the listening socket, the lock (or -1), the
 #: marker channel, and whether the predecessor bound the socket file itself (1) or systemd did.
@@ -97,21 +101,28 @@ class ChannelSnapshot(msgspec.Struct, array_like=True):
     #: The seq the channel's next notification carries.
     next_seq: int
     last_received: float | None
-    #: The replay buffer's frames, oldest first: (first seq, frame).
-    frames: list[tuple[int, bytes]]
     #: A --channel, or a channel of --channel-pattern listened to on demand.
     pinned: bool = True
 
 
+class Replay(Message, tag="replay"):
+    """Predecessor: its replay buffer as it is now (the bulk of it, shipped while it still
+    relays, so that the successor takes it before the split costs anyone a wait)."""
+
+    frames: ReplayExport
+
+
 class State(Message, tag="state"):
-    """Predecessor: everything clients rely on, as of the marker."""
+    """Predecessor: everything clients rely on, as of the marker: the frames of the replay
+    buffer kept since the Replay, and every channel's seq."""
 
     daemon_id: str
     generation: int
     channels: list[ChannelSnapshot]
     #: The lineage's count of notifications received, and its seq floor (see Hub.seq_floor).
-    received: int = 0
-    seq_floor: int = 0
+    received: int
+    seq_floor: int
+    frames: ReplayExport
 
 
 class Serving(Message, tag="serving"):
@@ -130,7 +141,7 @@ class Abort(Message, tag="abort"):
     reason: str
 
 
-ControlMessage = Listening | Split | Ready | State | Serving | Main | Abort
+ControlMessage = Listening | Replay | Split | Ready | State | Serving | Main | Abort
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(ControlMessage)

@@ -27,7 +27,7 @@ import msgspec
 
 from pgbus import protocol as p
 from pgbusd.handoff import ChannelSnapshot, State
-from pgbusd.replay import ChannelLog, ReplayLog
+from pgbusd.replay import ChannelLog, Frame, ReplayExport, ReplayLog
 
 if TYPE_CHECKING:
     from pgbusd.session import Session
@@ -285,28 +285,48 @@ class Hub:
 
     # -- a hand-off ----------------------------------------------------------------------------
 
-    def snapshot(self) -> State:
-        """The lineage, its generation and every channel's seq and replay log (sealed first)."""
+    def export_replay(self, since: int = 0) -> ReplayExport:
+        """The replay buffer's frames kept from number ``since`` on (see ReplayLog.export)."""
         self.seal_all()
+        return self.replay.export({st.log: name for name, st in self.channels.items()}, since)
+
+    def snapshot(self, since: int) -> State:
+        """The lineage, its generation, every channel's seq, and the replay buffer's frames
+        kept since frame ``since`` (the bulk went before, see handoff.Replay)."""
+        frames = self.export_replay(since)
         return State(
             self.daemon_id,
             self.generation,
             [
-                ChannelSnapshot(name, st.seq + 1, st.last_received, st.log.export(), st.pinned)
+                ChannelSnapshot(name, st.seq + 1, st.last_received, st.pinned)
                 for name, st in self.channels.items()
             ],
             self.received,
             self.seq_floor,
+            frames,
         )
 
+    def take_replay(self, frames: ReplayExport, allowed: Callable[[str], bool]) -> None:
+        """Keep a predecessor's replay frames, in its order, for the channels this daemon
+        relays or ``allowed`` (creating those)."""
+        for name in frames.channels:
+            if name not in self.channels and allowed(name):
+                self.add_channel(name)
+        self.replay.restore(frames, {name: st.log for name, st in self.channels.items()})
+
     def restore(self, state: State, allowed: Callable[[str], bool]) -> None:
-        """Continue the predecessor's lineage: its id, generation, seqs and replay logs, for the
-        channels this daemon relays or ``allowed``; the others are gone (their seqs raise the
-        floor)."""
+        """Continue the predecessor's lineage: its id, generation, seqs and the rest of its
+        replay buffer, for the channels this daemon relays or ``allowed``; the others are gone
+        (their seqs raise the floor), and so are channels taken with the bulk that the
+        predecessor dropped since."""
         self.daemon_id = state.daemon_id
         self.generation = state.generation
         self.received = state.received
         self.seq_floor = state.seq_floor
+        self.take_replay(state.frames, allowed)
+        named = {snap.name for snap in state.channels}
+        for name in [n for n, st in self.channels.items() if not st.pinned and n not in named]:
+            self.drop_channel(name)
         for snap in state.channels:
             channel = self.channels.get(snap.name)
             if channel is None and allowed(snap.name):
@@ -316,7 +336,7 @@ class Hub:
                 continue
             channel.seq = snap.next_seq - 1
             channel.last_received = snap.last_received
-            self.replay.restore(channel.log, snap.frames, snap.next_seq)
+            channel.log.next_seq = snap.next_seq
 
     # -- channels on demand ----------------------------------------------------------------------
 
@@ -378,7 +398,7 @@ class Hub:
         self.seal_all()
         return after <= state.seq and state.log.covers(after)
 
-    def replay_after(self, channel: str, after: int) -> tuple[bytes | bytearray, int] | None:
+    def replay_after(self, channel: str, after: int) -> tuple[Frame, int] | None:
         """The next frame of ``channel``'s log after seq ``after`` and its last seq; None once
         ``after`` is the newest (see :meth:`pgbusd.replay.ChannelLog.next_frame`)."""
         self.seal_all()

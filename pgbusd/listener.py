@@ -489,15 +489,23 @@ class Listener:
     # -- a hand-off reload -------------------------------------------------------------------
 
     async def listen_more(self, channels: list[str]) -> None:
-        """A successor LISTENs on the channels its predecessor has now, before the marker."""
+        """A successor LISTENs on the channels its predecessor has now, before the marker
+        (those it does not listen on yet: its own, and those its replay bulk brought)."""
         conn = self._conn
         if conn is None:
             raise HandoffError("not connected to PostgreSQL")
-        missing = sorted(set(channels) - set(self.hub.channels))
-        for channel in missing:
-            self.hub.add_channel(channel)
+        for channel in channels:
+            if channel not in self.hub.channels:
+                self.hub.add_channel(channel)
         async with self._query_lock:
-            await self._execute_batches(conn, missing, [])
+            listening = set(
+                await conn.fetchval(
+                    "SELECT array_agg(c) FROM pg_listening_channels() c",
+                    timeout=self.config.connect_timeout,
+                )
+                or ()
+            )
+            await self._execute_batches(conn, sorted(set(channels) - listening), [])
 
     async def _adopted(self, takeover: Takeover) -> int:
         """The successor waits for its predecessor's state; the connection must hold on."""

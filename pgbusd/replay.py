@@ -17,14 +17,22 @@ decoded and its tail encoded again. Everything after is sent as stored.
 from __future__ import annotations
 
 import bisect
+from array import array
 from collections import deque
-from typing import Final
+from typing import Final, TypeAlias
 
 import msgspec
 
 from pgbus import protocol as p
 
 _notifications: Final = msgspec.msgpack.Decoder(list[p.Notification])
+
+#: A kept frame: what the hub sealed, or a slice of a predecessor's export.
+Frame: TypeAlias = bytes | bytearray | memoryview
+
+#: What keeping one frame costs besides its bytes (the objects around it), counted against
+#: the budget so that it bounds the memory taken by many small frames too.
+FRAME_OVERHEAD: Final = 160
 
 
 class ChannelLog:
@@ -40,7 +48,7 @@ class ChannelLog:
     def __init__(self, next_seq: int = 1) -> None:
         #: first seq of each frame still listed (parallel to _frames); before _start: dropped.
         self._firsts: list[int] = []
-        self._frames: list[bytes | bytearray] = []
+        self._frames: list[Frame] = []
         self._start = 0
         #: The index of _frames[0].
         self._base = 0
@@ -60,7 +68,7 @@ class ChannelLog:
         """Whether every notification after seq ``after`` is kept (or there is none yet)."""
         return self.oldest <= after + 1 <= self.next_seq
 
-    def next_frame(self, after: int) -> tuple[bytes | bytearray, int] | None:
+    def next_frame(self, after: int) -> tuple[Frame, int] | None:
         """The next frame for a client that holds everything up to ``after``, and the seq of its
         last notification; None once it is up to date. Seqs no longer kept are skipped over:
         the frame then starts later, and the client sees the gap in the seqs (never a silent
@@ -79,13 +87,15 @@ class ChannelLog:
             return p.encode_frame(*tail), last
         return frame, last
 
-    def export(self) -> list[tuple[int, bytes]]:
-        """The kept frames as (first seq, frame) pairs, oldest first (for a hand-off)."""
-        return [
-            (self._firsts[i], bytes(self._frames[i])) for i in range(self._start, len(self._firsts))
-        ]
+    def _frame(self, index: int) -> tuple[int, int, Frame] | None:
+        """Frame ``index`` as (first seq, count, frame), or None if it is no longer kept."""
+        i = index - self._base
+        if i < self._start or i >= len(self._firsts):
+            return None
+        end = self._firsts[i + 1] if i + 1 < len(self._firsts) else self.next_seq
+        return self._firsts[i], end - self._firsts[i], self._frames[i]
 
-    def _append(self, first: int, count: int, frame: bytes | bytearray) -> int:
+    def _append(self, first: int, count: int, frame: Frame) -> int:
         self._firsts.append(first)
         self._frames.append(frame)
         self.next_seq = first + count
@@ -95,7 +105,7 @@ class ChannelLog:
         """Forget every kept frame up to frame ``index``; returns the bytes that frees."""
         freed = 0
         while self._start < len(self._firsts) and self._base + self._start <= index:
-            freed += len(self._frames[self._start])
+            freed += len(self._frames[self._start]) + FRAME_OVERHEAD
             self._frames[self._start] = b""
             self._start += 1
         if self._start > 64 and self._start * 2 > len(self._firsts):  # compact, amortised O(1)
@@ -107,33 +117,80 @@ class ChannelLog:
 
 
 class ReplayLog:
-    """Every channel's log, and the byte budget they share (0 keeps nothing)."""
+    """Every channel's log, and the byte budget they share (0 keeps nothing).
+
+    The budget counts each frame's bytes plus :data:`FRAME_OVERHEAD` (the objects that keep
+    it), so that it bounds the memory the buffer takes, small frames included. Frames are
+    numbered in the order they were kept, across channels (``kept``): a hand-off ships the
+    buffer in that order, the bulk first and what came after it last (:meth:`export`), so that
+    the successor drops the same frames first.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.size = 0
-        #: Every kept frame in the order it was kept: (its channel's log, its index there).
-        self._order: deque[tuple[ChannelLog, int]] = deque()
+        #: Frames kept so far (every channel; the next one is number ``kept``).
+        self.kept = 0
+        #: Every kept frame in the order it was kept: (its channel's log, its index there, its
+        #: number). Entries of frames already dropped are skipped where they are met.
+        self._order: deque[tuple[ChannelLog, int, int]] = deque()
 
-    def append(self, log: ChannelLog, first: int, count: int, frame: bytes | bytearray) -> None:
+    def append(self, log: ChannelLog, first: int, count: int, frame: Frame) -> None:
         """Keep a sealed frame of ``count`` notifications starting at seq ``first``."""
-        if len(frame) > self.limit:  # cannot be kept: nor can anything before it (a hole)
+        cost = len(frame) + FRAME_OVERHEAD
+        if cost > self.limit:  # cannot be kept: nor can anything before it (a hole)
             self.forget(log)
             log.next_seq = first + count
             return
-        self._order.append((log, log._append(first, count, frame)))
-        self.size += len(frame)
+        self._order.append((log, log._append(first, count, frame), self.kept))
+        self.kept += 1
+        self.size += cost
         while self.size > self.limit:
-            oldest, index = self._order.popleft()
+            oldest, index, _ = self._order.popleft()
             self.size -= oldest._drop_through(index)
 
     def forget(self, log: ChannelLog) -> None:
         """Drop every frame of ``log`` now (its entries in the order are skipped later)."""
         self.size -= log._drop_through(log._base + len(log._firsts))
 
-    def restore(self, log: ChannelLog, frames: list[tuple[int, bytes]], next_seq: int) -> None:
-        """Refill ``log`` from :meth:`ChannelLog.export` (a successor taking over)."""
-        for i, (first, frame) in enumerate(frames):
-            end = frames[i + 1][0] if i + 1 < len(frames) else next_seq
-            self.append(log, first, end - first, frame)
-        log.next_seq = next_seq
+    def export(self, names: dict[ChannelLog, str], since: int = 0) -> ReplayExport:
+        """The frames kept from number ``since`` on, oldest first, with their channels' names
+        (a log not in ``names`` is left out): one blob and an index, cheap to ship."""
+        channels: dict[str, int] = {}
+        index = array("q")
+        frames: list[Frame] = []
+        for log, i, number in self._order:
+            if number < since:
+                continue
+            name = names.get(log)
+            kept = log._frame(i) if name is not None else None
+            if name is None or kept is None:
+                continue
+            first, count, frame = kept
+            index.extend((channels.setdefault(name, len(channels)), first, count, len(frame)))
+            frames.append(frame)
+        return ReplayExport(list(channels), index.tobytes(), b"".join(frames))
+
+    def restore(self, export: ReplayExport, logs: dict[str, ChannelLog]) -> None:
+        """Keep the frames of an :meth:`export` in its order (those of channels not in
+        ``logs`` are gone). The frames stay slices of the one blob: no copy."""
+        index = array("q")
+        index.frombytes(export.index)
+        blob = memoryview(export.blob)
+        offset = 0
+        for k in range(0, len(index), 4):
+            channel, first, count, size = index[k : k + 4]
+            log = logs.get(export.channels[channel])
+            if log is not None:
+                self.append(log, first, count, blob[offset : offset + size])
+            offset += size
+
+
+class ReplayExport(msgspec.Struct, array_like=True):
+    """Frames of a replay buffer in the order they were kept: ``index`` holds four signed
+    64-bit integers per frame (channel number in ``channels``, first seq, count, length), and
+    ``blob`` the frames back to back."""
+
+    channels: list[str]
+    index: bytes
+    blob: bytes

@@ -288,12 +288,14 @@ class Server:
             async with asyncio.timeout(self.config.reload_timeout):
                 listening = await self._from(successor, control.expect(handoff.Listening, None))
                 assert isinstance(listening, handoff.Listening)
+                since = self.hub.replay.kept  # the bulk now; what comes after goes at the split
+                await control.send(handoff.Replay(self.hub.export_replay()))
                 token = secrets.token_hex(8)
                 with self.channels.frozen():  # the channel set stays as the Split names it
                     await control.send(handoff.Split(token, list(self.hub.channels)))
                     await self._from(successor, control.expect(handoff.Ready, None))
                     await self.listener.split(marker, token, self.config.reload_timeout)
-                    await control.send(self.hub.snapshot())
+                    await control.send(self.hub.snapshot(since))
                     await self._from(successor, control.expect(handoff.Serving, None))
         except BaseException as exc:
             reason = _reason(exc, self.config.reload_timeout)
@@ -422,6 +424,9 @@ class Server:
             async with asyncio.timeout(timeout):
                 await _unless_failed(listener, takeover.listening.wait())
                 await control.send(handoff.Listening(os.getpid(), pgbusd.__version__))
+                bulk = await _unless_failed(listener, control.expect(handoff.Replay, None))
+                assert isinstance(bulk, handoff.Replay)
+                self.hub.take_replay(bulk.frames, self.channels.allowed)
                 split = await _unless_failed(listener, control.expect(handoff.Split, None))
                 assert isinstance(split, handoff.Split)
                 allowed = [ch for ch in split.channels if self.channels.allowed(ch)]

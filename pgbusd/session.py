@@ -393,7 +393,7 @@ class Session(asyncio.Protocol):
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def send_batch(self, frame: bytes | bytearray, count: int) -> None:
+    def send_batch(self, frame: bytes | bytearray | memoryview, count: int) -> None:
         """Write a sealed batch of ``count`` notifications (the hub writes the same frame to every
         subscriber)."""
         if not self.closing:
@@ -412,7 +412,7 @@ class Session(asyncio.Protocol):
         self._hub.seal_all()
         self.send_frame(p.encode_frame(message))
 
-    def _write(self, frame: bytes | bytearray) -> None:
+    def _write(self, frame: bytes | bytearray | memoryview) -> None:
         transport = self.transport
         if transport is None:
             return

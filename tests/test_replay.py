@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pgbus import protocol as p
-from pgbusd.replay import ChannelLog, ReplayLog
+from pgbusd.replay import FRAME_OVERHEAD, ChannelLog, ReplayLog
 
 
 def batch(channel: str, first: int, count: int, size: int = 10) -> bytes:
@@ -60,7 +60,7 @@ def test_a_catch_up_gets_exactly_what_follows_or_shows_the_gap(
 
 def test_the_budget_drops_the_oldest_frames_of_any_channel_first() -> None:
     one, two = batch("a", 1, 1), batch("b", 1, 1)
-    replay = ReplayLog(3 * len(one))
+    replay = ReplayLog(3 * (len(one) + FRAME_OVERHEAD))
     a, b = ChannelLog(), ChannelLog()
     replay.append(a, 1, 1, one)
     replay.append(b, 1, 1, two)
@@ -68,7 +68,7 @@ def test_the_budget_drops_the_oldest_frames_of_any_channel_first() -> None:
     assert (a.oldest, b.oldest) == (1, 1)
     replay.append(b, 2, 1, batch("b", 2, 1))
     assert (a.oldest, b.oldest) == (2, 1), "a's first frame was the oldest of all"
-    assert replay.size == 3 * len(one)
+    assert replay.size == 3 * (len(one) + FRAME_OVERHEAD)
 
 
 def test_a_client_that_holds_everything_is_covered_even_with_no_buffer() -> None:
@@ -83,33 +83,66 @@ def test_a_client_that_holds_everything_is_covered_even_with_no_buffer() -> None
 
 def test_forgetting_a_channel_frees_its_bytes_and_later_evictions_skip_it() -> None:
     frame = batch("a", 1, 1)
-    replay = ReplayLog(2 * len(frame))
+    cost = len(frame) + FRAME_OVERHEAD
+    replay = ReplayLog(2 * cost)
     gone, kept = ChannelLog(), ChannelLog()
     replay.append(gone, 1, 1, frame)
     replay.append(kept, 1, 1, batch("b", 1, 1))
     replay.forget(gone)
-    assert replay.size == len(frame)
+    assert replay.size == cost
     replay.append(kept, 2, 1, batch("b", 2, 1))
     replay.append(kept, 3, 1, batch("b", 3, 1))
-    assert replay.size == 2 * len(frame)
+    assert replay.size == 2 * cost
     assert catch_up(kept, 1) == [2, 3]
 
 
 def test_many_frames_compact_without_losing_order() -> None:
-    replay = ReplayLog(50 * len(batch("a", 1000, 1)))
+    replay = ReplayLog(50 * (len(batch("a", 1000, 1)) + FRAME_OVERHEAD))
     log = ChannelLog()
     fill(replay, log, [1] * 1000)
     assert log.frames == 50
     assert catch_up(log, 950) == list(range(951, 1001))
 
 
-def test_export_and_restore_give_a_successor_the_same_log() -> None:
-    replay = ReplayLog(10_000)
+def test_export_and_restore_give_a_successor_the_same_logs_in_the_same_age_order() -> None:
+    """A successor gets every channel's frames in the order they were kept, the bulk first and
+    the rest after it: when its buffer is full it drops the same frames, oldest first."""
+    limit = 12 * (len(batch("a", 1, 1)) + FRAME_OVERHEAD)
+    replay = ReplayLog(limit)
+    a, b = ChannelLog(), ChannelLog()
+    names = {a: "a", b: "b"}
+    for seq in range(1, 7):  # interleaved: a1 b1 a2 b2 ...
+        replay.append(a, seq, 1, batch("a", seq, 1))
+        replay.append(b, seq, 1, batch("b", seq, 1))
+    bulk, since = replay.export(names), replay.kept
+    for seq in range(7, 9):
+        replay.append(a, seq, 1, batch("a", seq, 1))
+        replay.append(b, seq, 1, batch("b", seq, 1))
+    later = replay.export(names, since)
+
+    successor = ReplayLog(limit)
+    logs = {"a": ChannelLog(), "b": ChannelLog()}
+    successor.restore(bulk, logs)
+    successor.restore(later, logs)
+    for name, log in (("a", a), ("b", b)):
+        copy = logs[name]
+        assert (copy.oldest, copy.next_seq) == (log.oldest, log.next_seq)
+        for after in range(log.oldest - 1, log.next_seq):
+            assert catch_up(copy, after) == catch_up(log, after)
+    assert successor.size == replay.size
+    assert (a.oldest, b.oldest) == (3, 3), "the oldest of both channels went first"
+    # And from here on both drop the same frames: the oldest of either channel, not all of
+    # the first channel restored (which lost a resuming client's frames after a reload).
+    for seq in range(9, 13):
+        for log, name in ((a, "a"), (b, "b")):
+            replay.append(log, seq, 1, batch(name, seq, 1))
+            successor.append(logs[name], seq, 1, batch(name, seq, 1))
+        assert (logs["a"].oldest, logs["b"].oldest) == (a.oldest, b.oldest)
+
+
+def test_many_small_frames_count_their_overhead_against_the_budget() -> None:
+    replay = ReplayLog(100 * FRAME_OVERHEAD)
     log = ChannelLog()
-    fill(replay, log, [3, 1, 4, 1, 5])
-    copy = ChannelLog()
-    successor = ReplayLog(10_000)
-    successor.restore(copy, log.export(), log.next_seq)
-    assert (copy.oldest, copy.next_seq, successor.size) == (log.oldest, log.next_seq, replay.size)
-    for after in range(log.next_seq):
-        assert catch_up(copy, after) == catch_up(log, after)
+    fill(replay, log, [1] * 1000)
+    assert log.frames < 100
+    assert replay.size <= replay.limit

@@ -57,6 +57,9 @@ class _Link(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # The bus's link from now on: the daemon's Hello may be read, and the Attach it calls
+        # for written, before create_unix_connection() returns to Bus._attach.
+        self.bus._link = self
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.attachment.get_buffer(sizehint)
@@ -249,7 +252,6 @@ class Bus(BusBase):
             raise DaemonUnavailableError(
                 f"cannot reach pgbusd at {self.path}: {exc or 'timed out'}"
             ) from exc
-        self._link = link
         attachment = link.attachment
         try:
             async with asyncio.timeout(self._attach_timeout):

@@ -67,6 +67,12 @@ _HEADER: Final = struct.Struct(">I")
 #: A State carries at most the replay buffer (--replay-bytes) and some bookkeeping.
 MAX_MESSAGE: Final = 1 << 31
 
+#: The version of the messages below. The successor states its own in ``Listening`` (the first
+#: message, whose shape never changes); the predecessor refuses any other before it splits
+#: anything, so that a reload across a change of these messages fails cleanly (restart instead)
+#: in either direction, upgrade or downgrade. Step it whenever a message below changes.
+PROTOCOL: Final = 1
+
 
 class HandoffError(Exception):
     """A hand-off cannot go on; the message says why (shown by ``pgbusctl reload``)."""
@@ -77,10 +83,13 @@ class Message(msgspec.Struct, tag_field="t", array_like=True):
 
 
 class Listening(Message, tag="listening"):
-    """Successor: connected to PostgreSQL, LISTENing on every channel and the marker channel."""
+    """Successor: connected to PostgreSQL, LISTENing on every channel and the marker channel.
+    Its shape stays as it is in every version (see :data:`PROTOCOL`)."""
 
     pid: int
     version: str
+    #: The successor's :data:`PROTOCOL` (0: a successor from before there was one).
+    protocol: int = 0
 
 
 class Split(Message, tag="split"):

@@ -288,6 +288,11 @@ class Server:
             async with asyncio.timeout(self.config.reload_timeout):
                 listening = await self._from(successor, control.expect(handoff.Listening, None))
                 assert isinstance(listening, handoff.Listening)
+                if listening.protocol != handoff.PROTOCOL:
+                    raise handoff.HandoffError(
+                        f"the successor (pgbusd {listening.version}) speaks hand-off protocol"
+                        f" {listening.protocol}, this daemon {handoff.PROTOCOL}: restart instead"
+                    )
                 since = self.hub.replay.kept  # the bulk now; what comes after goes at the split
                 await control.send(handoff.Replay(self.hub.export_replay()))
                 token = secrets.token_hex(8)
@@ -423,7 +428,7 @@ class Server:
         try:
             async with asyncio.timeout(timeout):
                 await _unless_failed(listener, takeover.listening.wait())
-                await control.send(handoff.Listening(os.getpid(), pgbusd.__version__))
+                await control.send(handoff.Listening(os.getpid(), pgbusd.__version__, handoff.PROTOCOL))
                 bulk = await _unless_failed(listener, control.expect(handoff.Replay, None))
                 assert isinstance(bulk, handoff.Replay)
                 self.hub.take_replay(bulk.frames, self.channels.allowed)

@@ -161,16 +161,13 @@ async def test_a_daemon_that_says_hello_and_dies_never_leaves_two_attachments(
 
 
 UVLOOP_ATTACHES = """
-import asyncio, sys, time, uvloop, pgbus
+import asyncio, sys, uvloop, pgbus
 
 async def main(path: str) -> None:
-    stalled = 0
     for _ in range(40):
-        start = time.monotonic()
-        async with pgbus.connect(path, attach_timeout=10) as bus:
+        async with pgbus.connect(path, attach_timeout=30) as bus:
             assert bus.attached
-        stalled += time.monotonic() - start > 1.0
-    print(stalled)
+    print("attached 40 times")
 
 uvloop.run(main(sys.argv[1]))
 """
@@ -181,13 +178,15 @@ async def test_attaching_on_uvloop_never_waits_for_the_handshake_timeout(daemon:
     the Attach it calls for must still go out. A client once stalled there, under heavy load,
     until the daemon's handshake timeout cut it (seen in the benchmark's reloads; this guard did
     not catch the race on a quiet machine, the fix makes it impossible: the link is the bus's
-    from connection_made on)."""
+    from connection_made on). A stalled attach shows in the daemon's log: it cuts the client
+    with the handshake code, and the client attaches again (or connect() fails)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", UVLOOP_ATTACHES, daemon.socket, stdout=asyncio.subprocess.PIPE
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    out, _ = await asyncio.wait_for(proc.communicate(), 240)
     assert proc.returncode == 0
-    assert out.decode().strip() == "0", "attaches that waited for the handshake timeout"
+    assert out.decode().strip() == "attached 40 times"
+    assert "no attach within the handshake timeout" not in daemon.log()
 
 
 # -- issue 12, item 5: concurrent subscribes all get the daemon's answer ---------------------------

@@ -224,6 +224,37 @@ async def test_a_reload_onto_upgraded_code_serves_the_new_version(
     assert "pgbusd 0.1.0+upgraded" in out
 
 
+async def test_a_reload_onto_another_hand_off_protocol_is_refused_and_changes_nothing(
+    daemon_factory: DaemonFactory, workdir: Path
+) -> None:
+    """Installed code whose hand-off messages changed cannot take over: the running daemon
+    refuses it before it splits anything, says to restart instead, and serves on."""
+    site = workdir / "site"
+    shutil.copytree(PACKAGE, site / "pgbusd", ignore=shutil.ignore_patterns("__pycache__"))
+    channels = [unique_channel("proto")]
+    daemon = daemon_factory(channels, env={"PYTHONPATH": str(site)})
+    await daemon.wait_generation(1)
+    before = await serving(daemon)
+    module = site / "pgbusd" / "handoff.py"
+    text = module.read_text()
+    assert "PROTOCOL: Final = 1\n" in text
+    module.write_text(text.replace("PROTOCOL: Final = 1\n", "PROTOCOL: Final = 2\n"))
+    async with workers(daemon.socket, channels, 2) as subscribers, Sender(channels) as sender:
+        await sender.wait_sent(20)
+        code, out = pgbusctl(daemon, "reload")
+        assert code == 1, out
+        assert "speaks hand-off protocol 2, this daemon 1: restart instead" in out
+        await sender.wait_sent(20)
+        last = await sender.stop()
+        for worker in subscribers:
+            summary = await worker.summary(last)
+            assert_complete(summary, last)
+            assert summary["attaches"] == 1, "nobody noticed"
+    assert await serving(daemon) == before
+    assert daemon.proc is not None
+    assert daemon.proc.poll() is None
+
+
 @pytest.mark.parametrize(
     ("environment", "reason"),
     [

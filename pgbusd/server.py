@@ -428,7 +428,9 @@ class Server:
         try:
             async with asyncio.timeout(timeout):
                 await _unless_failed(listener, takeover.listening.wait())
-                await control.send(handoff.Listening(os.getpid(), pgbusd.__version__, handoff.PROTOCOL))
+                await control.send(
+                    handoff.Listening(os.getpid(), pgbusd.__version__, handoff.PROTOCOL)
+                )
                 bulk = await _unless_failed(listener, control.expect(handoff.Replay, None))
                 assert isinstance(bulk, handoff.Replay)
                 self.hub.take_replay(bulk.frames, self.channels.allowed)

@@ -225,13 +225,6 @@ class Counters(msgspec.Struct):
     clients_cut_slow: int = 0
     status_requests: int = 0
     status_documents: int = 0
-    #: Bytes the replay buffer holds, of its --replay-bytes (added after 0.1.0).
-    replay_bytes: int = 0
-    replay_limit: int = 0
-    #: On-demand channels LISTENed and UNLISTENed so far, and subscribes refused, by code.
-    listens: int = 0
-    unlistens: int = 0
-    subscribes_refused: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class IncompatibleStatusError(ValueError):

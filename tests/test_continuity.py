@@ -224,6 +224,30 @@ async def test_a_reload_onto_upgraded_code_serves_the_new_version(
     assert "pgbusd 0.1.0+upgraded" in out
 
 
+async def assert_a_failed_reload_changes_nothing(
+    daemon: Daemon, channels: list[str], reason: str, *args: str, env: dict[str, str] | None = None
+) -> None:
+    """Reload under load with ``pgbusctl reload ARGS``: it fails saying ``reason``, and the
+    running daemon serves on as before, its workers having noticed nothing."""
+    before = await serving(daemon)
+    async with workers(daemon.socket, channels, 2) as subscribers, Sender(channels) as sender:
+        await sender.wait_sent(20)
+        code, out = pgbusctl(daemon, "reload", *args, env=env)
+        assert code == 1, out
+        assert "reload failed" in out
+        assert reason in out
+        await sender.wait_sent(20)
+        last = await sender.stop()
+        for worker in subscribers:
+            summary = await worker.summary(last)
+            assert_complete(summary, last)
+            assert summary["attaches"] == 1, "nobody noticed"
+    assert await serving(daemon) == before
+    assert daemon.proc is not None
+    assert daemon.proc.poll() is None
+    assert "reload failed: serving on" in daemon.log()
+
+
 async def test_a_reload_onto_another_hand_off_protocol_is_refused_and_changes_nothing(
     daemon_factory: DaemonFactory, workdir: Path
 ) -> None:
@@ -234,25 +258,13 @@ async def test_a_reload_onto_another_hand_off_protocol_is_refused_and_changes_no
     channels = [unique_channel("proto")]
     daemon = daemon_factory(channels, env={"PYTHONPATH": str(site)})
     await daemon.wait_generation(1)
-    before = await serving(daemon)
     module = site / "pgbusd" / "handoff.py"
     text = module.read_text()
     assert "PROTOCOL: Final = 1\n" in text
     module.write_text(text.replace("PROTOCOL: Final = 1\n", "PROTOCOL: Final = 2\n"))
-    async with workers(daemon.socket, channels, 2) as subscribers, Sender(channels) as sender:
-        await sender.wait_sent(20)
-        code, out = pgbusctl(daemon, "reload")
-        assert code == 1, out
-        assert "speaks hand-off protocol 2, this daemon 1: restart instead" in out
-        await sender.wait_sent(20)
-        last = await sender.stop()
-        for worker in subscribers:
-            summary = await worker.summary(last)
-            assert_complete(summary, last)
-            assert summary["attaches"] == 1, "nobody noticed"
-    assert await serving(daemon) == before
-    assert daemon.proc is not None
-    assert daemon.proc.poll() is None
+    await assert_a_failed_reload_changes_nothing(
+        daemon, channels, "speaks hand-off protocol 2, this daemon 1: restart instead"
+    )
 
 
 @pytest.mark.parametrize(
@@ -272,25 +284,9 @@ async def test_a_successor_that_fails_changes_nothing_and_the_reload_says_why(
         channels, dsn=None, env={"PGBUSD_DSN": DSN}, args=["--reload-timeout", "3"]
     )
     await daemon.wait_generation(1)
-    before = await serving(daemon)
-    async with workers(daemon.socket, channels, 2) as subscribers, Sender(channels) as sender:
-        await sender.wait_sent(20)
-        code, out = pgbusctl(
-            daemon, "reload", "--with-environment", env={"PGBUSD_DSN": DSN, **environment}
-        )
-        assert code == 1, out
-        assert "reload failed" in out
-        assert reason in out
-        await sender.wait_sent(20)
-        last = await sender.stop()
-        for worker in subscribers:
-            summary = await worker.summary(last)
-            assert_complete(summary, last)
-            assert summary["attaches"] == 1, "nobody noticed"
-    assert await serving(daemon) == before
-    assert daemon.proc is not None
-    assert daemon.proc.poll() is None
-    assert "reload failed: serving on" in daemon.log()
+    await assert_a_failed_reload_changes_nothing(
+        daemon, channels, reason, "--with-environment", env={"PGBUSD_DSN": DSN, **environment}
+    )
 
 
 async def test_two_reloads_at_once_one_is_refused_and_sighup_reloads_too(

@@ -338,6 +338,17 @@ async def test_only_root_or_the_daemon_user_may_reload(daemon: Daemon) -> None:
 # -- resume after a client's absence -------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def stopped_until_cut(daemon: Daemon, worker: Worker) -> AsyncIterator[None]:
+    """SIGSTOP ``worker`` until the daemon cuts it as a slow consumer; SIGCONT when done."""
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    try:
+        await wait_until(lambda: cut_slow(daemon), 60, interval=0.1, what="the stopped worker cut")
+        yield
+    finally:
+        os.kill(worker.proc.pid, signal.SIGCONT)
+
+
 async def test_a_subscriber_stopped_past_its_write_budget_resumes_with_every_number(
     daemon_factory: DaemonFactory,
 ) -> None:
@@ -348,13 +359,8 @@ async def test_a_subscriber_stopped_past_its_write_budget_resumes_with_every_num
         workers(daemon.socket, channels, 1) as (worker,),
         Sender(channels, size=200) as sender,
     ):
-        os.kill(worker.proc.pid, signal.SIGSTOP)
-        try:
-            await wait_until(
-                lambda: cut_slow(daemon), 60, interval=0.1, what="the stopped worker cut"
-            )
-        finally:
-            os.kill(worker.proc.pid, signal.SIGCONT)
+        async with stopped_until_cut(daemon, worker):
+            pass
         await sender.wait_sent(20)
         last = await sender.stop()
         summary = await worker.summary(last)
@@ -372,14 +378,8 @@ async def test_a_subscriber_away_longer_than_the_replay_buffer_steps_once(
         workers(daemon.socket, channels, 1) as (worker,),
         Sender(channels, size=200) as sender,
     ):
-        os.kill(worker.proc.pid, signal.SIGSTOP)
-        try:
-            await wait_until(
-                lambda: cut_slow(daemon), 60, interval=0.1, what="the stopped worker cut"
-            )
+        async with stopped_until_cut(daemon, worker):
             await sender.wait_sent(1000)  # 200 KB more: past what the buffer holds
-        finally:
-            os.kill(worker.proc.pid, signal.SIGCONT)
         await sender.wait_sent(20)
         last = await sender.stop()
         summary = await worker.summary(last)

@@ -69,6 +69,16 @@ class Fleet:
             await host.wait_generation(1)
         return started
 
+    async def publisher_standby_and_host(self, standby: str) -> tuple[Daemon, Daemon, Daemon]:
+        """Bridge ``ba`` publishing, bridge ``bb`` a standby ready to take over exactly (what
+        ``standby`` says it waits for), and one host reading the stream."""
+        a = self.bridge("ba", "--lease-ttl", "1.5")
+        await fleet_state(a, "publishing")
+        b = self.bridge("bb", "--lease-ttl", "1.5")
+        await wait_until(lambda: _exact_ready(b), 30, what=standby)
+        (host,) = await self.hosts(1)
+        return a, b, host
+
 
 @pytest.fixture
 def fleet(daemon_factory: DaemonFactory, nats_server: NatsServer) -> Fleet:
@@ -145,11 +155,7 @@ async def test_a_host_killed_under_load_and_restarted_shows_its_clients_no_step_
 async def test_killing_the_publishing_bridge_the_standby_continues_without_a_step(
     fleet: Fleet,
 ) -> None:
-    a = fleet.bridge("ba", "--lease-ttl", "1.5")
-    await fleet_state(a, "publishing")
-    b = fleet.bridge("bb", "--lease-ttl", "1.5")
-    await wait_until(lambda: _exact_ready(b), 30, what="the standby able to take over exactly")
-    (host,) = await fleet.hosts(1)
+    a, b, host = await fleet.publisher_standby_and_host("the standby able to take over exactly")
     async with (
         workers(host.socket, fleet.channels, 2) as group,
         Sender(fleet.channels) as sender,
@@ -167,11 +173,7 @@ async def test_killing_the_publishing_bridge_the_standby_continues_without_a_ste
 async def test_a_standby_that_cannot_place_the_frontier_takes_over_with_one_step(
     fleet: Fleet, pg: Any
 ) -> None:
-    a = fleet.bridge("ba", "--lease-ttl", "1.5")
-    await fleet_state(a, "publishing")
-    b = fleet.bridge("bb", "--lease-ttl", "1.5")
-    await wait_until(lambda: _exact_ready(b), 30, what="the standby placed the frontier")
-    (host,) = await fleet.hosts(1)
+    a, b, host = await fleet.publisher_standby_and_host("the standby placed the frontier")
     async with (
         workers(host.socket, fleet.channels, 2) as group,
         Sender(fleet.channels) as sender,

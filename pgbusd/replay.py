@@ -17,8 +17,10 @@ decoded and its tail encoded again. Everything after is sent as stored.
 from __future__ import annotations
 
 import bisect
+import itertools
 from array import array
 from collections import deque
+from collections.abc import Iterable
 from typing import Final, TypeAlias
 
 import msgspec
@@ -159,9 +161,12 @@ class ReplayLog:
         channels: dict[str, int] = {}
         index = array("q")
         frames: list[Frame] = []
-        for log, i, number in self._order:
-            if number < since:
-                continue
+        # The order is by number: a delta (since > 0) reads the newest entries only.
+        entries: Iterable[tuple[ChannelLog, int, int]] = self._order
+        if since > 0:
+            entries = list(itertools.takewhile(lambda e: e[2] >= since, reversed(self._order)))
+            entries.reverse()
+        for log, i, _ in entries:
             name = names.get(log)
             kept = log._frame(i) if name is not None else None
             if name is None or kept is None:
@@ -173,7 +178,9 @@ class ReplayLog:
 
     def restore(self, export: ReplayExport, logs: dict[str, ChannelLog]) -> None:
         """Keep the frames of an :meth:`export` in its order (those of channels not in
-        ``logs`` are gone). The frames stay slices of the one blob: no copy."""
+        ``logs`` are gone). The frames stay slices of the one blob: no copy (the blob lives
+        until the last of them is dropped, so for a while after a hand-off the buffer can
+        hold up to one budget more than it counts)."""
         index = array("q")
         index.frombytes(export.index)
         blob = memoryview(export.blob)

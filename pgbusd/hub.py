@@ -285,15 +285,29 @@ class Hub:
 
     # -- a hand-off ----------------------------------------------------------------------------
 
-    def export_replay(self, since: int = 0) -> ReplayExport:
-        """The replay buffer's frames kept from number ``since`` on (see ReplayLog.export)."""
+    def _log_names(self) -> dict[ChannelLog, str]:
+        return {st.log: name for name, st in self.channels.items()}
+
+    async def export_replay(self) -> tuple[ReplayExport, int]:
+        """The replay buffer as it is now (open batches sealed first), and the number of the
+        first frame kept after it (:meth:`snapshot` ships from there). Built a slice at a time,
+        yielding to the loop in between: the relay goes on meanwhile, however full the buffer."""
         self.seal_all()
-        return self.replay.export({st.log: name for name, st in self.channels.items()}, since)
+        since = self.replay.kept
+        steps = self.replay.exporting(self._log_names())
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                bulk: ReplayExport = done.value
+                return bulk, since
+            await asyncio.sleep(0)
 
     def snapshot(self, since: int) -> State:
         """The lineage, its generation, every channel's seq, and the replay buffer's frames
-        kept since frame ``since`` (the bulk went before, see handoff.Replay)."""
-        frames = self.export_replay(since)
+        kept from number ``since`` on (the bulk went before: :meth:`export_replay`)."""
+        self.seal_all()
+        frames = self.replay.export(self._log_names(), since)
         return State(
             self.daemon_id,
             self.generation,

@@ -20,7 +20,7 @@ import bisect
 import itertools
 from array import array
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Generator
 from typing import Final, TypeAlias
 
 import msgspec
@@ -158,22 +158,39 @@ class ReplayLog:
     def export(self, names: dict[ChannelLog, str], since: int = 0) -> ReplayExport:
         """The frames kept from number ``since`` on, oldest first, with their channels' names
         (a log not in ``names`` is left out): one blob and an index, cheap to ship."""
+        steps = self.exporting(names, since)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                result: ReplayExport = done.value
+                return result
+
+    def exporting(
+        self, names: dict[ChannelLog, str], since: int = 0, step: int = 2048
+    ) -> Generator[None, None, ReplayExport]:
+        """:meth:`export`, a slice of ``step`` frames per ``next()``, returning the export: a
+        daemon relaying meanwhile exports a full buffer without a pause. The frames are those
+        kept when it starts; any of them dropped before its turn comes is left out (as a
+        successor appending what came after drops it too)."""
         channels: dict[str, int] = {}
         index = array("q")
         frames: list[Frame] = []
-        # The order is by number: a delta (since > 0) reads the newest entries only.
-        entries: Iterable[tuple[ChannelLog, int, int]] = self._order
-        if since > 0:
+        entries: list[tuple[ChannelLog, int, int]]
+        if since > 0:  # a delta: the newest entries only (the order is by number)
             entries = list(itertools.takewhile(lambda e: e[2] >= since, reversed(self._order)))
             entries.reverse()
-        for log, i, _ in entries:
+        else:
+            entries = list(self._order)
+        for n, (log, i, _) in enumerate(entries, 1):
             name = names.get(log)
             kept = log._frame(i) if name is not None else None
-            if name is None or kept is None:
-                continue
-            first, count, frame = kept
-            index.extend((channels.setdefault(name, len(channels)), first, count, len(frame)))
-            frames.append(frame)
+            if name is not None and kept is not None:
+                first, count, frame = kept
+                index.extend((channels.setdefault(name, len(channels)), first, count, len(frame)))
+                frames.append(frame)
+            if n % step == 0:
+                yield
         return ReplayExport(list(channels), index.tobytes(), b"".join(frames))
 
     def restore(self, export: ReplayExport, logs: dict[str, ChannelLog]) -> None:

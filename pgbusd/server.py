@@ -293,8 +293,8 @@ class Server:
                         f"the successor (pgbusd {listening.version}) speaks hand-off protocol"
                         f" {listening.protocol}, this daemon {handoff.PROTOCOL}: restart instead"
                     )
-                since = self.hub.replay.kept  # the bulk now; what comes after goes at the split
-                await control.send(handoff.Replay(self.hub.export_replay()))
+                bulk, since = await self.hub.export_replay()  # the rest goes at the split
+                await control.send(handoff.Replay(bulk))
                 token = secrets.token_hex(8)
                 with self.channels.frozen():  # the channel set stays as the Split names it
                     await control.send(handoff.Split(token, list(self.hub.channels)))

@@ -13,6 +13,7 @@ from typing import Any
 
 from pgbus import protocol as p
 from pgbusd.hub import Hub
+from pgbusd.replay import ReplayExport
 
 
 class Recorder:
@@ -178,3 +179,53 @@ async def test_unregistered_channels_go_to_unrouted_and_unheard_ones_are_only_co
     hub.publish(9, "quiet", "now someone does")
     await end_of_turn(rec)
     assert rec.messages() == [p.Notification("quiet", "now someone does", 9, 0, 2)]
+
+
+def kept(hub: Hub, channel: str) -> tuple[int, list[Any]]:
+    """The oldest seq ``channel``'s replay log keeps, and every notification it keeps."""
+    log = hub.channels[channel].log
+    decoder = p.server_decoder()
+    out: list[Any] = []
+    after = log.oldest - 1
+    while (step := hub.replay_after(channel, after)) is not None:
+        frame, after = step
+        out += decoder.feed(bytes(frame))
+    return log.oldest, out
+
+
+async def test_a_hand_off_between_hubs_keeps_every_frame_once_while_the_relay_goes_on() -> None:
+    """The bulk is exported a slice at a time while notifications keep arriving, an open batch
+    is sealed into it, and the split carries what came after: the successor keeps exactly the
+    predecessor's frames, none twice, none missing."""
+    old = Hub(("a", "b"), replay_bytes=1 << 20)
+    for i in range(6000):  # 3,000 frames: the export takes more than one slice
+        old.publish(100, "a" if i % 2 else "b", f"p{i}")
+        if i % 2:
+            old.seal_all()
+    await asyncio.sleep(0)  # past the end of this turn
+
+    async def export() -> tuple[ReplayExport, int]:
+        old.publish(100, "a", "open")  # a batch still open when the export starts
+        assert old._open, "an open batch"
+        return await old.export_replay()
+
+    exporting = asyncio.ensure_future(export())
+    during = 0
+    while not exporting.done():  # the relay goes on between the slices
+        old.publish(100, "b", f"during{during}")
+        during += 1
+        await asyncio.sleep(0)
+    assert during > 1, "the export yielded to the loop"
+    bulk, since = exporting.result()
+    old.publish(100, "a", "after")
+    state = old.snapshot(since)
+
+    new = Hub(("a", "b"), replay_bytes=1 << 20)
+    new.take_replay(bulk, lambda _: False)
+    new.restore(state, lambda _: False)
+    for channel in ("a", "b"):
+        oldest, notifications = kept(old, channel)
+        assert kept(new, channel) == (oldest, notifications)
+        seqs = [n.seq for n in notifications]
+        assert seqs == list(range(oldest, old.channels[channel].seq + 1)), "each once, in order"
+    assert new.replay.size == old.replay.size

@@ -71,16 +71,23 @@ class PublisherLease:
     async def try_acquire(self, term: str) -> bool:
         """Take the lease for ``term`` if nobody holds it; False if someone does."""
         value = LeaseValue(self.bridge_id, term, time.time())
-        sent = time.monotonic()
-        try:
-            revision = await self.kv.create(KEY, msgspec.json.encode(value))
-        except KeyWrongLastSequenceError:
-            await self.read()
-            return False
-        self.revision, self.term, self.holder = revision, term, value
-        self._valid_until = sent + self.ttl - self.margin
-        self.acquired += 1
-        return True
+        for _ in range(2):
+            sent = time.monotonic()
+            try:
+                revision = await self.kv.create(KEY, msgspec.json.encode(value))
+            except KeyNotFoundError:
+                # nats-py's create() found the key taken, read it to see whether it was a
+                # delete marker, and it was gone: the holder's value expired in between. The
+                # key is free now: once more (a quicker bridge may take it first).
+                continue
+            except KeyWrongLastSequenceError:
+                break
+            self.revision, self.term, self.holder = revision, term, value
+            self._valid_until = sent + self.ttl - self.margin
+            self.acquired += 1
+            return True
+        await self.read()
+        return False
 
     async def renew(self) -> bool:
         """Extend the lease; False (and no longer held) if someone else wrote the key.

@@ -18,25 +18,24 @@ processes (the bridge, nats-server) on the same cores, which a real fleet spread
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from bench import sender
 from bench.procs import Daemon, Fleet, NatsServer, Worker, wait_fleet_state
 from bench.scenarios import (
     BURST_WRITE_BUDGET,
     BurstRun,
+    BurstSide,
     Percentiles,
     Settings,
-    _burst,
     _paced,
     _read_latencies,
     channel,
     connect_sender,
     median,
+    paired_bursts,
 )
 from bench.worker import Spec
 
@@ -104,27 +103,13 @@ async def fleet_relay(
             },
         }
         bursts = []
+        sides = [
+            BurstSide("single", via_single, ch_single, roles["single"]),
+            BurstSide("fleet", via_fleet, ch_fleet, roles["fleet"]),
+        ]
         for shape, n in (("one transaction", settings.burst), ("many", settings.burst_many)):
             one = shape == "one transaction"
-            runs: dict[str, list[BurstRun]] = {"single": [], "fleet": []}
-            for _ in range(settings.repeat):
-                for side, worker, ch in (
-                    ("single", via_single, ch_single),
-                    ("fleet", via_fleet, ch_fleet),
-                ):
-                    sql = (
-                        sender.burst_one_transaction(ch, n, SIZE)
-                        if one
-                        else sender.burst_many_transactions(ch, n, SIZE)
-                    )
-
-                    async def send(sql: str = sql, one: bool = one) -> float:
-                        start = time.time()
-                        await conn.execute(sql)
-                        return time.time() if one else start
-
-                    rate, cpu = await _burst(send, [worker], n, roles[side])
-                    runs[side].append(BurstRun(rate, cpu))
+            runs = await paired_bursts(conn, sides, one, n, SIZE, settings.repeat)
             s = median([r.rate for r in runs["single"]])
             f = median([r.rate for r in runs["fleet"]])
             bursts.append(FleetBurst(shape, n, s, f, f / s, runs["single"], runs["fleet"]))

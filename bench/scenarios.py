@@ -177,6 +177,42 @@ async def _burst(
     return deliveries / elapsed, cpu
 
 
+@dataclass
+class BurstSide:
+    """One side of a burst comparison: its receiving worker, its channel, and the processes
+    whose CPU counts, by role."""
+
+    name: str
+    worker: Worker
+    channel: str
+    roles: dict[str, list[int]]
+
+
+async def paired_bursts(
+    conn: Any, sides: list[BurstSide], one: bool, n: int, size: int, repeat: int
+) -> dict[str, list[BurstRun]]:
+    """``repeat`` rounds of an ``n``-notification burst of ``size`` bytes to each side in turn
+    (interleaved, so that any drift of the machine hits every side alike): in ``one``
+    transaction, or one per transaction."""
+    runs: dict[str, list[BurstRun]] = {side.name: [] for side in sides}
+    for _ in range(repeat):
+        for side in sides:
+            sql = (
+                sender.burst_one_transaction(side.channel, n, size)
+                if one
+                else sender.burst_many_transactions(side.channel, n, size)
+            )
+
+            async def send(sql: str = sql) -> float:
+                start = time.time()
+                await conn.execute(sql)
+                return time.time() if one else start
+
+            rate, cpu = await _burst(send, [side.worker], n, side.roles)
+            runs[side.name].append(BurstRun(rate, cpu))
+    return runs
+
+
 async def _no_cuts(daemon: Daemon) -> None:
     status = await daemon.status()
     if status["totals"]["clients_cut_slow"]:
@@ -209,35 +245,26 @@ async def throughput(
     try:
         for size in settings.sizes:
             for shape, n in (("one transaction", settings.burst), ("many", settings.burst_many)):
+                sides = [
+                    BurstSide(
+                        "direct",
+                        direct,
+                        ch_direct,
+                        {"listener": [direct.pid], "backend": direct.backend_pids},
+                    ),
+                    BurstSide(
+                        "relay",
+                        relay,
+                        ch_relay,
+                        {
+                            "client": [relay.pid],
+                            "daemon": [daemon.pid],
+                            "backend": [daemon.backend_pid],
+                        },
+                    ),
+                ]
                 one = shape == "one transaction"
-                runs: dict[str, list[BurstRun]] = {"direct": [], "relay": []}
-                for _ in range(settings.repeat):
-                    for side, worker, ch in (
-                        ("direct", direct, ch_direct),
-                        ("relay", relay, ch_relay),
-                    ):
-                        sql = (
-                            sender.burst_one_transaction(ch, n, size)
-                            if one
-                            else sender.burst_many_transactions(ch, n, size)
-                        )
-
-                        async def send(sql: str = sql, one: bool = one) -> float:
-                            start = time.time()
-                            await conn.execute(sql)
-                            return time.time() if one else start
-
-                        roles = (
-                            {"listener": [direct.pid], "backend": direct.backend_pids}
-                            if side == "direct"
-                            else {
-                                "client": [relay.pid],
-                                "daemon": [daemon.pid],
-                                "backend": [daemon.backend_pid],
-                            }
-                        )
-                        rate, cpu = await _burst(send, [worker], n, roles)
-                        runs[side].append(BurstRun(rate, cpu))
+                runs = await paired_bursts(conn, sides, one, n, size, settings.repeat)
                 d = median([r.rate for r in runs["direct"]])
                 r = median([r.rate for r in runs["relay"]])
                 peak = peak_rss_kib(daemon.pid) / MIB

@@ -430,39 +430,25 @@ async def handoff(
         log(f"hand-off control phase: {n_control:,} notifications at {rate:,}/s")
         phases: list[Phase] = []
         raw: list[dict[str, Any]] = []
-        if settings.handoff_reloads > 0:
+
+        async def reload_phase(name: str, seconds: float, reloads: int) -> None:
             phase, data = await _reload_phase(
-                "buffer filling",
-                settings.handoff_seconds,
-                settings.handoff_reloads,
-                lineage,
-                conn,
-                workers,
-                ch,
-                settings,
-                log,
+                name, seconds, reloads, lineage, conn, workers, ch, settings, log
             )
             phases.append(phase)
             raw.append(data)
+
+        if settings.handoff_reloads > 0:
+            await reload_phase("buffer filling", settings.handoff_seconds, settings.handoff_reloads)
         if settings.handoff_full_reloads > 0:
             received = (await daemon.status())["channels"][fill_ch]["received"]
             await conn.execute(sender.burst_many_transactions(fill_ch, settings.handoff_fill, 64))
             await _caught_up([daemon], fill_ch, received + settings.handoff_fill)
             kept, _ = await _kept(daemon, fill_ch)
             log(f"hand-off: replay buffer filled to {kept / (1 << 20):.1f} MiB")
-            phase, data = await _reload_phase(
-                "buffer full",
-                settings.handoff_full_seconds,
-                settings.handoff_full_reloads,
-                lineage,
-                conn,
-                workers,
-                ch,
-                settings,
-                log,
+            await reload_phase(
+                "buffer full", settings.handoff_full_seconds, settings.handoff_full_reloads
             )
-            phases.append(phase)
-            raw.append(data)
         res = HandoffResult(
             rate,
             k,

@@ -259,21 +259,43 @@ def test_subscribing_while_detached_only_registers_and_the_next_attach_sends_it(
     assert p.Subscribe("b") in sent(nxt)
 
 
-def test_a_request_lost_with_its_link_keeps_the_subscription_and_fails_a_status() -> None:
+def test_a_subscribe_lost_with_its_link_waits_for_the_next_attach_and_a_status_fails() -> None:
+    """subscribe() returns once the daemon confirmed it: a link lost before the reply leaves
+    the call waiting, and the next attachment's reply answers it."""
     engine = Engine()
     att = attached(engine)
     s = sub(engine)
     request = engine.subscribe(s)
     status = engine.request(p.StatusRequest())
     changes = att.lost(ConnectionResetError("reset"))
-    assert set(changes.replies) == {request, status}
+    assert set(changes.replies) == {status}
     assert request is not None
-    assert request.result() is None
+    assert not request.done
     assert engine.subscriptions == {"a": [s]}
     with pytest.raises(pgbus.DaemonUnavailableError):
         status.result()
     with pytest.raises(pgbus.DaemonUnavailableError):
         engine.request(p.StatusRequest())
+    assert engine.subscribe(sub(engine)) is request, "a second subscriber waits for the same"
+
+    nxt = engine.attach()
+    feed(nxt, HELLO)
+    assert sent(nxt)[1:] == [p.Subscribe("a")]
+    changes = feed(nxt, p.Subscribed("a", 3))
+    assert request in changes.replies
+    assert isinstance(request.result(), p.Subscribed)
+
+
+def test_closing_the_bus_fails_a_subscribe_carried_to_the_next_attach() -> None:
+    engine = Engine()
+    att = attached(engine)
+    request = engine.subscribe(sub(engine))
+    att.lost()
+    changes = engine.close()
+    assert request is not None
+    assert request in changes.replies
+    with pytest.raises(pgbus.BusClosedError):
+        request.result()
 
 
 @pytest.mark.parametrize(
@@ -408,6 +430,90 @@ def test_a_subscription_made_while_away_has_no_seq_so_the_reattach_steps() -> No
     assert sent(att)[1:] == [p.Subscribe("a"), p.Subscribe("b")]
     feed(att, p.Subscribed("a", 4), p.Subscribed("b", 0))
     assert engine.generation == 2
+
+
+def test_a_tick_during_a_resumed_handshake_is_one_step_at_its_end() -> None:
+    """The daemon reconnected to PostgreSQL while the client resumed: the seqs continue, but
+    what was committed during the reconnect is lost, so the resume must not hide the step."""
+    engine = Engine()
+    a, _ = _away(engine, "a", "b")
+    att = engine.attach()
+    feed(att, HELLO)
+    assert sent(att)[1:] == [p.Subscribe("a", 4), p.Subscribe("b", 4)]
+    assert not feed(att, p.Subscribed("a", 4), p.Generation(2)).state
+    assert engine.generation == 1, "published once every subscription is back"
+    changes = feed(att, p.Subscribed("b", 4))
+    assert changes.state
+    assert att.attached
+    assert engine.generation == 2
+    feed(att, p.Notification("a", "a5", 1, 2, 5))
+    assert engine.generation == 2
+    assert a.drain() == ["a5"]
+
+
+def test_a_subscribe_in_flight_across_a_reattach_does_not_break_the_resume_of_the_others() -> None:
+    engine = Engine()
+    (a,) = _away(engine, "a")
+    att = engine.attach()
+    feed(att, HELLO)
+    feed(att, p.Subscribed("a", 4))
+    late = sub(engine, "b")
+    request = engine.subscribe(late)
+    assert request is not None
+    sent(att)
+    feed(att, p.Goodbye(p.E_RELOAD))
+    att.lost()  # a reload before the daemon answered the subscribe
+    assert not request.done, "subscribe() still waits"
+
+    nxt = engine.attach()
+    feed(nxt, HELLO)
+    assert sent(nxt)[1:] == [p.Subscribe("a", 4), p.Subscribe("b")]
+    feed(nxt, p.Subscribed("a", 4), p.Notification("a", "a5", 1, 1, 5))
+    changes = feed(nxt, p.Subscribed("b", 0))
+    assert request in changes.replies
+    assert nxt.resumed
+    assert engine.generation == 1, "a reload moves no generation"
+    assert a.drain() == ["a5"]
+
+
+def test_after_a_protocol_error_the_next_attach_does_not_resume_it_steps() -> None:
+    """A daemon that answers a resume with something broken must not be asked the same again
+    (a livelock of handshakes): the client subscribes afresh, steps, and goes on."""
+    engine = Engine()
+    _away(engine, "a")
+    att = engine.attach()
+    feed(att, HELLO)
+    feed(att, p.Subscribed("a", 4))
+    changes = att.receive_data(b"\x00\x00\x00\x01\x90")  # an empty frame
+    assert changes.drop
+    att.lost()
+    nxt = engine.attach()
+    feed(nxt, HELLO)
+    assert sent(nxt)[1:] == [p.Subscribe("a")], "no resume"
+    feed(nxt, p.Subscribed("a", 9))
+    assert engine.generation == 2
+    nxt.lost()
+    third = engine.attach()
+    feed(third, HELLO)
+    assert sent(third)[1:] == [p.Subscribe("a", 9)], "resuming again after a clean attach"
+
+
+def test_a_channel_resubscribed_after_its_last_subscription_closed_starts_afresh() -> None:
+    engine = Engine()
+    att = attached(engine)
+    a = sub(engine, "a")
+    engine.subscribe(a)
+    feed(att, p.Subscribed("a", 0), *(p.Notification("a", "x", 1, 1, i) for i in range(1, 5)))
+    engine.remove(a)
+    request = engine.subscribe(sub(engine, "a"))
+    assert sent(att)[-2:] == [p.Unsubscribe("a"), p.Subscribe("a")]
+    att.lost()  # before the daemon answered either
+    nxt = engine.attach()
+    feed(nxt, HELLO)
+    assert sent(nxt)[1:] == [p.Subscribe("a")], "not a resume of the closed subscription's seqs"
+    changes = feed(nxt, p.Subscribed("a", 7))
+    assert request in changes.replies
+    assert engine.generation == 1
 
 
 def test_a_reload_goodbye_asks_for_an_immediate_reattach_once() -> None:

@@ -143,7 +143,8 @@ class Bus(BusBase):
         timeout: float | None = None,
     ) -> Subscription[Any]:
         """Subscribe to ``channel``; returns once the daemon confirmed it (or, while the daemon is
-        away, once it is registered here: it is sent on re-attach, with a generation step).
+        away, once it is registered here: it is sent on re-attach, with a generation step). A
+        connection lost before the answer leaves the call waiting for the next attach's.
 
         Without ``type`` the subscription yields each payload as the exact string PostgreSQL
         delivered. With ``type=T`` (a ``msgspec.Struct``, dataclass, TypedDict, ``list[int]``:

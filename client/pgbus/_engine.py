@@ -118,8 +118,10 @@ class GenerationClock:
       its first tick. A subscriber that resyncs when it sees the step cannot miss a notification
       committed after it looked.
     - Unless the re-attach *resumed*: the same lineage at the same generation replayed every
-      notification the client missed (see the protocol's "Resume"). Then nothing was lost and
-      it does not move.
+      notification the client missed on every channel it held (see the protocol's "Resume"),
+      and no tick came during the handshake. Then nothing was lost and it does not move. A tick
+      during a resumed handshake means the daemon itself lost notifications meanwhile (it
+      reconnected to PostgreSQL): the handshake's end publishes one step then.
     - A ``seq`` that skips on a channel within one attachment moves it by one. The daemon never
       drops a notification for an attached client, so this is a bug or a foreign daemon; the honest
       answer is the same as for any other gap.
@@ -132,6 +134,7 @@ class GenerationClock:
         "_attaching",
         "_daemon",
         "_ever_attached",
+        "_hello_daemon",
         "_last_seq",
         "_step_pending",
         "generation",
@@ -140,6 +143,8 @@ class GenerationClock:
     def __init__(self) -> None:
         self.generation = 0
         self._daemon = 0
+        #: The daemon's generation its last Hello announced.
+        self._hello_daemon = 0
         self._ever_attached = False
         self._attaching = False
         self._step_pending = False
@@ -158,16 +163,22 @@ class GenerationClock:
         """A handshake began: the daemon announced its generation. Unless the client tries to
         resume, the seqs it saw belong to a past it can no longer continue."""
         self._attaching = True
-        self._daemon = daemon_generation
+        self._daemon = self._hello_daemon = daemon_generation
         if not resuming:
             self._last_seq.clear()
+
+    def forget(self, channel: str) -> None:
+        """Nobody subscribes to ``channel`` any more: a later subscription starts afresh."""
+        self._last_seq.pop(channel, None)
 
     def on_attached(self, *, resumed: bool = False) -> bool:
         """The handshake finished: every re-subscription is acknowledged (``resumed``: and every
         one continued exactly where the client was)."""
         self._attaching = False
         if resumed:
-            return False
+            # A tick during the handshake: the daemon reconnected to PostgreSQL meanwhile, and
+            # what was committed then is lost, whatever the seqs say.
+            return self._advance(1 if self._daemon != self._hello_daemon else 0)
         if not self._ever_attached:
             self._ever_attached = True
             return self._advance(self._daemon - self.generation)
@@ -481,12 +492,13 @@ def deliver(
     """Hand a run of notifications on one channel to the channel's subscriptions; returns True if
     the clock moved (a seq gap)."""
     channel = run[0].channel
-    moved = clock.on_run(channel, list(map(_seq_of, run)))
     subs = subscriptions.get(channel)
-    if subs:
-        payloads = list(map(_payload_of, run))
-        for sub in subs:
-            sub._push_many(payloads)
+    if not subs:
+        return False  # in flight before an Unsubscribe took effect: nobody's
+    moved = clock.on_run(channel, list(map(_seq_of, run)))
+    payloads = list(map(_payload_of, run))
+    for sub in subs:
+        sub._push_many(payloads)
     return moved
 
 
@@ -628,7 +640,7 @@ class Request:
         self.waiters: list[Any] = []
 
     def result(self) -> p.ServerMessage | None:
-        """The reply (None for a subscription kept for the next attach); raises the request's
+        """The reply (None for a re-subscription the next attach sends again); raises the request's
         error: a refusal, the link lost, the bus closed."""
         if self._error is not None:
             raise self._error
@@ -688,8 +700,8 @@ class Engine:
     - The subscriptions wanted, by channel. The daemon is asked once per channel, however many
       subscriptions share it; concurrent ``subscribe()`` calls on a channel share one request and
       all get its answer. The last subscription of a channel to close unsubscribes it.
-    - While detached, a subscribe is only registered: the next attach sends it, and the generation
-      step that comes with a re-attach covers what it missed.
+    - While detached, a subscribe is only registered: the next attach sends it, and that attach
+      steps the generation (it cannot resume), which covers what the subscription missed.
     - A re-attach re-subscribes every channel. One the daemon now refuses (dropped from its
       configuration, an ACL tightened) ends its subscriptions with
       :class:`~pgbus.SubscriptionRefusedError` (never silently).
@@ -715,6 +727,17 @@ class Engine:
         self.on_notification: NotificationHook | None = None
         #: The daemon asked to be re-attached to without a backoff delay (a reload's Goodbye).
         self.retry_at_once = False
+        #: Channels the daemon confirmed for their current subscriptions: a re-attach resumes them.
+        self.confirmed: set[str] = set()
+        #: Channels whose subscribe() returned before the daemon confirmed it (registered while
+        #: detached): the next attach owes them a generation step, so it does not resume.
+        self.unconfirmed: set[str] = set()
+        #: Subscribe requests whose link ended before the reply: their subscribe() calls still
+        #: wait, and the next attachment's reply answers them.
+        self.carried: dict[str, Request] = {}
+        #: The daemon broke the protocol on the last attachment: the next attach does not resume
+        #: (it subscribes afresh and steps), so that a daemon's error cannot turn into a loop.
+        self.resume_blocked = False
         self._attachment: Attachment | None = None
         self._changes: Changes | None = None
 
@@ -771,7 +794,11 @@ class Engine:
         self.check_channel(channel)
         self.subscriptions.setdefault(channel, []).append(sub)
         att = self._attachment
+        carried = self.carried.get(channel)
+        if carried is not None:
+            return carried
         if att is None or att.state == _HELLO:
+            self.unconfirmed.add(channel)
             return None
         inflight = att.subscribing.get(channel)
         if inflight is not None:
@@ -790,6 +817,7 @@ class Engine:
         if subs:
             return
         del self.subscriptions[sub.channel]
+        self._forget(sub.channel)
         att = self._attachment
         if att is not None and sub.channel in att.subscribed:
             att.subscribed.discard(sub.channel)
@@ -816,6 +844,10 @@ class Engine:
         att = self._attachment
         if att is not None:
             att._end(error)
+        for request in self.carried.values():
+            request._resolve(None, error)
+            self._note_reply(request)
+        self.carried.clear()
         for subs in self.subscriptions.values():
             for sub in subs:
                 sub._end(error)
@@ -859,12 +891,20 @@ class Engine:
             for msg in run:
                 hook(msg)
 
+    def _forget(self, channel: str) -> None:
+        """Nobody subscribes to ``channel`` any more (a later subscription starts afresh)."""
+        self.confirmed.discard(channel)
+        self.unconfirmed.discard(channel)
+        self.carried.pop(channel, None)
+        self.clock.forget(channel)
+
     def _refused(self, channel: str, reply: p.Error) -> None:
         """The daemon refused a (re-)subscription: every subscription of the channel ends loudly."""
         error = SubscriptionRefusedError(channel, reply.message, code=reply.code)
         error.__cause__ = refusal(reply, channel)
         for sub in self.subscriptions.pop(channel, []):
             sub._end(error)
+        self._forget(channel)
 
 
 class Attachment:
@@ -966,9 +1006,14 @@ class Attachment:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def request(self, message: p.ClientMessage) -> Request:
-        """Send ``message``; its reply (matched in order) resolves the returned request."""
-        req = Request(message)
+    def request(self, message: p.ClientMessage, carried: Request | None = None) -> Request:
+        """Send ``message``; its reply (matched in order) resolves the returned request (or
+        ``carried``, a request of an earlier link that still waits, sent again as ``message``)."""
+        if carried is None:
+            req = Request(message)
+        else:
+            req = carried
+            req.message = message
         self._pending.append(req)
         if type(message) is p.Subscribe:
             self.subscribing[message.channel] = req
@@ -1014,25 +1059,33 @@ class Attachment:
         engine = self._engine
         clock = engine.clock
         channels = list(engine.subscriptions)
-        # Resume (see the protocol): the same lineage at the same generation, and a seq known for
-        # every channel to re-subscribe. Then each re-subscription asks for what came after.
-        after = [clock.last_seq(ch) for ch in channels]
+        # Resume (see the protocol): the same lineage at the same generation. Each
+        # re-subscription the daemon had confirmed asks for what came after the last seq held;
+        # one still in flight (its subscribe() waits) subscribes afresh, as it would have.
+        held = [ch for ch in channels if ch in engine.confirmed]
         self.resumed = (
             engine.attach_count > 0
             and hello.daemon_id == engine.daemon_id
             and hello.generation == clock.daemon_generation
-            and None not in after
+            and not engine.unconfirmed
+            and not engine.resume_blocked
+            and all(clock.last_seq(ch) is not None for ch in held)
         )
+        engine.resume_blocked = False
+        after = [
+            clock.last_seq(ch) if self.resumed and ch in engine.confirmed else None
+            for ch in channels
+        ]
         engine.daemon_id = hello.daemon_id
         engine.channels = list(hello.channels)
         engine.patterns = list(hello.patterns)
         clock.on_hello(hello.generation, resuming=self.resumed)
         self.state = _HANDSHAKE
         self._send(p.Attach(p.PROTOCOL_VERSION, engine.pid, engine.name))
-        if not self.resumed:
-            after = [None] * len(channels)
+        carried, engine.carried = engine.carried, {}
         self._handshake = [
-            self.request(p.Subscribe(ch, seq)) for ch, seq in zip(channels, after, strict=True)
+            self.request(p.Subscribe(ch, seq), carried.get(ch))
+            for ch, seq in zip(channels, after, strict=True)
         ]
         self._maybe_attached()
 
@@ -1071,6 +1124,8 @@ class Attachment:
                 assert isinstance(reply, p.Subscribed)
                 if message.after is not None and reply.seq != message.after:
                     self.resumed = False  # the daemon no longer holds what came after: a gap
+                engine.unconfirmed.discard(channel)
+                engine.confirmed.add(channel)
                 engine.clock.on_subscribed(channel, reply.seq)
                 self.subscribed.add(channel)
                 req._resolve(reply)
@@ -1096,6 +1151,8 @@ class Attachment:
 
     def _drop(self, failure: PgbusError) -> None:
         """The daemon broke the protocol or refused this client: end now, tell the driver."""
+        if isinstance(failure, ProtocolError):
+            self._engine.resume_blocked = True
         self.failure = self.failure or failure
         self._engine._pending_changes().drop = True
         self._end(self.failure)
@@ -1116,7 +1173,12 @@ class Attachment:
             if engine.closed:
                 req._resolve(None, engine._closed_error())
             elif type(req.message) is p.Subscribe:
-                req._resolve(None)  # kept: the next attach subscribes it
+                channel = req.channel
+                if channel in engine.subscriptions and channel not in engine.confirmed:
+                    # Its subscribe() still waits: the next attach sends it, and answers it.
+                    engine.carried[channel] = req
+                    continue
+                req._resolve(None)  # a re-subscription: the next attach sends it again
             elif type(req.message) is p.StatusRequest or type(req.message) is p.Reload:
                 err = DaemonUnavailableError(str(self.failure))
                 err.__cause__ = self.failure

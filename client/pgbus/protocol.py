@@ -67,15 +67,20 @@ Resume
 A client that re-attaches (its connection was cut, the daemon was reloaded) can continue
 without a gap. The daemon keeps, per channel, the most recent notifications (a replay buffer
 bounded in bytes). If the ``Hello`` of the new connection carries the same daemon id and the
-same generation as the client last saw, the client sends each re-subscription as
-``Subscribe(channel, after=S)``, ``S`` being the last ``seq`` it received on the channel (or the
-one its last ``Subscribed`` gave). The daemon answers ``Subscribed(channel, S)`` and then sends
-every notification after ``S``, in order, before any newer one; it answers
-``Subscribed(channel, current)`` instead when it no longer holds all of them. So the client
-knows, channel by channel, whether it missed anything: a resume that every channel confirms
-with ``seq == after`` is no gap and moves no generation; any other answer is a re-attach as
-before (one generation step). A daemon that does not know ``after`` ignores it (trailing fields
-are optional both ways) and answers with its current seq: the client steps, as it must.
+same generation as the client last saw, the client sends each re-subscription the daemon had
+confirmed as ``Subscribe(channel, after=S)``, ``S`` being the last ``seq`` it received on the
+channel (or the one its last ``Subscribed`` gave); a subscription still waiting for its first
+``Subscribed`` is sent without ``after``, as it would have been. The daemon answers
+``Subscribed(channel, S)`` and then sends every notification after ``S``, in order, before any
+newer one; it answers ``Subscribed(channel, current)`` instead when it no longer holds all of
+them. So the client knows, channel by channel, whether it missed anything: a resume that every
+channel confirms with ``seq == after`` is no gap and moves no generation; any other answer is a
+re-attach as before (one generation step). A ``Generation`` tick between ``Hello`` and the
+last ``Subscribed`` means the daemon reconnected to PostgreSQL meanwhile: the resume is then
+one step too. A daemon that does not know ``after`` ignores it (trailing fields are optional
+both ways) and answers with its current seq: the client steps, as it must. A client that met a
+protocol error on a connection does not try to resume on the next one (it steps), so that a
+daemon's error cannot repeat itself for ever.
 
 Versioning
 ----------

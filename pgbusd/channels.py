@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,17 @@ class Refusal:
 
     code: str
     message: str
+
+
+class Freeze:
+    """A hand-off's hold on the channel set (see :meth:`ChannelDirectory.frozen`)."""
+
+    def __init__(self) -> None:
+        self.handed_over = False
+
+    def hand_over(self) -> None:
+        """The successor serves: the channel set never thaws in this daemon."""
+        self.handed_over = True
 
 
 class ListenRefused(Exception):
@@ -154,14 +166,19 @@ class ChannelDirectory:
                 self._idle_later(name, max(self._delay, grace))
 
     @contextlib.contextmanager
-    def frozen(self) -> Any:
-        """No LISTEN or UNLISTEN while the hand-off splits the stream (queued until after)."""
+    def frozen(self) -> Iterator[Freeze]:
+        """No LISTEN or UNLISTEN while the hand-off splits the stream (queued until after).
+        Once the successor serves (:meth:`Freeze.hand_over`) it stays so: this daemon answers no
+        subscribe that needs a LISTEN (the client sends it again to the successor, which LISTENs
+        before it answers)."""
+        freeze = Freeze()
         self._frozen = asyncio.get_running_loop().create_future()
         try:
-            yield
+            yield freeze
         finally:
-            frozen, self._frozen = self._frozen, None
-            frozen.set_result(None)
+            if not freeze.handed_over:
+                frozen, self._frozen = self._frozen, None
+                frozen.set_result(None)
 
     # -- LISTEN and UNLISTEN, batched ------------------------------------------------------------
 

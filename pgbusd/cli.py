@@ -91,4 +91,5 @@ def _reexec_without_dsn_in_argv(dsn: str) -> None:
         elif not arg.startswith("--dsn="):
             args.append(arg)
     env = {**os.environ, "PGBUSD_DSN": dsn}
-    os.execve(sys.executable, [sys.executable, "-m", "pgbusd", *args], env)
+    command = handoff.daemon_command(args)
+    os.execve(command[0], command, env)

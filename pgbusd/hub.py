@@ -350,6 +350,8 @@ class Hub:
                 continue
             channel.seq = snap.next_seq - 1
             channel.last_received = snap.last_received
+            if channel.log.next_seq != snap.next_seq:  # kept frames of an earlier incarnation
+                self.replay.forget(channel.log)
             channel.log.next_seq = snap.next_seq
 
     # -- channels on demand ----------------------------------------------------------------------

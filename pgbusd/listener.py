@@ -37,6 +37,7 @@ import asyncpg
 from pgbus.backoff import Backoff
 from pgbusd.config import Config
 from pgbusd.handoff import HandoffError
+from pgbusd.handoff.successor import Takeover
 from pgbusd.hub import Hub
 from pgbusd.log import get_logger
 
@@ -148,25 +149,6 @@ class Probes:
             arrived.set_result(None)
 
 
-class Takeover:
-    """A successor's part of a hand-off reload, as its listener lives it (see handoff.py).
-
-    The first connection also LISTENs on ``marker_channel`` and holds back everything it
-    receives; ``listening`` is set once every LISTEN is in effect. Everything held before the
-    marker notification is dropped (the predecessor relayed it); ``marker`` gets its payload.
-    Then the connection waits for ``adopted``: the predecessor's generation, set once its state
-    is taken. The held notifications are relayed, without a tick. A failure of ``adopted``, or
-    of the connection before it, ends :meth:`Listener.run` with HandoffError.
-    """
-
-    def __init__(self, marker_channel: str) -> None:
-        loop = asyncio.get_running_loop()
-        self.marker_channel = marker_channel
-        self.listening = asyncio.Event()
-        self.marker: asyncio.Future[str] = loop.create_future()
-        self.adopted: asyncio.Future[int] = loop.create_future()
-
-
 class ListenerHooks(Protocol):
     """Fleet mode (issue 17): a bridge watches the LISTEN connection (pgbusd/fleet/roles.py).
 
@@ -242,6 +224,9 @@ class Listener:
         self._relay_errors_logged_at = -self.RELAY_ERROR_LOG_INTERVAL
         self._relay_errors_unlogged = 0
         self._gap_pending = False
+        #: The marker channel of a split under way (UNLISTENed if the hand-off fails).
+        self._split_marker: str | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.log: Any = get_logger(component="listener")
 
     @property
@@ -424,6 +409,22 @@ class Listener:
         held, self._held = self._held, []
         self._relay(conn, self._publish)
         self._publish_held(held)
+        if takeover is not None:  # the hand-off's marker channel is of no further use
+            self._unlisten_soon(conn, takeover.marker_channel)
+
+    def _unlisten_soon(self, conn: Any, channel: str) -> None:
+        """UNLISTEN ``channel`` on ``conn`` in the background (a failure is the next health
+        check's to find)."""
+
+        async def unlisten() -> None:
+            with contextlib.suppress(Exception):
+                async with self._query_lock:
+                    if conn is self._conn:
+                        await self._execute_batches(conn, [], [channel])
+
+        task = asyncio.get_running_loop().create_task(unlisten())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _publish_held(self, held: list[tuple[int, str, str]]) -> None:
         publish = self._publish
@@ -552,6 +553,7 @@ class Listener:
         try:
             async with asyncio.timeout(timeout):
                 async with self._query_lock:
+                    self._split_marker = marker_channel
                     await conn.execute(f"LISTEN {quote(marker_channel)}")
                     self._relay(conn, until_marker)
                     await conn.execute("SELECT pg_notify($1, $2)", marker_channel, token)
@@ -568,14 +570,17 @@ class Listener:
             self._split_held.append((pid, channel, payload))
 
     def release_split(self) -> None:
-        """The hand-off failed after the marker: relay what was held back, and then live."""
+        """The hand-off failed: relay what was held back after the marker, if any, and live
+        on (without the marker channel)."""
         held, self._split_held = self._split_held, None
-        if held is None:
-            return
+        marker, self._split_marker = self._split_marker, None
         conn = self._conn
-        if conn is not None:
-            self._relay(conn, self._publish)
-        self._publish_held(held)
+        if held is not None:
+            if conn is not None:
+                self._relay(conn, self._publish)
+            self._publish_held(held)
+        if marker is not None and conn is not None:
+            self._unlisten_soon(conn, marker)
 
     async def _supervise(self, conn: Any) -> tuple[str, bool]:
         """Health-check until the connection is lost or the daemon stops.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
@@ -358,11 +359,23 @@ class MetricsServer:
         host, port = self._server.sockets[0].getsockname()[:2]
         return _join_host_port(host, port)
 
-    async def start(self) -> None:
-        """Bind and start serving; raises OSError if the address cannot be bound."""
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Bind and start serving (on ``sock`` if given: a listening socket inherited from the
+        daemon this one took over from); raises OSError if the address cannot be bound."""
+        if sock is not None:
+            self._server = await asyncio.start_server(
+                self._handle, sock=sock, limit=MAX_REQUEST_HEAD
+            )
+            return
         self._server = await asyncio.start_server(
             self._handle, self._host, self._port, limit=MAX_REQUEST_HEAD, reuse_address=True
         )
+
+    def fileno(self) -> int | None:
+        """The listening socket's descriptor (handed to a reload's successor), if serving."""
+        if self._server is None or not self._server.sockets:
+            return None
+        return self._server.sockets[0].fileno()
 
     async def close(self) -> None:
         """Stop accepting and abandon requests still in flight."""

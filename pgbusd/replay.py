@@ -74,20 +74,23 @@ class ChannelLog:
         """The next frame for a client that holds everything up to ``after``, and the seq of its
         last notification; None once it is up to date. Seqs no longer kept are skipped over:
         the frame then starts later, and the client sees the gap in the seqs (never a silent
-        one)."""
+        one). Never an empty frame: a frame holding nothing after ``after`` is passed over."""
         if after + 1 >= self.next_seq or not self.frames:
             return None
         firsts = self._firsts
         # The frame holding seq after + 1: the last one starting at or before it.
-        i = max(bisect.bisect_right(firsts, after + 1, self._start) - 1, self._start)
-        frame = self._frames[i]
-        last = (firsts[i + 1] if i + 1 < len(firsts) else self.next_seq) - 1
-        if firsts[i] <= after:
+        start = max(bisect.bisect_right(firsts, after + 1, self._start) - 1, self._start)
+        for i in range(start, len(firsts)):
+            frame = self._frames[i]
+            last = (firsts[i + 1] if i + 1 < len(firsts) else self.next_seq) - 1
+            if firsts[i] > after:
+                return frame, last
             # The client holds the start of this batch: send only what it lacks.
             body = memoryview(frame)[p.HEADER_SIZE :]
             tail = [n for n in _notifications.decode(body) if n.seq > after]
-            return p.encode_frame(*tail), last
-        return frame, last
+            if tail:
+                return p.encode_frame(*tail), last
+        return None
 
     def _frame(self, index: int) -> tuple[int, int, Frame] | None:
         """Frame ``index`` as (first seq, count, frame), or None if it is no longer kept."""
@@ -138,7 +141,12 @@ class ReplayLog:
         self._order: deque[tuple[ChannelLog, int, int]] = deque()
 
     def append(self, log: ChannelLog, first: int, count: int, frame: Frame) -> None:
-        """Keep a sealed frame of ``count`` notifications starting at seq ``first``."""
+        """Keep a sealed frame of ``count`` notifications starting at seq ``first``. A frame
+        that does not follow on from what ``log`` keeps (a channel created anew under the same
+        name, a hole) makes the log forget the rest: what it keeps is always one unbroken run
+        of seqs, so that :meth:`ChannelLog.covers` can trust its ends."""
+        if first != log.next_seq:
+            self.forget(log)
         cost = len(frame) + FRAME_OVERHEAD
         if cost > self.limit:  # cannot be kept: nor can anything before it (a hole)
             self.forget(log)

@@ -10,11 +10,9 @@ import secrets
 import signal
 import socket
 import stat
-import subprocess
-import sys
 import time
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -24,8 +22,10 @@ from pgbusd import access, handoff, sdnotify
 from pgbusd import status as st
 from pgbusd.channels import ChannelDirectory
 from pgbusd.config import Config
+from pgbusd.handoff.predecessor import Inheritance, Predecessor
+from pgbusd.handoff.successor import Confirmation, Successor, Takeover
 from pgbusd.hub import Hub
-from pgbusd.listener import FatalConfigError, Listener, Probes, Takeover
+from pgbusd.listener import FatalConfigError, Listener, Probes
 from pgbusd.log import get_logger
 from pgbusd.metrics import MetricsServer
 from pgbusd.session import Session, SessionContext
@@ -36,43 +36,6 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-
-T = TypeVar("T")
-
-
-async def _unless_failed(task: asyncio.Task[None], waiting: Awaitable[T]) -> T:
-    """``waiting``'s result, or HandoffError if ``task`` (the listener) ends first."""
-    future = asyncio.ensure_future(waiting)
-    try:
-        await asyncio.wait((future, task), return_when=asyncio.FIRST_COMPLETED)
-        if future.done():
-            return future.result()
-        failure = None if task.cancelled() else task.exception()
-        raise handoff.HandoffError(f"the PostgreSQL listener stopped: {failure!r}")
-    finally:
-        future.cancel()
-
-
-def _reason(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, TimeoutError):
-        return f"the successor did not take over within {timeout:g} s (--reload-timeout)"
-    if isinstance(exc, handoff.HandoffError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
-async def _end_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    """Stop a successor that will not take over (SIGTERM, then SIGKILL) and reap it."""
-    deadline = time.monotonic() + grace
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-    while proc.poll() is None:
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            deadline = float("inf")
-        await asyncio.sleep(0.02)
 
 
 class AlreadyServingError(RuntimeError):
@@ -134,9 +97,14 @@ class Server:
         self._stop = asyncio.Event()
         self._metrics: MetricsServer | None = None
         self._systemd = sdnotify.Notifier(None)
+        self._heartbeat: asyncio.Task[None] | None = None
         self._reloading = False
         #: The successor that took over (set once it serves): this daemon then only winds down.
         self._successor: int | None = None
+        #: A successor's take-over of its predecessor (None once confirmed, and for a plain start).
+        self._taking_over: Successor | None = None
+        #: A successor whose predecessor served on after all: it gives the socket back.
+        self._stepped_back = False
 
     @property
     def daemon_id(self) -> str:
@@ -151,6 +119,12 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+        if self._inherited is not None:
+            refusal = self._inherited.refusal(self.config.socket, self.config.fleet_role)
+            if refusal is not None:  # before anything else: nothing may change
+                self.log.error("taking over refused", reason=refusal)
+                self._inherited.refuse(refusal)
+                return EXIT_CONFIG
         try:
             await self._bind()
         except (AlreadyServingError, OSError) as exc:
@@ -183,19 +157,22 @@ class Server:
             )
 
         # READY=1 does not wait for PostgreSQL: clients may attach while it is down (sdnotify).
-        # A successor is ready once it serves, and speaks to systemd once it is the main process.
-        systemd = self._systemd
+        # A successor speaks to systemd once it is the main process (its predecessor said Main).
+        confirming: asyncio.Task[None] | None = None
         if self._inherited is None:
-            systemd = self._systemd = sdnotify.Notifier.from_environ()
-        systemd.ready(systemd_status())
-        heartbeat = asyncio.create_task(
-            systemd.run_heartbeat(alive=lambda: not listener.done(), status=systemd_status),
-            name="pgbusd-systemd",
-        )
+            self._systemd = sdnotify.Notifier.from_environ()
+            self._systemd_ready(listener, systemd_status)
+        else:
+            confirming = asyncio.create_task(
+                self._confirm(self._inherited, listener, systemd_status), name="pgbusd-handoff"
+            )
         stopper = asyncio.create_task(self._stop.wait())
         waited = (listener, stopper) if fleet is None else (listener, stopper, fleet)
         await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
-        heartbeat.cancel()
+        for task in (confirming, self._heartbeat):
+            if task is not None:
+                task.cancel()
+        systemd = self._systemd
         if self._successor is None:
             systemd.stopping()
         code = EXIT_OK
@@ -220,12 +197,21 @@ class Server:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _systemd_ready(self, listener: asyncio.Task[None], status: Callable[[], str]) -> None:
+        """READY=1 and the watchdog heartbeat (a no-op without systemd)."""
+        systemd = self._systemd
+        systemd.ready(status())
+        self._heartbeat = asyncio.create_task(
+            systemd.run_heartbeat(alive=lambda: not listener.done(), status=status),
+            name="pgbusd-systemd",
+        )
+
     async def shutdown(
         self, listener: asyncio.Task[None], fleet: asyncio.Task[None] | None = None
     ) -> None:
         """Stop accepting, tell clients, close PostgreSQL, unlink the socket (unless a
         successor took it over: then the clients are told to move to it)."""
-        handed_off = self._successor is not None
+        handed_off = self._successor is not None or self._stepped_back
         self.log.info("shutting down", clients=len(self.hub.sessions), handed_off=handed_off)
         if self._server is not None:
             self._server.close()
@@ -263,68 +249,51 @@ class Server:
 
     async def reload(self, environment: dict[str, str] | None) -> tuple[int, str]:
         """Hand over to a successor process started from the code installed now (see
-        handoff.py); returns its pid and version once it serves, and winds this daemon down.
-        ``environment``: the successor's PGBUSD_* and PG* variables instead of this daemon's.
-        HandoffError says why not, with this daemon serving on as before."""
+        :mod:`pgbusd.handoff`); returns its pid and version once it serves, and winds this
+        daemon down. ``environment``: the successor's PGBUSD_* and PG* variables instead of this
+        daemon's. HandoffError says why not, with this daemon serving on as before."""
         if self._reloading or self._successor is not None:
             raise handoff.HandoffError("a reload is already under way")
-        if self.fleet is not None:  # fleet mode (issue 17)
+        if self.fleet is not None:  # a role would have to be handed over too
             self.log.error("reload refused", reason=self.fleet.reload_refusal)
             raise handoff.HandoffError(self.fleet.reload_refusal)
-        if self._server is None or self._takeover is not None:
-            raise handoff.HandoffError("this daemon is not serving yet")
+        if self._server is None or self._takeover is not None or self._taking_over is not None:
+            raise handoff.HandoffError(
+                "this daemon is not serving on its own yet (it is still taking over)"
+            )
         self._reloading = True
         log = self.log.bind(reload=True)
-        log.info("reload: starting a successor")
-        successor: subprocess.Popen[bytes] | None = None
-        control: handoff.Control | None = None
+        predecessor = Predecessor(self.config, self.hub, self.listener, self.channels, log)
         try:
-            ours, theirs = socket.socketpair()
-            marker = f"pgbusd.handoff.{secrets.token_hex(8)}"
-            with ours, theirs:
-                successor = self._spawn_successor(theirs, marker, environment)
-                theirs.close()
-                control = await handoff.Control.open(ours.dup())
-            async with asyncio.timeout(self.config.reload_timeout):
-                listening = await self._from(successor, control.expect(handoff.Listening, None))
-                assert isinstance(listening, handoff.Listening)
-                if listening.protocol != handoff.PROTOCOL:
-                    raise handoff.HandoffError(
-                        f"the successor (pgbusd {listening.version}) speaks hand-off protocol"
-                        f" {listening.protocol}, this daemon {handoff.PROTOCOL}: restart instead"
-                    )
-                bulk, since = await self.hub.export_replay()  # the rest goes at the split
-                await control.send(handoff.Replay(bulk))
-                token = secrets.token_hex(8)
-                with self.channels.frozen():  # the channel set stays as the Split names it
-                    await control.send(handoff.Split(token, list(self.hub.channels)))
-                    await self._from(successor, control.expect(handoff.Ready, None))
-                    await self.listener.split(marker, token, self.config.reload_timeout)
-                    await control.send(self.hub.snapshot(since))
-                    await self._from(successor, control.expect(handoff.Serving, None))
-        except BaseException as exc:
-            reason = _reason(exc, self.config.reload_timeout)
-            self.listener.release_split()
-            if control is not None:
-                with contextlib.suppress(Exception):
-                    await control.send(handoff.Abort(reason))
-                control.close()
-            if successor is not None:
-                await _end_process(successor)
+            handed = await predecessor.reload(self._inheritance(), environment)
+        except handoff.HandoffError:
+            self._write_lock_pid()  # a successor that served for a moment wrote its own
+            raise
+        finally:
             self._reloading = False
-            log.error("reload failed: serving on", reason=reason)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise handoff.HandoffError(reason) from exc
-        self._successor = successor.pid
-        self._reloading = False
+        self._successor = handed.pid
         log.info(
             "reload: the successor serves; handing over",
-            successor_pid=successor.pid,
-            successor_version=listening.version,
+            successor_pid=handed.pid,
+            successor_version=handed.version,
         )
-        asyncio.get_running_loop().call_soon(self._hand_over, control, successor.pid)
-        return successor.pid, listening.version
+        asyncio.get_running_loop().call_soon(self._hand_over, handed.control, handed.pid)
+        return handed.pid, handed.version
+
+    def _inheritance(self) -> Inheritance:
+        """What a successor is handed besides the state."""
+        assert self._server is not None
+        metrics = self._metrics
+        return Inheritance(
+            listen_fd=self._server.sockets[0].fileno(),
+            lock_fd=self._lock_fd,
+            owns_path=self._socket_inode is not None,
+            socket_path=self.config.socket,
+            role=self.config.fleet_role or "",
+            watchdog_usec=self._systemd.watchdog_usec or 0,
+            metrics_fd=metrics.fileno() if metrics is not None else None,
+            metrics_address=self.config.metrics_address if metrics is not None else None,
+        )
 
     def _hand_over(self, control: handoff.Control, pid: int) -> None:
         """After the reply went out: stop accepting, make the successor systemd's main process,
@@ -340,57 +309,6 @@ class Server:
             self.request_stop()
 
         asyncio.get_running_loop().create_task(tell())
-
-    def _spawn_successor(
-        self, control: socket.socket, marker: str, environment: dict[str, str] | None
-    ) -> subprocess.Popen[bytes]:
-        """Start ``python -m pgbusd`` with this daemon's arguments, the socket and the lock."""
-        assert self._server is not None
-        listen_fd = self._server.sockets[0].fileno()
-        env = dict(os.environ)
-        if environment is not None:
-            env = {k: v for k, v in env.items() if not k.startswith("PG")}
-            env.update({k: v for k, v in environment.items() if k.startswith("PG")})
-        for name in (*handoff.ALL_ENV, *sdnotify.OWN_VARIABLES):
-            env.pop(name, None)
-        env.update(
-            {
-                handoff.ENV_CONTROL: str(control.fileno()),
-                handoff.ENV_LISTEN: str(listen_fd),
-                handoff.ENV_LOCK: str(self._lock_fd if self._lock_fd is not None else -1),
-                handoff.ENV_MARKER: marker,
-                handoff.ENV_OWNS_PATH: "1" if self._socket_inode is not None else "0",
-                handoff.ENV_WATCHDOG: str(self._systemd.watchdog_usec or 0),
-            }
-        )
-        fds = [control.fileno(), listen_fd]
-        if self._lock_fd is not None:
-            fds.append(self._lock_fd)
-        return subprocess.Popen(
-            [sys.executable, "-m", "pgbusd", *sys.argv[1:]],
-            env=env,
-            pass_fds=fds,
-            stdin=subprocess.DEVNULL,
-        )
-
-    async def _from(
-        self, successor: subprocess.Popen[bytes], waiting: Awaitable[handoff.ControlMessage]
-    ) -> handoff.ControlMessage:
-        """What the successor says next; HandoffError with its exit status if it dies first."""
-        message = asyncio.ensure_future(waiting)
-        try:
-            while True:
-                done, _ = await asyncio.wait((message,), timeout=0.05)
-                if done:
-                    return message.result()
-                code = successor.poll()
-                if code is not None:
-                    raise handoff.HandoffError(
-                        f"the successor exited with status {code} before it took over "
-                        "(its log says why)"
-                    )
-        finally:
-            message.cancel()
 
     # -- fleet mode (issue 17, pgbusd/fleet/roles.py) -----------------------------------------
 
@@ -421,62 +339,57 @@ class Server:
     async def _take_over(self, inherited: handoff.Inherited, listener: asyncio.Task[None]) -> bool:
         """Take the predecessor's stream and state, then serve; False (logged) if it failed."""
         assert self._takeover is not None
-        takeover = self._takeover
-        control = await handoff.Control.open(inherited.control)
-        # Shorter than the predecessor's own: a successor that cannot make it says why first.
-        timeout = self.config.reload_timeout * 0.8
-        try:
-            async with asyncio.timeout(timeout):
-                await _unless_failed(listener, takeover.listening.wait())
-                await control.send(
-                    handoff.Listening(os.getpid(), pgbusd.__version__, handoff.PROTOCOL)
-                )
-                bulk = await _unless_failed(listener, control.expect(handoff.Replay, None))
-                assert isinstance(bulk, handoff.Replay)
-                self.hub.take_replay(bulk.frames, self.channels.allowed)
-                split = await _unless_failed(listener, control.expect(handoff.Split, None))
-                assert isinstance(split, handoff.Split)
-                allowed = [ch for ch in split.channels if self.channels.allowed(ch)]
-                await _unless_failed(listener, self.listener.listen_more(allowed))
-                await control.send(handoff.Ready())
-                state = await _unless_failed(listener, control.expect(handoff.State, None))
-                marker = await _unless_failed(listener, asyncio.shield(takeover.marker))
-            assert isinstance(state, handoff.State)
-            if marker != split.token:
-                raise handoff.HandoffError("the marker notification is not the one announced")
-            self.hub.restore(state, self.channels.allowed)
-            # Its clients come back at once (Goodbye(reload)); give them the time to attach.
-            self.channels.adopted(self.config.handshake_timeout)
+        successor = self._taking_over = Successor(
+            inherited,
+            self.config,
+            self.hub,
+            self.listener,  # type: ignore[arg-type]  # a plain daemon's Listener
+            self._takeover,
+            self.channels,
+            self._serve_inherited,
+            self.log,
+        )
+        served = await successor.take_over(listener)
+        self._takeover = None
+        if served:
             self.log = get_logger(daemon_id=self.hub.daemon_id)
-            takeover.adopted.set_result(state.generation)
-            await self._serve_inherited(inherited)
-            await control.send(handoff.Serving(os.getpid()))
-            self._takeover = None
-            self.log.info("took over", generation=state.generation, version=pgbusd.__version__)
-            async with asyncio.timeout(timeout):
-                await control.expect(handoff.Main, None)
-        except (handoff.HandoffError, TimeoutError, OSError) as exc:
-            reason = _reason(exc, timeout)
-            if self._takeover is None:  # serving already: the predecessor is gone or stuck
-                self.log.warning("the predecessor did not confirm the hand-over", reason=reason)
-            else:
-                if self.listener.last_error is not None:
-                    reason += f" (PostgreSQL: {self.listener.last_error})"
-                self.log.error("taking over failed", reason=reason)
-                with contextlib.suppress(Exception):
-                    await control.send(handoff.Abort(reason))
-                control.close()
-                return False
-        control.close()
+        return served
+
+    async def _confirm(
+        self,
+        inherited: handoff.Inherited,
+        listener: asyncio.Task[None],
+        status: Callable[[], str],
+    ) -> None:
+        """Serving already, wait for the predecessor's last word: own the socket file and speak
+        to systemd, or give the socket back (see :mod:`pgbusd.handoff`)."""
+        successor = self._taking_over
+        assert successor is not None
+        outcome = await successor.confirmation()
+        self._taking_over = None
+        if outcome is Confirmation.ABORTED:
+            self.log.warning(
+                "the predecessor serves on after all: giving the socket back",
+                reason=successor.reason,
+            )
+            self._stepped_back = True  # clients go back to it at once (Goodbye(reload))
+            self.request_stop()
+            return
+        if outcome is Confirmation.GONE:
+            self.log.warning("the predecessor is gone without handing over: serving on alone")
+        if inherited.owns_path:
+            with contextlib.suppress(OSError):
+                self._socket_inode = os.lstat(self.config.socket).st_ino
+                os.chmod(self.config.socket, self.config.socket_mode)
+                if self.config.socket_group is not None:
+                    os.chown(self.config.socket, -1, access.resolve_gid(self.config.socket_group))
         self._systemd = sdnotify.Notifier(
             os.environ.get("NOTIFY_SOCKET") or None, inherited.watchdog_usec
         )
-        return True
+        self._systemd_ready(listener, status)
 
     async def _give_up(self, listener: asyncio.Task[None]) -> None:
         """A successor that could not take over: leave the socket and the lock alone."""
-        if self._takeover is not None and not self._takeover.adopted.done():
-            self._takeover.adopted.set_exception(handoff.HandoffError("the hand-off is off"))
         self._socket_inode = None
         await self.listener.stop()
         listener.cancel()
@@ -486,17 +399,20 @@ class Server:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    async def _serve_inherited(self, inherited: handoff.Inherited) -> None:
-        """Accept clients on the predecessor's socket, and own its file and lock from now on."""
+    async def _serve_inherited(self, listen: socket.socket) -> None:
+        """Accept clients on the predecessor's socket (its file becomes this daemon's only once
+        the predecessor confirms the hand-over: :meth:`_confirm`)."""
         self._server = await asyncio.get_running_loop().create_unix_server(
-            self._new_session, sock=inherited.listen, backlog=self.config.max_clients
+            self._new_session, sock=listen, backlog=self.config.max_clients
         )
-        if inherited.owns_path:
-            with contextlib.suppress(OSError):
-                self._socket_inode = os.lstat(self.config.socket).st_ino
+        self._write_lock_pid()
+
+    def _write_lock_pid(self) -> None:
+        """The lock file names the process that serves (for operators and tests)."""
         if self._lock_fd is not None:
-            os.ftruncate(self._lock_fd, 0)
-            os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)
+                os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
 
     # -- the socket --------------------------------------------------------------------------
 
@@ -582,15 +498,23 @@ class Server:
     async def _start_metrics(self) -> bool:
         """Serve /metrics if ``metrics_address`` is set; False (logged) if it cannot be bound."""
         endpoint = self.config.metrics_endpoint
+        inherited = self._inherited.metrics if self._inherited is not None else None
+        if inherited is not None and (
+            endpoint is None or self._inherited.metrics_address != self.config.metrics_address  # type: ignore[union-attr]
+        ):
+            inherited.close()  # the predecessor's, at an address this daemon does not serve
+            inherited = None
         if endpoint is None:
             return True
         metrics = MetricsServer(self.status, *endpoint)
         try:
-            await metrics.start()
+            await metrics.start(sock=inherited)  # a reload serves the same socket on
         except OSError as exc:
             self.log.error(
                 "cannot serve metrics", address=self.config.metrics_address, error=str(exc)
             )
+            if self._inherited is not None:
+                self._inherited.refuse(f"--metrics-address {self.config.metrics_address}: {exc}")
             return False
         self._metrics = metrics
         self.log.info("serving metrics", url=f"http://{metrics.address}/metrics")

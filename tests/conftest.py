@@ -35,6 +35,38 @@ FAST = [
 ]  # fmt: skip
 
 
+FAILPOINTS = str(Path(__file__).with_name("failpoints"))
+
+
+def failpoint_env(spec: str) -> dict[str, str]:
+    """The environment that arms test failpoints ``spec`` in a daemon (see
+    tests/failpoints/sitecustomize.py)."""
+    path = os.pathsep.join(filter(None, (FAILPOINTS, os.environ.get("PYTHONPATH"))))
+    return {"PYTHONPATH": path, "PGBUS_TEST_FAILPOINTS": spec}
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of ``pid`` in /proc (``T``: stopped), or None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of ``pid``'s children."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                out.append(int(entry.name))
+    return out
+
+
 def unique_channel(prefix: str = "t") -> str:
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
 
@@ -103,8 +135,13 @@ class Daemon:
         self.log_path = workdir / f"daemon-{uuid.uuid4().hex[:6]}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    #: Give the socket path as PGBUSD_SOCKET (as a systemd environment file does) rather than
+    #: as --socket.
+    socket_in_env = False
+
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "pgbusd", "--socket", self.socket, *FAST]
+        socket = [] if self.socket_in_env else ["--socket", self.socket]
+        cmd = [sys.executable, "-m", "pgbusd", *socket, *FAST]
         if self.dsn is not None:
             cmd += ["--dsn", self.dsn]
         for ch in self.channels:
@@ -112,8 +149,10 @@ class Daemon:
         return cmd + self.args
 
     def start(self) -> Daemon:
-        env = {**os.environ, **(self.env or {})}
-        env.pop("PGBUSD_SOCKET", None)
+        env = {k: v for k, v in os.environ.items() if k != "PGBUSD_SOCKET"}
+        env.update(self.env or {})
+        if self.socket_in_env:
+            env["PGBUSD_SOCKET"] = self.socket
         self.log_path = self.workdir / f"daemon-{uuid.uuid4().hex[:6]}.log"
         with open(self.log_path, "wb") as log:
             # Its own session, so that kill() also ends the successors of reloads (which are
@@ -363,3 +402,23 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+@pytest.fixture(params=["asyncio", "sync"])
+async def open_client(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """Opens clients of one kind (asyncio, then blocking), closed at the end of the test."""
+    from tests.bothclients import Client
+
+    blocking = request.param == "sync"
+    made: list[Client] = []
+
+    async def open_(path: str, **kwargs: Any) -> Client:
+        kwargs.setdefault("reconnect_initial", 0.02)
+        kwargs.setdefault("reconnect_max", 0.2)
+        client = await Client.connect(blocking, path, **kwargs)
+        made.append(client)
+        return client
+
+    yield open_
+    for client in made:
+        await client.close()

@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import pytest
 import pgbus
 import pgbus.sync
 from pgbus import protocol as p
+from tests.bothclients import OpenClient
 from tests.conftest import (
     Daemon,
     DaemonFactory,
@@ -32,86 +32,6 @@ from tests.conftest import (
     wait_until,
 )
 from tests.fakedaemon import FakeConnection, FakeDaemon
-
-
-class Sub:
-    """One subscription of either client."""
-
-    def __init__(self, sub: Any, blocking: bool) -> None:
-        self.sub = sub
-        self.blocking = blocking
-
-    async def recv(self, timeout: float = 10.0) -> Any:
-        if self.blocking:
-            return await asyncio.to_thread(self.sub.recv, timeout)
-        return await asyncio.wait_for(self.sub.recv(), timeout)
-
-    async def iterate(self) -> list[Any]:
-        """Everything iteration yields until it ends (or raises)."""
-        if self.blocking:
-            return await asyncio.to_thread(list, self.sub)
-        return [x async for x in self.sub]
-
-    async def close(self) -> None:
-        if self.blocking:
-            self.sub.close()
-        else:
-            await self.sub.close()
-
-
-class Client:
-    """One bus of either kind, behind one awaitable interface."""
-
-    def __init__(self, bus: Any, blocking: bool) -> None:
-        self.bus = bus
-        self.blocking = blocking
-
-    @classmethod
-    async def connect(cls, blocking: bool, path: str, **kwargs: Any) -> Client:
-        if blocking:
-            return cls(await asyncio.to_thread(pgbus.sync.connect, path, **kwargs), True)
-        return cls(await pgbus.connect(path, **kwargs), False)
-
-    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        method = getattr(self.bus, name)
-        if self.blocking:
-            return await asyncio.to_thread(method, *args, **kwargs)
-        return await method(*args, **kwargs)
-
-    async def subscribe(self, channel: str, **kwargs: Any) -> Sub:
-        return Sub(await self._call("subscribe", channel, **kwargs), self.blocking)
-
-    async def status(self, **kwargs: Any) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("status", **kwargs)
-        return result
-
-    async def wait_generation(self, generation: int, timeout: float = 15.0) -> None:
-        await wait_until(
-            lambda: self.bus.generation >= generation, timeout, what=f"generation {generation}"
-        )
-
-    async def close(self) -> None:
-        await self._call("close")
-
-
-OpenClient = Callable[..., Awaitable[Client]]
-
-
-@pytest.fixture(params=["asyncio", "sync"])
-async def open_client(request: pytest.FixtureRequest) -> AsyncIterator[OpenClient]:
-    blocking = request.param == "sync"
-    made: list[Client] = []
-
-    async def open_(path: str, **kwargs: Any) -> Client:
-        kwargs.setdefault("reconnect_initial", 0.02)
-        kwargs.setdefault("reconnect_max", 0.2)
-        client = await Client.connect(blocking, path, **kwargs)
-        made.append(client)
-        return client
-
-    yield open_
-    for client in made:
-        await client.close()
 
 
 @pytest.fixture

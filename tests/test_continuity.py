@@ -258,7 +258,7 @@ async def test_a_reload_onto_another_hand_off_protocol_is_refused_and_changes_no
     channels = [unique_channel("proto")]
     daemon = daemon_factory(channels, env={"PYTHONPATH": str(site)})
     await daemon.wait_generation(1)
-    module = site / "pgbusd" / "handoff.py"
+    module = site / "pgbusd" / "handoff" / "protocol.py"
     text = module.read_text()
     assert "PROTOCOL: Final = 1\n" in text
     module.write_text(text.replace("PROTOCOL: Final = 1\n", "PROTOCOL: Final = 2\n"))

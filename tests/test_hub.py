@@ -229,3 +229,49 @@ async def test_a_hand_off_between_hubs_keeps_every_frame_once_while_the_relay_go
         seqs = [n.seq for n in notifications]
         assert seqs == list(range(oldest, old.channels[channel].seq + 1)), "each once, in order"
     assert new.replay.size == old.replay.size
+
+
+async def test_a_channel_recreated_during_a_hand_off_cannot_be_resumed_across_its_two_lives() -> (
+    None
+):
+    """An on-demand channel dropped and created again after the bulk of the replay buffer went
+    over: the successor must not keep the first life's frames under the second life's seqs (a
+    resume it cannot honour), and a catch-up never yields an empty frame."""
+    old = Hub(("pinned",), replay_bytes=1 << 20)
+    old.add_channel("dyn")
+    for i in range(5):
+        old.publish(100, "dyn", f"first{i}")  # seqs 1..5
+    old.seal_all()
+    bulk, since = await old.export_replay()
+    old.drop_channel("dyn")  # its last subscriber left; UNLISTENed
+    old.add_channel("dyn")  # subscribed again: a new channel, past every seq so far
+    state = old.snapshot(since)
+    assert [s.next_seq for s in state.channels if s.name == "dyn"] == [7]
+
+    new = Hub(("pinned",), replay_bytes=1 << 20)
+    new.take_replay(bulk, lambda name: name == "dyn")
+    new.restore(state, lambda name: name == "dyn")
+    assert not new.can_resume("dyn", 5), "seq 6 never existed: a client holding 5 steps"
+    assert new.replay_after("dyn", 5) is None
+    for i in range(3):
+        new.publish(100, "dyn", f"second{i}")  # seqs 7..9
+    new.seal_all()
+    assert new.can_resume("dyn", 6)
+    frame = new.replay_after("dyn", 6)
+    assert frame is not None
+    assert [n.seq for n in p.server_decoder().feed(bytes(frame[0]))] == [7, 8, 9]  # type: ignore[union-attr]
+    assert not new.can_resume("dyn", 5)
+
+
+def test_a_catch_up_never_yields_an_empty_frame_even_over_a_hole() -> None:
+    from pgbusd.replay import ChannelLog, ReplayLog
+
+    replay = ReplayLog(1 << 20)
+    log = ChannelLog()
+    replay.append(log, 1, 5, p.encode_frame(*notes("c", 1, ["x"] * 5)))
+    log.next_seq = 7  # a hole at 6 (a channel's next life)
+    assert log.next_frame(5) is None
+    replay.append(log, 7, 2, p.encode_frame(*notes("c", 7, ["y"] * 2)))
+    step = log.next_frame(5)
+    assert step is not None
+    assert p.server_decoder().feed(bytes(step[0])), "never empty"

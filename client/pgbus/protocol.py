@@ -261,8 +261,11 @@ def _array_header(n: int) -> bytes:
 def frame_items(items: list[bytes], size: int | None = None) -> bytes:
     """One frame holding already-encoded message items (length prefix + array header + items).
 
-    ``size`` is ``sum(map(len, items))``, for a caller that already knows it.
+    ``size`` is ``sum(map(len, items))``, for a caller that already knows it. A frame carries
+    at least one message: ValueError for none.
     """
+    if not items:
+        raise ValueError("a frame carries at least one message")
     head = _array_header(len(items))
     if size is None:
         size = sum(map(len, items))

@@ -1,42 +1,5 @@
-"""Hand-off reload: a running daemon hands its socket, its lineage and its stream to a successor.
-
-``pgbusctl reload``, SIGHUP and ``systemctl reload`` replace the running daemon (the
-*predecessor*) with a new process started from the code installed on disk (the *successor*),
-so that installing a new version and reloading is an upgrade. Clients lose nothing, see nothing
-twice and their generation does not move. How:
-
-1. The predecessor starts the successor as its child, with the listening socket (and its lock
-   file) inherited, a socketpair for this module's control messages, and the name of a fresh
-   *marker channel* in its environment.
-2. The successor reads its configuration (a refused one ends the reload here), connects to
-   PostgreSQL and LISTENs on every channel and on the marker channel, holding back everything it
-   receives; then it says ``Listening``.
-3. The predecessor ships its replay buffer as it is (``Replay``: the bulk of it, while it
-   still relays; the successor takes it meanwhile). Then it freezes its channel set (channels
-   on demand wait), sends ``Split``: the marker's payload and every channel it listens on now,
-   which the successor LISTENs on too before it says ``Ready``. Then the predecessor LISTENs
-   on the marker channel and commits one NOTIFY on it. PostgreSQL delivers every notification
-   to every listener from one queue, in commit order, so the marker stands at the same place
-   in both streams: the predecessor relays everything before it and holds back everything
-   after it; the successor drops everything it held before it and keeps everything after it.
-4. At the marker the predecessor seals what it relayed and sends its ``State``: lineage (daemon
-   id), generation, every channel's seq, and the frames its replay buffer kept since the
-   ``Replay`` (a few, however large the buffer: the split waits for those only). The
-   successor takes it, relays what it kept after the marker with the seqs that follow, starts
-   accepting clients on the inherited socket, and says ``Serving``.
-5. The predecessor stops accepting, tells systemd the successor is the main process now
-   (``MAINPID=``), says ``Main`` to the successor (which then takes over the watchdog), tells
-   its clients ``Goodbye(reload)`` and exits 0, leaving the socket file and the lock to the
-   successor. The clients re-attach at once and resume: the same daemon id and generation, and
-   the replay buffer covers whatever they had not read yet.
-
-Until ``Serving`` nothing is final: if the successor fails at any step (a configuration it
-refuses, an import error in new code, PostgreSQL unreachable within ``--reload-timeout``, the
-marker never seen), the predecessor relays what it held back and serves on as if nothing had
-happened, and the reload reports why. Both number the notifications after the marker alike (the
-same state, the same stream), so even a successor that dies after serving a few clients leaves
-them nothing to reconcile.
-"""
+"""The hand-off's wire: the control messages both processes exchange, and what a successor is
+given in its environment (see :mod:`pgbusd.handoff` for the procedure)."""
 
 from __future__ import annotations
 
@@ -45,7 +8,8 @@ import contextlib
 import os
 import socket
 import struct
-from collections.abc import Mapping, MutableMapping
+import sys
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -54,14 +18,32 @@ import msgspec
 from pgbusd.replay import ReplayExport
 
 #: Environment of a successor: the control socket, the listening socket, the lock (or -1), the
-#: marker channel, and whether the predecessor bound the socket file itself (1) or systemd did.
+#: marker channel, whether the predecessor bound the socket file itself (1) or systemd did, the
+#: watchdog, the predecessor's socket path and role (settings a reload cannot change), and its
+#: metrics listening socket (or -1) with the address it was configured with. A successor started
+#: by a predecessor that did not set the last ones checks nothing against them.
 ENV_CONTROL: Final = "PGBUSD_HANDOFF_CONTROL_FD"
 ENV_LISTEN: Final = "PGBUSD_HANDOFF_LISTEN_FD"
 ENV_LOCK: Final = "PGBUSD_HANDOFF_LOCK_FD"
 ENV_MARKER: Final = "PGBUSD_HANDOFF_MARKER"
 ENV_OWNS_PATH: Final = "PGBUSD_HANDOFF_OWNS_PATH"
 ENV_WATCHDOG: Final = "PGBUSD_HANDOFF_WATCHDOG_USEC"
-ALL_ENV: Final = (ENV_CONTROL, ENV_LISTEN, ENV_LOCK, ENV_MARKER, ENV_OWNS_PATH, ENV_WATCHDOG)
+ENV_SOCKET: Final = "PGBUSD_HANDOFF_SOCKET"
+ENV_ROLE: Final = "PGBUSD_HANDOFF_ROLE"
+ENV_METRICS_FD: Final = "PGBUSD_HANDOFF_METRICS_FD"
+ENV_METRICS_ADDRESS: Final = "PGBUSD_HANDOFF_METRICS_ADDRESS"
+ALL_ENV: Final = (
+    ENV_CONTROL,
+    ENV_LISTEN,
+    ENV_LOCK,
+    ENV_MARKER,
+    ENV_OWNS_PATH,
+    ENV_WATCHDOG,
+    ENV_SOCKET,
+    ENV_ROLE,
+    ENV_METRICS_FD,
+    ENV_METRICS_ADDRESS,
+)
 
 _HEADER: Final = struct.Struct(">I")
 #: A State carries at most the replay buffer (--replay-bytes) and some bookkeeping.
@@ -74,8 +56,19 @@ MAX_MESSAGE: Final = 1 << 31
 PROTOCOL: Final = 1
 
 
+def daemon_command(args: Sequence[str]) -> list[str]:
+    """The command that runs the pgbusd installed now with ``args``: this interpreter, with
+    ``-P`` so that nothing from the working directory goes on ``sys.path`` (a ``pgbusd/``
+    folder in a checkout, or planted in a world-writable directory, is never imported)."""
+    return [sys.executable, "-P", "-m", "pgbusd", *args]
+
+
 class HandoffError(Exception):
     """A hand-off cannot go on; the message says why (shown by ``pgbusctl reload``)."""
+
+
+class ChannelClosed(HandoffError):
+    """The other process closed the hand-off channel (it exited, most often)."""
 
 
 class Message(msgspec.Struct, tag_field="t", array_like=True):
@@ -181,7 +174,7 @@ class Control:
                 raise HandoffError(f"control message of {size} bytes")
             return _decoder.decode(await self._reader.readexactly(size))
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise HandoffError("the other process closed the hand-off channel") from exc
+            raise ChannelClosed("the other process closed the hand-off channel") from exc
         except msgspec.DecodeError as exc:
             raise HandoffError(f"malformed hand-off message: {exc}") from exc
 
@@ -209,6 +202,35 @@ class Inherited:
     marker: str
     owns_path: bool
     watchdog_usec: int | None
+    #: The predecessor's --socket and fleet role ("" for a plain daemon); None: not told.
+    socket_path: str | None = None
+    role: str | None = None
+    #: The predecessor's metrics listening socket and its --metrics-address, if it served one.
+    metrics: socket.socket | None = None
+    metrics_address: str | None = None
+
+    def refusal(self, socket_path: str, role: str | None) -> str | None:
+        """Why a successor configured with ``socket_path`` and fleet ``role`` cannot take over
+        (a setting a reload cannot change), or None."""
+        if self.socket_path is not None and socket_path != self.socket_path:
+            return (
+                f"--socket (PGBUSD_SOCKET) cannot change on a reload: the running daemon serves "
+                f"{self.socket_path!r}, the successor was given {socket_path!r}; restart instead"
+            )
+        if self.role is not None and (role or "") != self.role:
+            shown = {"": "a plain daemon", "bridge": "a bridge", "host": "a host"}
+            return (
+                "the fleet role (--publish, --source) cannot change on a reload: the running "
+                f"daemon is {shown.get(self.role, self.role)}, the successor would be "
+                f"{shown.get(role or '', role)}; restart instead"
+            )
+        return None
+
+    def refuse(self, reason: str) -> None:
+        """Tell the predecessor why this successor will not take over (before anything)."""
+        body = _encoder.encode(Abort(reason))
+        with contextlib.suppress(OSError):
+            self.control.sendall(_HEADER.pack(len(body)) + body)
 
 
 def inherited(environ: MutableMapping[str, str] | None = None) -> Inherited | None:
@@ -226,6 +248,10 @@ def inherited(environ: MutableMapping[str, str] | None = None) -> Inherited | No
     if lock >= 0:
         os.set_inheritable(lock, False)
     watchdog = int(values[ENV_WATCHDOG] or 0)
+    metrics_fd = int(values[ENV_METRICS_FD] or -1)
+    metrics = socket.socket(fileno=metrics_fd) if metrics_fd >= 0 else None
+    if metrics is not None:
+        metrics.set_inheritable(False)
     return Inherited(
         control=control,
         listen=listen,
@@ -233,6 +259,10 @@ def inherited(environ: MutableMapping[str, str] | None = None) -> Inherited | No
         marker=values[ENV_MARKER],
         owns_path=values[ENV_OWNS_PATH] == "1",
         watchdog_usec=watchdog or None,
+        socket_path=values[ENV_SOCKET] or None,
+        role=values[ENV_ROLE] if values[ENV_SOCKET] else None,
+        metrics=metrics,
+        metrics_address=values[ENV_METRICS_ADDRESS] or None,
     )
 
 

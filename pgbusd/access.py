@@ -123,16 +123,28 @@ class AccessPolicy:
     attach: Rule | None = None
     channels: dict[str, Rule] = field(default_factory=dict)
     always: frozenset[int] = frozenset({0, os.getuid()})
+    #: Who sees the whole status document besides root and the daemon's own user.
+    operators: Rule = field(default_factory=Rule)
 
     @classmethod
     def build(
-        cls, allow_uid: tuple[str, ...], allow_gid: tuple[str, ...], channel_acl: tuple[str, ...]
+        cls,
+        allow_uid: tuple[str, ...],
+        allow_gid: tuple[str, ...],
+        channel_acl: tuple[str, ...],
+        operator_gid: tuple[str, ...] = (),
     ) -> AccessPolicy:
         attach = None
         if allow_uid or allow_gid:
             attach = parse_rule([f"uid:{u}" for u in allow_uid] + [f"gid:{g}" for g in allow_gid])
         channels = dict(parse_channel_acl(spec) for spec in channel_acl)
-        return cls(attach, channels)
+        operators = parse_rule([f"gid:{g}" for g in operator_gid])
+        return cls(attach, channels, operators=operators)
+
+    def sees_everything(self, peer: Peer) -> bool:
+        """Whether ``peer`` is shown the whole status (every channel and client): root, the
+        daemon's own user, and the members of --operator-gid groups."""
+        return peer.uid in self.always or self.operators.matches(peer)
 
     def refuse_attach(self, peer: Peer) -> str | None:
         """Why ``peer`` may not attach, or None if it may."""

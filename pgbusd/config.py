@@ -96,6 +96,14 @@ class Config:
         multiple=True,
         metavar="GROUP",
     )
+    operator_gid: tuple[str, ...] = _opt(
+        (),
+        "Members of these groups (name or gid; repeatable) see the whole status document, every "
+        "channel and client (pgbusctl status and metrics). Others see their own subscriptions "
+        "and aggregate counts only. Root and the daemon's own user always see it all.",
+        multiple=True,
+        metavar="GROUP",
+    )
     channel_acl: tuple[str, ...] = _opt(
         (),
         "Restrict subscribing to a channel: CHANNEL=uid:USER,gid:GROUP,... (repeatable; "
@@ -268,8 +276,13 @@ class Config:
                 access.resolve_gid(self.socket_group)
             except ValueError as exc:
                 raise ConfigError("socket_group", str(exc)) from None
-        for name in ("allow_uid", "allow_gid", "channel_acl"):
-            only: dict[str, tuple[str, ...]] = {"allow_uid": (), "allow_gid": (), "channel_acl": ()}
+        for name in ("allow_uid", "allow_gid", "channel_acl", "operator_gid"):
+            only: dict[str, tuple[str, ...]] = {
+                "allow_uid": (),
+                "allow_gid": (),
+                "channel_acl": (),
+                "operator_gid": (),
+            }
             only[name] = getattr(self, name)
             try:
                 access.AccessPolicy.build(**only)
@@ -349,7 +362,9 @@ class Config:
 
     def access_policy(self) -> access.AccessPolicy:
         """The allow lists with user and group names resolved (ValueError naming a bad one)."""
-        return access.AccessPolicy.build(self.allow_uid, self.allow_gid, self.channel_acl)
+        return access.AccessPolicy.build(
+            self.allow_uid, self.allow_gid, self.channel_acl, self.operator_gid
+        )
 
     @property
     def metrics_endpoint(self) -> tuple[str, int] | None:

@@ -231,7 +231,12 @@ def render(status: Status) -> str:
         )
     if status.fleet is not None:  # fleet mode (issue 17)
         lines += _fleet(status.fleet)
-    if status.omitted:
+    if status.view == "restricted":
+        lines.append(
+            "view        restricted: your own subscriptions and aggregate counts (the whole "
+            "status is for root, the daemon's user and --operator-gid members)"
+        )
+    elif status.omitted:
         lines.append(_omitted(status.omitted))
     lines.append("")
     channels = status.channels
@@ -269,7 +274,9 @@ def render(status: Status) -> str:
         ],
         right={0, 1, 3, 4},
     )
-    if status.omitted.clients:
+    if status.omitted.clients and status.view == "restricted":
+        lines.append(f"(and {status.omitted.clients} other clients)")
+    elif status.omitted.clients:
         lines.append(f"(and {status.omitted.clients} more clients, with fewer bytes waiting)")
     lines.append("")
     shown = [

@@ -270,7 +270,8 @@ def _samples(status: Status) -> Iterator[Sample]:
     for code, count in sorted(totals.subscribes_refused.items()):
         yield "pgbusd_subscribes_refused_total", {"reason": code}, count
     yield "pgbusd_listening_channels", {}, pg.listening_channels
-    yield "pgbusd_replay_bytes", {}, totals.replay_bytes
+    if status.view != "restricted":  # a restricted view does not show it
+        yield "pgbusd_replay_bytes", {}, totals.replay_bytes
     yield "pgbusd_status_requests_total", {}, totals.status_requests
     yield "pgbusd_status_documents_total", {}, totals.status_documents
     yield "pgbusd_status_omitted", {"part": "channels"}, status.omitted.channels

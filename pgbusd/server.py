@@ -78,7 +78,7 @@ class Server:
         self.access = config.access_policy()
         self.started_at = time.time()
         self.counters = st.Counters()
-        self._status_desk = st.StatusDesk(self._status_reply, self.counters)
+        self._status_desk = st.StatusDesk(self._status_document, self.counters)
         self._session_context = SessionContext(
             hub=self.hub,
             access=self.access,
@@ -564,6 +564,6 @@ class Server:
             fleet=self.fleet.status() if self.fleet is not None else None,  # issue 17
         )
 
-    def _status_reply(self) -> bytes:
-        """The StatusReply frame the desk sends: the document, cut to the frame limit."""
-        return st.reply_frame(st.fit(self.status()))
+    def _status_document(self) -> st.Document:
+        """The document the status desk answers with (each client gets its view of it)."""
+        return st.Document(self.status())

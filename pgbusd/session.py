@@ -17,7 +17,7 @@ from pgbusd.access import UNKNOWN_PEER, AccessPolicy, peer_of
 from pgbusd.channels import ChannelDirectory, Refusal
 from pgbusd.handoff import HandoffError
 from pgbusd.log import get_logger
-from pgbusd.status import MAX_RUN, ClientStatus, Counters, StatusDesk
+from pgbusd.status import MAX_RUN, Answer, ClientStatus, Counters, StatusDesk
 
 if TYPE_CHECKING:
     from pgbusd.hub import Hub
@@ -91,6 +91,9 @@ class Session(asyncio.Protocol):
         self.attached = False
         self.closing = False
         self.peer = UNKNOWN_PEER
+        #: Whether this client's status requests get the whole document (root, the daemon's
+        #: user, an operator), or the restricted view (its own subscriptions, aggregates).
+        self.sees_everything = False
         self.name = ""
         self.connected_at = time.time()
         self.sent = 0
@@ -103,6 +106,7 @@ class Session(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.peer = peer = peer_of(transport.get_extra_info("socket"))
+        self.sees_everything = self._ctx.access.sees_everything(peer)
         self.log = get_logger(client_pid=peer.pid, client_uid=peer.uid, client_gid=peer.gid)
         ctx = self._ctx
         refusal = ctx.access.refuse_attach(peer)
@@ -243,12 +247,13 @@ class Session(asyncio.Protocol):
             transport.resume_reading()
             self._reading_paused = False
 
-    def answer_status(self, frame: bytes) -> int:
-        """The desk built a document (``frame``, a StatusReply): answer the waiting request and
-        the status requests right behind it (up to MAX_RUN in all), then go on with the rest."""
+    def answer_status(self, answer: Answer) -> int:
+        """The desk built a document: answer the waiting request and the status requests right
+        behind it (up to MAX_RUN in all) with this client's view of it, then go on."""
         self._status_waiting = False
         if self.closing:
             return 0
+        frame = answer.frame_for(self)
         self.send_frame(frame)
         answered = 1
         inbox = self._inbox

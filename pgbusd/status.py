@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -206,10 +206,13 @@ class Status(msgspec.Struct, kw_only=True):
     totals: Totals
     dsn: str | None
     omitted: Omitted = msgspec.field(default_factory=Omitted)
-    #: Fleet mode (issue 17): the role, stream, position and lease; None for a plain daemon. In
-    #: the host role, ``postgres`` describes the daemon's feed, the stream: "connected" once it
-    #: caught up and reads it.
+    #: Fleet mode: the role, stream, position and lease; None for a plain daemon. In the host
+    #: role, ``postgres`` describes the daemon's feed, the stream: "connected" once it caught up
+    #: and reads it.
     fleet: FleetStatus | None = None
+    #: "full", or "restricted": the view of a client that is neither root, the daemon's user
+    #: nor a member of an --operator-gid group (:func:`restricted`).
+    view: str = "full"
 
     @property
     def channel_count(self) -> int:
@@ -337,6 +340,74 @@ def _trim_entries(status: Status, budget: int) -> Status:
     )
 
 
+def restricted(status: Status, own: ClientStatus, subscriptions: Iterable[str]) -> Status:
+    """The part of ``status`` a client that may not see everything is shown: the channels it
+    subscribes to, itself among the clients, and aggregate counts; nothing that names another
+    client or a channel it does not hold (per-request channel names can carry tokens), and not
+    the replay buffer's size (its changes would give away the length of each payload)."""
+    mine = set(subscriptions)
+    channels = {name: ch for name, ch in status.channels.items() if name in mine}
+    return msgspec.structs.replace(
+        status,
+        channels=channels,
+        clients=[own],
+        totals=msgspec.structs.replace(status.totals, replay_bytes=0),
+        dsn=None,
+        omitted=Omitted(
+            channels=status.channel_count - len(channels),
+            clients=max(0, status.totals.clients - 1),
+        ),
+        view="restricted",
+    )
+
+
+class Viewer(Protocol):
+    """A client asking for the status (a :class:`~pgbusd.session.Session`)."""
+
+    @property
+    def sees_everything(self) -> bool:
+        """Root, the daemon's own user, or a member of an --operator-gid group."""
+        ...
+
+    @property
+    def subscriptions(self) -> Mapping[str, None]: ...
+
+    def summary(self) -> ClientStatus: ...
+
+
+class Answer(Protocol):
+    """What :class:`StatusDesk` hands every waiting request: the reply frame for its viewer."""
+
+    def frame_for(self, viewer: Viewer) -> bytes: ...
+
+
+class Document:
+    """One status document for every request waiting when it was built: the whole reply frame
+    (encoded once, for all who may see everything), and each other client's restricted view."""
+
+    def __init__(self, status: Status) -> None:
+        self.status = status
+        self._full: bytes | None = None
+
+    def frame_for(self, viewer: Viewer) -> bytes:
+        if viewer.sees_everything:
+            if self._full is None:
+                self._full = reply_frame(fit(self.status))
+            return self._full
+        own = viewer.summary()
+        return reply_frame(fit(restricted(self.status, own, viewer.subscriptions)))
+
+
+class _Failed:
+    """The answer when building the document failed: one Error frame for everyone."""
+
+    def __init__(self, frame: bytes) -> None:
+        self.frame = frame
+
+    def frame_for(self, viewer: Viewer) -> bytes:
+        return self.frame
+
+
 def reply_frame(status: Status) -> bytes:
     """The ``StatusReply`` frame of ``status``, which :func:`fit` must have cut to the limit."""
     frame = p.encode_frame(p.StatusReply(msgspec.to_builtins(status)))
@@ -361,22 +432,23 @@ E_STATUS_FAILED: Final = "status_failed"
 class StatusWaiter(Protocol):
     """A client with a status request waiting (a :class:`~pgbusd.session.Session`)."""
 
-    def answer_status(self, frame: bytes) -> int:
+    def answer_status(self, answer: Answer) -> int:
         """Answer the waiting request (and up to :data:`MAX_RUN` in all right behind it) with
-        ``frame``; returns how many were answered."""
+        its frame of ``answer``; returns how many were answered."""
         ...
 
 
 class StatusDesk:
     """Answers status requests, building one document for every request waiting at the time.
 
-    ``build`` returns the encoded reply frame (and may take a while: it walks every channel and
-    client). Documents are built at most once per :data:`MIN_INTERVAL`, or ten times the time the
-    last one took if that is longer, so that a client flooding requests costs the relay at most
-    :data:`MAX_SHARE` of the daemon's time; an idle daemon answers on the next loop turn.
+    ``build`` returns the document (and may take a while: it walks every channel and client);
+    each waiter takes its frame of it (:meth:`Answer.frame_for`). Documents are built at most
+    once per :data:`MIN_INTERVAL`, or ten times the time the last one took if that is longer,
+    so that a client flooding requests costs the relay at most :data:`MAX_SHARE` of the
+    daemon's time; an idle daemon answers on the next loop turn.
     """
 
-    def __init__(self, build: Callable[[], bytes], counters: Counters) -> None:
+    def __init__(self, build: Callable[[], Answer], counters: Counters) -> None:
         self._build = build
         self._counters = counters
         self._waiting: dict[StatusWaiter, None] = {}
@@ -416,18 +488,19 @@ class StatusDesk:
             return
         self._counters.status_documents += 1
         started = time.perf_counter()
+        answer: Answer
         try:
-            frame = self._build()
+            answer = self._build()
         except Exception as exc:
             self._log.error("status document failed", error=repr(exc))
             message = f"the daemon could not build its status document: {exc!r}"
-            frame = p.encode_frame(p.Error(E_STATUS_FAILED, message[:1000]))
+            answer = _Failed(p.encode_frame(p.Error(E_STATUS_FAILED, message[:1000])))
         cost = time.perf_counter() - started
         self._next_at = asyncio.get_running_loop().time() + max(MIN_INTERVAL, cost / MAX_SHARE)
         self._answering = True
         try:
             for waiter in waiting:
-                self._counters.status_requests += waiter.answer_status(frame)
+                self._counters.status_requests += waiter.answer_status(answer)
         finally:
             self._answering = False
         if self._waiting:

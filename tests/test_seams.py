@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -397,3 +398,63 @@ async def test_a_daemon_that_answers_a_resume_with_an_empty_frame_costs_one_step
         assert await fake.no_new_connection_within(0.3)
     finally:
         await fake.close()
+
+
+# -- the status and the channel ACL --------------------------------------------------------------
+
+
+def _status_as(uid: int, gid: int, socket_path: str) -> dict[str, Any]:
+    from tests.test_security import run_as
+
+    def ask() -> Any:
+        async def go() -> dict[str, Any]:
+            async with pgbus.connect(socket_path, name="curious") as bus:
+                return await bus.status(timeout=10)
+
+        return asyncio.run(go())
+
+    result: dict[str, Any] = run_as(uid, gid, ask)
+    assert "exception" not in result, result
+    return result
+
+
+async def test_a_client_sees_in_the_status_only_what_the_acl_lets_it_see(
+    daemon_factory: DaemonFactory, pg: Any
+) -> None:
+    from tests.test_security import NOBODY
+
+    daemon = daemon_factory(
+        args=["--channel-pattern", "job:*", "--channel-acl", "job:*=uid:1"],
+        env={"PGBUSD_SOCKET_MODE": "0666"},
+    )
+    await daemon.wait_generation(1)
+    os.chmod(os.path.dirname(daemon.socket), 0o755)
+    secret = f"job:tok-{unique_channel('s')}"
+    async with pgbus.connect(daemon.socket, name="allowed") as bus:
+        sub = await bus.subscribe(secret)
+        await notify(pg, secret, "x" * 123)
+        assert await asyncio.wait_for(sub.recv(), 10) == "x" * 123
+        doc = await asyncio.to_thread(_status_as, NOBODY, NOBODY, daemon.socket)
+        full = await bus.status()
+    assert secret in json.dumps(full), "root sees everything"
+    assert secret not in json.dumps(doc)
+    assert doc["view"] == "restricted"
+    assert [c["name"] for c in doc["clients"]] == ["curious"], "only itself"
+    assert doc["totals"]["replay_bytes"] == 0, "no payload lengths through the buffer's size"
+    assert doc["totals"]["clients"] >= 2, "aggregate counts stay"
+    assert doc["dsn"] is None
+
+
+async def test_an_operator_group_member_sees_the_whole_status(
+    daemon_factory: DaemonFactory,
+) -> None:
+    from tests.test_security import NOBODY
+
+    daemon = daemon_factory(
+        args=["--operator-gid", str(NOBODY)], env={"PGBUSD_SOCKET_MODE": "0666"}
+    )
+    await daemon.wait_generation(1)
+    os.chmod(os.path.dirname(daemon.socket), 0o755)
+    doc = await asyncio.to_thread(_status_as, NOBODY, NOBODY, daemon.socket)
+    assert doc["view"] == "full"
+    assert doc["channels"].keys() == set(daemon.channels)

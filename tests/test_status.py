@@ -509,11 +509,21 @@ class Built:
         self.count = 0
         self.fail = False
 
-    def __call__(self) -> bytes:
+    def __call__(self) -> Fixed:
         self.count += 1
         if self.fail:
             raise RuntimeError("broken on purpose")
-        return p.encode_frame(p.StatusReply({"document": self.count}))
+        return Fixed(p.encode_frame(p.StatusReply({"document": self.count})))
+
+
+class Fixed:
+    """A document that answers every client with the same frame."""
+
+    def __init__(self, frame: bytes) -> None:
+        self.frame = frame
+
+    def frame_for(self, viewer: object) -> bytes:
+        return self.frame
 
 
 @contextlib.asynccontextmanager

@@ -22,8 +22,10 @@ def emit(**fields: object) -> None:
 
 async def main(path: str, channel: str) -> None:
     async with pgbus.connect(path, reconnect_initial=0.05, reconnect_max=0.5) as bus:
-        watch = bus.subscribe_reconnects()
         sub = await bus.subscribe(channel, buffer=100_000)
+        # Seeded now, with nothing awaited since the subscribe: every "generation" line that
+        # follows "ready" is a change after the generation it reports.
+        watch = bus.subscribe_reconnects()
         emit(
             event="ready",
             generation=watch.borrow(),

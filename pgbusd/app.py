@@ -6,8 +6,9 @@ import gc
 
 import uvloop
 
-from pgbusd import handoff, log
+from pgbusd import handoff
 from pgbusd.config import Config
+from pgbusd.ops import log
 from pgbusd.server import Server
 
 

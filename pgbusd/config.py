@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pgbus import DEFAULT_SOCKET, protocol
-from pgbusd import access
+from pgbusd.clients import access
 
 #: The longest any time option may be: a day. Longer is surely a mistake, and the values end in
 #: event-loop timers and kernel socket options (TCP_USER_TIMEOUT) that have limits of their own.

@@ -7,7 +7,7 @@
   answer as a PostgreSQL outage.
 - ``listen CHANNEL...``: like psql's LISTEN, but through the daemon: one line per notification and
   one per generation change, until Ctrl-C (exit 0).
-- ``metrics``: the status in the Prometheus text format (see :mod:`pgbusd.metrics`).
+- ``metrics``: the status in the Prometheus text format (see :mod:`pgbusd.ops.metrics`).
 - ``reload``: replace the running daemon with a new process started from the code installed now
   (a hand-off, see :mod:`pgbusd.handoff`: clients lose nothing and their generation does not
   move); returns once the successor serves. Exit codes: 0 done, 1 the reload failed (the daemon
@@ -34,8 +34,8 @@ import click
 import pgbus
 import pgbusd
 from pgbus import protocol as p
-from pgbusd import metrics as prom
-from pgbusd.status import (
+from pgbusd.ops import metrics as prom
+from pgbusd.ops.status import (
     ClientStatus,
     FleetStatus,
     IncompatibleStatusError,

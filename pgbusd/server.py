@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import secrets
 import signal
-import socket
-import stat
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -18,17 +15,20 @@ import msgspec
 
 import pgbusd
 from pgbus import protocol as p
-from pgbusd import access, handoff, sdnotify
-from pgbusd import status as st
-from pgbusd.channels import ChannelDirectory
+from pgbusd import handoff
+from pgbusd.clients.session import Session, SessionContext
+from pgbusd.clients.socket import AlreadyServingError, ClientSocket
 from pgbusd.config import Config
+from pgbusd.core.channels import ChannelDirectory
+from pgbusd.core.hub import Hub
 from pgbusd.handoff.predecessor import Inheritance, Predecessor
 from pgbusd.handoff.successor import Confirmation, Successor, Takeover
-from pgbusd.hub import Hub
-from pgbusd.listener import FatalConfigError, Listener, Probes
-from pgbusd.log import get_logger
-from pgbusd.metrics import MetricsServer
-from pgbusd.session import Session, SessionContext
+from pgbusd.ops import sdnotify
+from pgbusd.ops import status as st
+from pgbusd.ops.log import get_logger
+from pgbusd.ops.metrics import MetricsServer
+from pgbusd.postgres.health import Probes
+from pgbusd.postgres.listener import FatalConfigError, Listener
 
 if TYPE_CHECKING:
     from pgbusd.fleet.roles import FleetRole, HostRole
@@ -36,10 +36,6 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-
-
-class AlreadyServingError(RuntimeError):
-    """Another live pgbusd holds the socket path."""
 
 
 class Server:
@@ -91,9 +87,7 @@ class Server:
             channels=self.channels,
         )
         self.log: Any = get_logger(daemon_id=self.hub.daemon_id)
-        self._server: asyncio.Server | None = None
-        self._lock_fd: int | None = None
-        self._socket_inode: int | None = None
+        self.socket = ClientSocket(config, lambda: Session(self._session_context), self.log)
         self._stop = asyncio.Event()
         self._metrics: MetricsServer | None = None
         self._systemd = sdnotify.Notifier(None)
@@ -126,12 +120,15 @@ class Server:
                 self._inherited.refuse(refusal)
                 return EXIT_CONFIG
         try:
-            await self._bind()
+            if self._inherited is None:
+                # A host serves once its stream caught up (see _start_fleet); a successor once
+                # it took its predecessor's state (the socket is the predecessor's until then).
+                await self.socket.bind(start_serving=self.config.fleet_role != "host")
         except (AlreadyServingError, OSError) as exc:
             self.log.error("cannot bind socket", socket=self.config.socket, error=str(exc))
             return EXIT_FAILURE
         if not await self._start_metrics():
-            self._unbind()
+            self.socket.close()
             return EXIT_FAILURE
         listener = asyncio.create_task(self.listener.run(), name="pgbusd-listener")
         if self._inherited is not None and not await self._take_over(self._inherited, listener):
@@ -213,8 +210,7 @@ class Server:
         successor took it over: then the clients are told to move to it)."""
         handed_off = self._successor is not None or self._stepped_back
         self.log.info("shutting down", clients=len(self.hub.sessions), handed_off=handed_off)
-        if self._server is not None:
-            self._server.close()
+        self.socket.stop_accepting()
         if self._metrics is not None:
             await self._metrics.close()
         sessions = list(self.hub.sessions)
@@ -235,7 +231,9 @@ class Server:
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await listener
-        self._unbind()
+        if handed_off:
+            self.socket.disown()
+        self.socket.close()
         self.log.info("stopped")
 
     # -- a hand-off reload: the predecessor's side -----------------------------------------------
@@ -257,7 +255,11 @@ class Server:
         if self.fleet is not None:  # a role would have to be handed over too
             self.log.error("reload refused", reason=self.fleet.reload_refusal)
             raise handoff.HandoffError(self.fleet.reload_refusal)
-        if self._server is None or self._takeover is not None or self._taking_over is not None:
+        if (
+            self.socket.server is None
+            or self._takeover is not None
+            or self._taking_over is not None
+        ):
             raise handoff.HandoffError(
                 "this daemon is not serving on its own yet (it is still taking over)"
             )
@@ -267,7 +269,7 @@ class Server:
         try:
             handed = await predecessor.reload(self._inheritance(), environment)
         except handoff.HandoffError:
-            self._write_lock_pid()  # a successor that served for a moment wrote its own
+            self.socket.write_pid()  # a successor that served for a moment wrote its own
             raise
         finally:
             self._reloading = False
@@ -282,12 +284,11 @@ class Server:
 
     def _inheritance(self) -> Inheritance:
         """What a successor is handed besides the state."""
-        assert self._server is not None
         metrics = self._metrics
         return Inheritance(
-            listen_fd=self._server.sockets[0].fileno(),
-            lock_fd=self._lock_fd,
-            owns_path=self._socket_inode is not None,
+            listen_fd=self.socket.fileno,
+            lock_fd=self.socket.lock_fd,
+            owns_path=self.socket.owns_path,
             socket_path=self.config.socket,
             role=self.config.fleet_role or "",
             watchdog_usec=self._systemd.watchdog_usec or 0,
@@ -298,8 +299,7 @@ class Server:
     def _hand_over(self, control: handoff.Control, pid: int) -> None:
         """After the reply went out: stop accepting, make the successor systemd's main process,
         tell it so, and wind down (clients get Goodbye(reload) and move to it)."""
-        if self._server is not None:
-            self._server.close()
+        self.socket.stop_accepting()
         self._systemd.main_pid(pid)
 
         async def tell() -> None:
@@ -330,8 +330,8 @@ class Server:
                 source_timeout=self.config.source_timeout,
             )
         self.log = get_logger(daemon_id=self.hub.daemon_id)  # the stream's lineage, if known
-        if self._server is not None and not listener.done():
-            await self._server.start_serving()
+        if not listener.done():
+            await self.socket.start_serving()
         return None
 
     # -- a hand-off reload: the successor's side ------------------------------------------------
@@ -346,7 +346,7 @@ class Server:
             self.listener,  # type: ignore[arg-type]  # a plain daemon's Listener
             self._takeover,
             self.channels,
-            self._serve_inherited,
+            lambda listen: self.socket.serve(listen, inherited.lock_fd),
             self.log,
         )
         served = await successor.take_over(listener)
@@ -378,120 +378,20 @@ class Server:
         if outcome is Confirmation.GONE:
             self.log.warning("the predecessor is gone without handing over: serving on alone")
         if inherited.owns_path:
-            with contextlib.suppress(OSError):
-                self._socket_inode = os.lstat(self.config.socket).st_ino
-                os.chmod(self.config.socket, self.config.socket_mode)
-                if self.config.socket_group is not None:
-                    os.chown(self.config.socket, -1, access.resolve_gid(self.config.socket_group))
+            self.socket.own_path()
         self._systemd = sdnotify.Notifier(
             os.environ.get("NOTIFY_SOCKET") or None, inherited.watchdog_usec
         )
         self._systemd_ready(listener, status)
 
     async def _give_up(self, listener: asyncio.Task[None]) -> None:
-        """A successor that could not take over: leave the socket and the lock alone."""
-        self._socket_inode = None
+        """A successor that could not take over: leave the socket file alone."""
+        self.socket.disown()
         await self.listener.stop()
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await listener
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-    async def _serve_inherited(self, listen: socket.socket) -> None:
-        """Accept clients on the predecessor's socket (its file becomes this daemon's only once
-        the predecessor confirms the hand-over: :meth:`_confirm`)."""
-        self._server = await asyncio.get_running_loop().create_unix_server(
-            self._new_session, sock=listen, backlog=self.config.max_clients
-        )
-        self._write_lock_pid()
-
-    def _write_lock_pid(self) -> None:
-        """The lock file names the process that serves (for operators and tests)."""
-        if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._lock_fd, 0)
-                os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
-
-    # -- the socket --------------------------------------------------------------------------
-
-    def _new_session(self) -> Session:
-        return Session(self._session_context)
-
-    async def _bind(self) -> None:
-        if self._inherited is not None:
-            # A successor: the socket is the predecessor's, served once the state is taken over.
-            self._lock_fd = self._inherited.lock_fd
-            return
-        inherited = sdnotify.inherited_socket()
-        if inherited is not None:
-            # Socket activation: the file belongs to the socket unit. No lock, no stale-socket
-            # check, and _socket_inode stays None so that _unbind leaves the file alone.
-            self._server = await asyncio.get_running_loop().create_unix_server(
-                self._new_session,
-                sock=inherited,
-                backlog=self.config.max_clients,
-                start_serving=self.config.fleet_role != "host",  # fleet mode: see _start_fleet
-            )
-            address = inherited.getsockname()
-            self.log.info("serving the socket passed by systemd", socket=address)
-            if address != self.config.socket:
-                self.log.warning(
-                    "the socket passed by systemd is not the configured one",
-                    socket=address,
-                    configured=self.config.socket,
-                )
-            return
-        path = self.config.socket
-        directory = os.path.dirname(path) or "."
-        if not os.path.isdir(directory):
-            os.makedirs(directory, mode=0o750, exist_ok=True)
-        lock_path = path + ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise AlreadyServingError(
-                f"another pgbusd (pid {holder}) is already serving {path}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
-                self.log.info("removed stale socket", socket=path)
-        # The backlog admits every client at once (say, all re-attaching after a restart); a
-        # short one makes a non-blocking connect() fail with EAGAIN.
-        old_umask = os.umask(0o777 & ~self.config.socket_mode)
-        try:
-            self._server = await asyncio.get_running_loop().create_unix_server(
-                self._new_session,
-                path,
-                backlog=self.config.max_clients,
-                start_serving=self.config.fleet_role != "host",  # fleet mode: see _start_fleet
-            )
-        finally:
-            os.umask(old_umask)
-        if self.config.socket_group is not None:
-            os.chown(path, -1, access.resolve_gid(self.config.socket_group))
-        os.chmod(path, self.config.socket_mode)
-        self._socket_inode = os.lstat(path).st_ino
-
-    def _unbind(self) -> None:
-        """Unlink the socket file if this daemon bound it (never one systemd passed, nor one a
-        successor took over)."""
-        path = self.config.socket
-        if self._socket_inode is not None and self._successor is None:
-            with contextlib.suppress(FileNotFoundError):
-                if os.lstat(path).st_ino == self._socket_inode:
-                    os.unlink(path)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self.socket.close()
 
     # -- introspection -----------------------------------------------------------------------
 
@@ -522,7 +422,7 @@ class Server:
 
     def status(self) -> st.Status:
         """The whole status document (no secrets): what /metrics renders, and what a status
-        request gets once :func:`pgbusd.status.fit` has cut it to the frame limit."""
+        request gets once :func:`pgbusd.ops.status.fit` has cut it to the frame limit."""
         self.hub.seal_all()  # so that the counters include what this loop turn received
         now = time.time()
         clients = [session.summary() for session in self.hub.sessions]

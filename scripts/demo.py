@@ -222,7 +222,7 @@ def main() -> int:
     parser.add_argument("--channel", default="pgbusd_demo")
     args = parser.parse_args()
     os.makedirs(os.path.dirname(args.socket), exist_ok=True)
-    log_path = Path(args.socket).with_name("demo-pgbusd.log")
+    log_path = Path(args.socket).with_name("demo-pgbusd.ops.log")
     started = time.monotonic()
     try:
         with open(log_path, "wb") as log:

@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 import pgbus
-from pgbusd.status import ClientStatus, Status, parse
+from pgbusd.ops.status import ClientStatus, Status, parse
 
 DSN = os.environ.get("PGBUSD_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 #: Short intervals so fault tests finish quickly; each test may override.

@@ -17,7 +17,7 @@ import pytest
 
 import pgbus
 from pgbusd.config import MAX_SECONDS, Config, ConfigError, redact
-from pgbusd.status import Status
+from pgbusd.ops.status import Status
 from tests.conftest import (
     FAST,
     Daemon,

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from pgbus import protocol as p
-from pgbusd.status import parse
+from pgbusd.ops.status import parse
 from tests.conftest import (
     Daemon,
     DaemonFactory,

@@ -18,7 +18,7 @@ import asyncpg
 
 import pgbus
 from pgbus import protocol as p
-from pgbusd.status import Status
+from pgbusd.ops.status import Status
 from tests.cluster import PrivateCluster, free_port
 from tests.conftest import (
     DSN,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from pgbus import protocol as p
-from pgbusd.hub import Hub
+from pgbusd.core.hub import Hub
 from tests.test_hub import Recorder, end_of_turn
 
 

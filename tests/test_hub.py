@@ -12,8 +12,8 @@ import asyncio
 from typing import Any
 
 from pgbus import protocol as p
-from pgbusd.hub import Hub
-from pgbusd.replay import ReplayExport
+from pgbusd.core.hub import Hub
+from pgbusd.core.replay import ReplayExport
 
 
 class Recorder:
@@ -264,7 +264,7 @@ async def test_a_channel_recreated_during_a_hand_off_cannot_be_resumed_across_it
 
 
 def test_a_catch_up_never_yields_an_empty_frame_even_over_a_hole() -> None:
-    from pgbusd.replay import ChannelLog, ReplayLog
+    from pgbusd.core.replay import ChannelLog, ReplayLog
 
     replay = ReplayLog(1 << 20)
     log = ChannelLog()

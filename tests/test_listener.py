@@ -17,8 +17,9 @@ import structlog
 
 from pgbus import protocol as p
 from pgbusd.config import Config
-from pgbusd.hub import Hub
-from pgbusd.listener import Listener, Probes
+from pgbusd.core.hub import Hub
+from pgbusd.postgres.health import Probes
+from pgbusd.postgres.listener import Listener
 from tests.conftest import DSN, notify, unique_channel, wait_until
 from tests.test_hub import Recorder
 
@@ -43,7 +44,7 @@ async def running() -> AsyncIterator[tuple[Listener, Recorder, list[MutableMappi
         listener = Listener(config, hub, probes)
         task = asyncio.create_task(listener.run())
         try:
-            await wait_until(lambda: listener.last_health_ok, what="a passed health check")
+            await wait_until(lambda: listener.health.last_ok, what="a passed health check")
             yield listener, recorder, logs
         finally:
             await listener.stop()
@@ -61,8 +62,8 @@ async def test_an_exception_in_the_fan_out_is_contained_and_the_link_stays_up(
     await wait_until(lambda: "later" in _payloads(recorder), what="the later notification")
     assert _payloads(recorder) == ["before", "after", "later"]
     # Health checks go on passing on the same connection: asyncpg kept nothing of the error.
-    checked = listener.last_health_ok
-    await wait_until(lambda: listener.last_health_ok != checked, what="another health check")
+    checked = listener.health.last_ok
+    await wait_until(lambda: listener.health.last_ok != checked, what="another health check")
     assert listener.backend_pid == backend
     assert listener.reconnects == 0
     assert listener.summary()["relay_errors"] == 1

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pgbusd import metrics
 from pgbusd.config import Config, ConfigError
-from pgbusd.status import Status
-from pgbusd.status import parse as parse_status
+from pgbusd.ops import metrics
+from pgbusd.ops.status import Status
+from pgbusd.ops.status import parse as parse_status
 from tests.conftest import Daemon, DaemonFactory, attached, notify, unique_channel, wait_until
 from tests.test_ctl import closed_port, run_ctl
 
@@ -44,7 +44,7 @@ def value(parsed: Parsed, name: str, **labels: str) -> float:
 
 
 def status_doc(**overrides: Any) -> dict[str, Any]:
-    """A status document as the daemon sends it (``pgbusd.status.Status``), with round numbers."""
+    """A status document as the daemon sends it (``pgbusd.ops.status.Status``), round numbers."""
     doc: dict[str, Any] = {
         "daemon_id": "0123456789abcdef",
         "pid": 4242,
@@ -425,7 +425,7 @@ async def test_http_drops_a_request_head_larger_than_its_limit(
 async def test_http_refuses_connections_beyond_its_limit_and_recovers(
     daemon_factory: DaemonFactory,
 ) -> None:
-    from pgbusd.metrics import MAX_CONNECTIONS
+    from pgbusd.ops.metrics import MAX_CONNECTIONS
 
     d, address = await _metrics_daemon(daemon_factory)
     host, port = address.rsplit(":", 1)

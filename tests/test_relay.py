@@ -14,7 +14,7 @@ import pytest
 
 import pgbus
 from pgbus import protocol as p
-from pgbusd.status import Status
+from pgbusd.ops.status import Status
 from tests.conftest import (
     DSN,
     ClientProcess,
@@ -350,7 +350,7 @@ async def test_relay_connection_hands_notifications_to_its_sink_in_place_of_asyn
     If asyncpg stops calling ``Connection._process_notification``, the daemon still works
     through the stock listener path, only slower; this test is what notices.
     """
-    from pgbusd.listener import RelayConnection
+    from pgbusd.postgres.relay import RelayConnection
 
     channel = unique_channel("relay_to")
     conn = await asyncpg.connect(DSN, connection_class=RelayConnection)

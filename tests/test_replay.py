@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pgbus import protocol as p
-from pgbusd.replay import FRAME_OVERHEAD, ChannelLog, ReplayLog
+from pgbusd.core.replay import FRAME_OVERHEAD, ChannelLog, ReplayLog
 
 
 def batch(channel: str, first: int, count: int, size: int = 10) -> bytes:

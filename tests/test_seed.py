@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 import pgbus
-from pgbusd.status import Status
+from pgbusd.ops.status import Status
 from tests.cluster import free_port
 from tests.conftest import (
     Daemon,

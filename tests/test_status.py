@@ -24,14 +24,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgbus import protocol as p
-from pgbusd.access import AccessPolicy
-from pgbusd.channels import ChannelDirectory
+from pgbusd.clients.access import AccessPolicy
+from pgbusd.clients.session import Session, SessionContext
 from pgbusd.config import Config
-from pgbusd.hub import Hub
-from pgbusd.listener import Listener, Probes
-from pgbusd.log import get_logger
-from pgbusd.session import Session, SessionContext
-from pgbusd.status import (
+from pgbusd.core.channels import ChannelDirectory
+from pgbusd.core.hub import Hub
+from pgbusd.ops.log import get_logger
+from pgbusd.ops.status import (
     E_STATUS_FAILED,
     MAX_RUN,
     MAX_TEXT,
@@ -45,6 +44,8 @@ from pgbusd.status import (
     parse,
     reply_frame,
 )
+from pgbusd.postgres.health import Probes
+from pgbusd.postgres.listener import Listener
 from tests.conftest import Daemon, DaemonFactory, attached, notify, wait_until
 from tests.fakedaemon import FakeConnection, FakeDaemon
 from tests.test_ctl import run_ctl

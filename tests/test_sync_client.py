@@ -18,7 +18,7 @@ import pytest
 import pgbus
 import pgbus.sync
 from pgbus._engine import GenerationClock
-from pgbusd.status import parse
+from pgbusd.ops.status import parse
 from tests.conftest import (
     DSN,
     Daemon,

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from pgbusd import sdnotify
 from pgbusd.config import Config
+from pgbusd.ops import sdnotify
 from tests.conftest import (
     DSN,
     Daemon,

@@ -59,8 +59,10 @@ Everything the daemon sends one client is in one order. Notifications on a chann
 order PostgreSQL delivered them (commit order). A ``Generation`` tick is sent after every
 notification of the previous connection and before any of the new one. ``Subscribed`` is sent
 before the first notification delivered to that subscription. The daemon never drops a message
-for an attached client: a client that cannot keep up is disconnected instead (``Error`` with code
-``slow_consumer`` if it fits), and the client library re-attaches and moves its generation on.
+for an attached client: a client that falls more than the daemon's write budget behind is
+disconnected instead, without a word (anything written to it would wait behind the same
+backlog); the client library re-attaches and resumes (below), or steps its generation when the
+daemon no longer holds what it missed.
 
 Resume
 ------
@@ -231,7 +233,6 @@ E_INVALID_CHANNEL: Final = "invalid_channel"
 E_TOO_MANY_CHANNELS: Final = "too_many_channels"
 #: PostgreSQL refused to LISTEN on the channel (the message is its error).
 E_LISTEN_REFUSED: Final = "listen_refused"
-E_SLOW_CONSUMER: Final = "slow_consumer"
 E_TOO_MANY_CLIENTS: Final = "too_many_clients"
 E_FORBIDDEN: Final = "forbidden"
 E_SHUTDOWN: Final = "shutdown"
@@ -275,6 +276,36 @@ def frame_items(items: list[bytes], size: int | None = None) -> bytes:
 def encode_frame(*messages: Message) -> bytes:
     """One frame holding ``messages``."""
     return frame_items([_encoder.encode(m) for m in messages])
+
+
+# -- batch frames, built in place (the daemon's hot path) ----------------------------------------
+
+#: A batch frame starts with its length and a 32-bit msgpack array header, both filled in when
+#: it is sealed (:func:`seal_batch`); the notifications are appended in between.
+BATCH_HEAD: Final = struct.Struct(">IBI")
+#: The first element of every encoded :class:`Notification` (its tag).
+NOTIFY_TAG: Final = Notification.__struct_config__.tag
+#: The most one encoded notification can take. PostgreSQL's limits (7999 bytes of payload, 63 of
+#: channel name) count bytes of the server encoding, and a notification arrives in UTF-8, in
+#: which one byte of a single-byte server encoding can take three (WIN1252's 0x80 is U+20AC).
+MAX_ITEM: Final = 4 * (MAX_PAYLOAD_BYTES + MAX_CHANNEL_BYTES) + 64
+#: A batch is sealed once it passes this size, so that no frame exceeds MAX_SERVER_FRAME.
+BATCH_LIMIT: Final = MAX_SERVER_FRAME - BATCH_HEAD.size - MAX_ITEM
+#: ``encode_into((NOTIFY_TAG, channel, payload, pid, generation, seq), batch, -1)`` appends a
+#: notification to a batch, encoded exactly as ``Notification(channel, payload, pid,
+#: generation, seq)``: the one encoding of a notification, written where it is built (a
+#: function around it would cost the relay a call per notification).
+encode_into: Final = _encoder.encode_into
+
+
+def new_batch() -> bytearray:
+    """An empty batch frame: room for its head, and nothing else yet."""
+    return bytearray(BATCH_HEAD.size)
+
+
+def seal_batch(frame: bytearray, count: int) -> None:
+    """Fill in the head of a batch of ``count`` notifications: it is a frame now."""
+    BATCH_HEAD.pack_into(frame, 0, len(frame) - HEADER_SIZE, 0xDD, count)
 
 
 # -- decoding -----------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ class Bridge:
         stream_options: dict[str, Any] | None = None,
         log: Any = None,
     ) -> None:
-        from pgbusd.log import get_logger
+        from pgbusd.ops.log import get_logger
 
         self.nats_url = nats_url
         self.subjects = StreamSubjects(stream)

@@ -4,7 +4,7 @@ The server picks a role from the configuration (:func:`create`) and asks as litt
 can; everything fleet-specific lives here.
 
 **Bridge** (``--dsn ... --publish nats://...``): a normal daemon (its own clients, its own
-lineage) whose listener is *tapped* (:class:`~pgbusd.listener.ListenerHooks`): every
+lineage) whose listener is *tapped* (:class:`~pgbusd.postgres.listener.ListenerHooks`): every
 notification on a relayed channel, and every marker, also goes to a
 :class:`~pgbusd.fleet.bridge.Bridge`, which publishes into the stream while it holds the lease and
 stands by otherwise. The listener also LISTENs on the bridge marker channel, and tells the
@@ -35,13 +35,13 @@ from typing import Any
 import asyncpg
 
 from pgbusd.config import Config, redact
+from pgbusd.core.hub import Hub
 from pgbusd.fleet.bridge import PUBLISHING, STANDBY, Bridge
 from pgbusd.fleet.source import HostSource
 from pgbusd.handoff import HandoffError
-from pgbusd.hub import Hub
-from pgbusd.listener import ListenerHooks
-from pgbusd.log import get_logger
-from pgbusd.status import FleetLease, FleetStatus
+from pgbusd.ops.log import get_logger
+from pgbusd.ops.status import FleetLease, FleetStatus
+from pgbusd.postgres.listener import ListenerHooks
 
 #: Why a reload is refused, per role.
 RELOAD_REFUSED = {

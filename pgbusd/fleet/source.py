@@ -133,7 +133,7 @@ class HostSource:
         heartbeat: float = 1.0,
         log: Any = None,
     ) -> None:
-        from pgbusd.log import get_logger
+        from pgbusd.ops.log import get_logger
 
         self.nats_url = nats_url
         self.subjects = StreamSubjects(stream)

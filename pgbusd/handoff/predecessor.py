@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pgbusd.handoff import protocol as h
 
 if TYPE_CHECKING:
-    from pgbusd.channels import ChannelDirectory
     from pgbusd.config import Config
-    from pgbusd.hub import Hub
+    from pgbusd.core.channels import ChannelDirectory
+    from pgbusd.core.hub import Hub
 
 #: How long a predecessor that met its deadline after the state went out still waits for the
 #: successor's word (an answer already on its way: a predecessor frozen past its deadline finds
@@ -136,11 +136,11 @@ class Predecessor:
         try:
             ours, theirs = socket.socketpair()
             marker = f"pgbusd.handoff.{secrets.token_hex(8)}"
+            deadline = time.monotonic() + timeout
             with ours, theirs:
-                successor = self._spawn(theirs, marker, inheritance, environment)
+                successor = self._spawn(theirs, marker, inheritance, environment, deadline)
                 theirs.close()
                 control = await h.Control.open(ours.dup())
-            deadline = time.monotonic() + timeout
             async with asyncio.timeout(timeout):
                 listening = await self._from(successor, control.expect(h.Listening, None))
                 assert isinstance(listening, h.Listening)
@@ -211,6 +211,7 @@ class Predecessor:
         marker: str,
         inheritance: Inheritance,
         environment: dict[str, str] | None,
+        deadline: float,
     ) -> subprocess.Popen[bytes]:
         """Start the installed pgbusd (:func:`h.daemon_command`) with this daemon's arguments,
         the sockets and the lock."""
@@ -218,7 +219,7 @@ class Predecessor:
         if environment is not None:
             env = {k: v for k, v in env.items() if not k.startswith("PG")}
             env.update({k: v for k, v in environment.items() if k.startswith("PG")})
-        from pgbusd import sdnotify
+        from pgbusd.ops import sdnotify
 
         for name in (*h.ALL_ENV, *sdnotify.OWN_VARIABLES):
             env.pop(name, None)
@@ -237,6 +238,7 @@ class Predecessor:
                     inheritance.metrics_fd if inheritance.metrics_fd is not None else -1
                 ),
                 h.ENV_METRICS_ADDRESS: inheritance.metrics_address or "",
+                h.ENV_DEADLINE: repr(deadline),
             }
         )
         if inheritance.lock_fd is not None:

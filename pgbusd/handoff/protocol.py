@@ -15,7 +15,7 @@ from typing import Final
 
 import msgspec
 
-from pgbusd.replay import ReplayExport
+from pgbusd.core.replay import ReplayExport
 
 #: Environment of a successor: the control socket, the listening socket, the lock (or -1), the
 #: marker channel, whether the predecessor bound the socket file itself (1) or systemd did, the
@@ -32,6 +32,8 @@ ENV_SOCKET: Final = "PGBUSD_HANDOFF_SOCKET"
 ENV_ROLE: Final = "PGBUSD_HANDOFF_ROLE"
 ENV_METRICS_FD: Final = "PGBUSD_HANDOFF_METRICS_FD"
 ENV_METRICS_ADDRESS: Final = "PGBUSD_HANDOFF_METRICS_ADDRESS"
+#: When the predecessor gives up (time.monotonic(): CLOCK_MONOTONIC, the same in every process).
+ENV_DEADLINE: Final = "PGBUSD_HANDOFF_DEADLINE"
 ALL_ENV: Final = (
     ENV_CONTROL,
     ENV_LISTEN,
@@ -43,6 +45,7 @@ ALL_ENV: Final = (
     ENV_ROLE,
     ENV_METRICS_FD,
     ENV_METRICS_ADDRESS,
+    ENV_DEADLINE,
 )
 
 _HEADER: Final = struct.Struct(">I")
@@ -208,6 +211,8 @@ class Inherited:
     #: The predecessor's metrics listening socket and its --metrics-address, if it served one.
     metrics: socket.socket | None = None
     metrics_address: str | None = None
+    #: When the predecessor gives up on this successor (time.monotonic()), if it said.
+    deadline: float | None = None
 
     def refusal(self, socket_path: str, role: str | None) -> str | None:
         """Why a successor configured with ``socket_path`` and fleet ``role`` cannot take over
@@ -263,6 +268,7 @@ def inherited(environ: MutableMapping[str, str] | None = None) -> Inherited | No
         role=values[ENV_ROLE] if values[ENV_SOCKET] else None,
         metrics=metrics,
         metrics_address=values[ENV_METRICS_ADDRESS] or None,
+        deadline=float(values[ENV_DEADLINE]) if values[ENV_DEADLINE] else None,
     )
 
 

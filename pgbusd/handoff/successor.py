@@ -13,6 +13,7 @@ import contextlib
 import enum
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -20,9 +21,9 @@ import pgbusd
 from pgbusd.handoff import protocol as h
 
 if TYPE_CHECKING:
-    from pgbusd.channels import ChannelDirectory
     from pgbusd.config import Config
-    from pgbusd.hub import Hub
+    from pgbusd.core.channels import ChannelDirectory
+    from pgbusd.core.hub import Hub
 
 T = TypeVar("T")
 
@@ -113,8 +114,7 @@ class Successor:
         takeover = self.takeover
         allowed = self.channels.allowed
         control = self._control = await h.Control.open(self.inherited.control)
-        # Shorter than the predecessor's own: a successor that cannot make it says why first.
-        timeout = self.config.reload_timeout * 0.8
+        timeout = self._time_left()
         try:
             async with asyncio.timeout(timeout):
                 await unless_failed(listener_task, takeover.listening.wait())
@@ -146,8 +146,8 @@ class Successor:
         except (h.HandoffError, TimeoutError, OSError) as exc:
             if isinstance(exc, TimeoutError):
                 reason = (
-                    f"the successor could not take over in time (it gives up after {timeout:g} s,"
-                    f" before the --reload-timeout of {self.config.reload_timeout:g} s)"
+                    "the successor could not take over within the --reload-timeout of "
+                    f"{self.config.reload_timeout:g} s (it gave up a little before, to say why)"
                 )
             else:
                 reason = str(exc) or type(exc).__name__
@@ -163,6 +163,16 @@ class Successor:
             return False
         self.log.info("took over", generation=state.generation, version=pgbusd.__version__)
         return True
+
+    def _time_left(self) -> float:
+        """How long this successor may try: until a little before its predecessor gives up
+        (so that its reason, not a bare timeout, reaches the operator)."""
+        total = self.config.reload_timeout
+        margin = min(1.0, total / 5)
+        deadline = self.inherited.deadline
+        if deadline is None:  # a predecessor that does not say: its own timeout, less a margin
+            return total - margin
+        return max(0.1, deadline - margin - time.monotonic())
 
     async def confirmation(self) -> Confirmation:
         """Wait for the predecessor's last word (it may be frozen: for as long as it takes)."""

@@ -30,9 +30,9 @@ from pgbus import protocol as p
 from pgbusd.config import Config
 
 if TYPE_CHECKING:
+    from pgbusd.core.hub import Hub
     from pgbusd.fleet.roles import HostRole
-    from pgbusd.hub import Hub
-    from pgbusd.listener import Listener
+    from pgbusd.postgres.listener import Listener
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,34 +17,34 @@ The loop, once per connection:
 5. on loss (termination, failed check): ``terminate()`` and go to 1. A failed attempt waits per
    the backoff (500 ms doubling to 30 s, jittered); a lost connection is retried at once.
 
-Notifications go from asyncpg's read callback straight to :meth:`Hub.publish`; anything that
-raises there is contained, logged, counted (``relay_errors``) and told to clients as a
-generation step. In fleet mode a bridge's :class:`ListenerHooks` see every notification first.
+Notifications go from asyncpg's read callback straight to :meth:`Hub.publish` (through the
+connection's :class:`~pgbusd.postgres.relay.Relay`, whose states say what is held back and what
+is relayed); anything that raises there is contained, logged, counted (``relay_errors``) and
+told to clients as a generation step. Health checks are :mod:`pgbusd.postgres.health`'s. In
+fleet mode a bridge's :class:`ListenerHooks` see every notification first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
 from pgbus.backoff import Backoff
 from pgbusd.config import Config
+from pgbusd.core.hub import Hub
 from pgbusd.handoff import HandoffError
 from pgbusd.handoff.successor import Takeover
-from pgbusd.hub import Hub
-from pgbusd.log import get_logger
+from pgbusd.ops.log import get_logger
+from pgbusd.postgres.health import Health, Probes
+from pgbusd.postgres.relay import Mode, Relay, RelayConnection, Sink, quote
 
 _T = TypeVar("_T")
-
-#: What asyncpg's read callback hands every notification to: ``sink(pid, channel, payload)``.
-Sink = Callable[[int, str, str], None]
 
 #: Linux refuses a longer TCP_KEEPIDLE (seconds).
 _MAX_TCP_KEEPIDLE = 32767
@@ -58,95 +58,12 @@ CONFIG_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class RelayConnection(asyncpg.Connection):  # type: ignore[misc]
-    """An asyncpg connection that hands each notification to one callback at once.
-
-    Stock asyncpg schedules every listener callback with ``loop.call_soon``: one handle per
-    notification, which in a burst costs the relay more than the callback itself (and loads the
-    garbage collector). The daemon's callback only hands the payload on without waiting, so
-    :meth:`relay_to` makes asyncpg's protocol call it directly, in order, from its read callback,
-    by shadowing the (private) ``Connection._process_notification`` on this instance
-    (tests/test_relay.py fails should a future asyncpg stop calling it). LISTEN and UNLISTEN
-    are issued as statements, many per round trip, with the channel quoted (:func:`quote`).
-    """
-
-    def relay_to(
-        self, sink: Sink, on_error: Callable[[Exception, str], None] | None = None
-    ) -> None:
-        """Call ``sink(pid, channel, payload)`` for every notification from now on.
-
-        Whatever ``sink`` raises goes to ``on_error(exc, channel)``, never to asyncpg: asyncpg
-        would keep it as the failure of the connection's next query (a health check failing for
-        a bug in the fan-out, the traceback lost). The guard is a try block around the one call,
-        which costs nothing until something raises. Without ``on_error`` there is no guard:
-        only for a sink that cannot raise.
-        """
-        if on_error is None:
-            self._process_notification = sink
-            return
-
-        def relay(pid: int, channel: str, payload: str) -> None:
-            try:
-                sink(pid, channel, payload)
-            except Exception as exc:
-                on_error(exc, channel)
-
-        self._process_notification = relay
-
-
-def quote(channel: str) -> str:
-    """``channel`` as a quoted SQL identifier: exact case, any character (but NUL) literal."""
-    return '"' + channel.replace('"', '""') + '"'
-
-
 #: Channels per LISTEN/UNLISTEN statement batch (one round trip each).
 _BATCH = 500
 
 
 class FatalConfigError(Exception):
     """PostgreSQL connection settings that can never work (bad DSN and the like)."""
-
-
-class _Unhealthy(Exception):
-    pass
-
-
-#: The self-NOTIFY. It is committed, so it waits for the cluster's notify lock, which another
-#: session's commit holds while it writes its notifications to the queue (seconds, for a few
-#: hundred thousand): ``lock_timeout`` (for this transaction only) makes such a wait an error
-#: that tells, rather than a silence that looks like a dead link.
-_PROBE_SQL = "SELECT set_config('lock_timeout', $3, true), pg_notify($1, $2)"
-
-
-class Probes:
-    """Self-NOTIFY round trips in flight: the daemon's private probe channel and its tokens.
-
-    The hub routes every notification on a channel it does not relay here (:meth:`route`); the
-    listener sends a token with :meth:`start` and waits for it to come back.
-    """
-
-    def __init__(self, daemon_id: str) -> None:
-        self.channel = f"pgbusd.probe.{daemon_id}"
-        self._waiting: dict[str, asyncio.Future[None]] = {}
-        self._tokens = itertools.count(1)
-
-    def start(self) -> tuple[str, asyncio.Future[None]]:
-        """A new token and the future that is done once it came back."""
-        token = str(next(self._tokens))
-        arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting[token] = arrived
-        return token, arrived
-
-    def discard(self, token: str) -> None:
-        self._waiting.pop(token, None)
-
-    def route(self, _pid: int, channel: str, payload: str) -> None:
-        """The hub's ``unrouted`` callback: only the probe channel gets here."""
-        if channel != self.channel:
-            return
-        arrived = self._waiting.get(payload)
-        if arrived is not None and not arrived.done():
-            arrived.set_result(None)
 
 
 class ListenerHooks(Protocol):
@@ -197,20 +114,18 @@ class Listener:
         self._publish: Sink = hub.publish if hooks is None else self._tapped
         self.probes = probes
         self._takeover = takeover
-        #: While a predecessor splits the stream: what came after its marker (see split()).
-        self._split_held: list[tuple[int, str, str]] | None = None
         #: One query at a time on the connection (health checks, LISTEN/UNLISTEN, the split).
         self._query_lock = asyncio.Lock()
-        #: pg_listening_channels() as counted by the last health check.
-        self.listening_channels: int | None = None
+        self.log: Any = get_logger(component="listener")
+        self.health = Health(config, probes, lambda: hub.received, self._locked, self.log)
+        #: The current connection's sink (what it holds back, what it relays).
+        self._relay: Relay | None = None
         self.generation = 0
         self.state = "connecting"
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.next_retry_at: float | None = None
         self.connected_since: float | None = None
-        self.last_health_ok: float | None = None
-        self.queue_usage: float | None = None
         self.reconnects = 0
         self.relay_errors = 0
         self.server_address: str | None = None
@@ -219,15 +134,12 @@ class Listener:
         self._backoff = Backoff(config.backoff_initial, config.backoff_max, jitter=0.5)
         self._stopping = asyncio.Event()
         self._lost = asyncio.Event()
-        self._held: list[tuple[int, str, str]] = []
-        self._sink: Sink = self._hold
         self._relay_errors_logged_at = -self.RELAY_ERROR_LOG_INTERVAL
         self._relay_errors_unlogged = 0
         self._gap_pending = False
         #: The marker channel of a split under way (UNLISTENed if the hand-off fails).
         self._split_marker: str | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self.log: Any = get_logger(component="listener")
 
     @property
     def probe_channel(self) -> str:
@@ -258,7 +170,9 @@ class Listener:
                 # A refused LISTEN (hot standby) or a mismatch is not a network blip: say so loudly.
                 await self._failed(exc, "listen", loud=True)
                 continue
-            reason, proven = await self._supervise(conn)
+            reason, proven = await self.health.supervise(
+                conn, self._lost, self._stopping, self._backoff.reset
+            )
             terminated = self._lost.is_set() or conn.is_closed()
             self._conn = None
             if self._hooks is not None:  # fleet mode (issue 17)
@@ -302,7 +216,8 @@ class Listener:
 
         What a hand-off's marker held back is dropped: the successor relays it."""
         self._stopping.set()
-        self._split_held = None
+        if self._relay is not None:
+            self._relay.drop()
         conn, self._conn = self._conn, None
         self.state = "stopped"
         if conn is not None and not conn.is_closed():
@@ -351,8 +266,7 @@ class Listener:
     async def _listen(self, conn: Any) -> None:
         self._lost = lost = asyncio.Event()
         conn.add_termination_listener(lambda _c: lost.set())
-        self._held = []
-        self._relay(conn, self._hold)
+        relay = self._relay = Relay(conn, self._publish, self._relay_failed)
         takeover = self._takeover
         extra = {self.probe_channel}
         if self._hooks is not None:  # fleet mode (issue 17)
@@ -382,13 +296,13 @@ class Listener:
                 f"{len(self.hub.channels) + len(extra)}: "
                 f"{sorted(listening ^ {*self.hub.channels, *extra})[:5]} differ"
             )
-        self.listening_channels = len(listening)
+        self.health.listening_channels = len(listening)
         self.backend_pid = conn.get_server_pid()
         self._conn = conn
         if takeover is None:
             self.generation += 1
         else:
-            self._relay(conn, self._hold_until_marker)
+            relay.await_marker(takeover.marker_channel, takeover.marker)
             takeover.listening.set()
             self.generation = await self._adopted(takeover)
             self._takeover = None
@@ -406,9 +320,7 @@ class Listener:
             server=self.server_address,
             backend_pid=self.backend_pid,
         )
-        held, self._held = self._held, []
-        self._relay(conn, self._publish)
-        self._publish_held(held)
+        relay.relay()
         if takeover is not None:  # the hand-off's marker channel is of no further use
             self._unlisten_soon(conn, takeover.marker_channel)
 
@@ -425,14 +337,6 @@ class Listener:
         task = asyncio.get_running_loop().create_task(unlisten())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    def _publish_held(self, held: list[tuple[int, str, str]]) -> None:
-        publish = self._publish
-        for pid, channel, payload in held:
-            try:
-                publish(pid, channel, payload)
-            except Exception as exc:
-                self._relay_failed(exc, channel)
 
     def _tapped(self, pid: int, channel: str, payload: str) -> None:
         """Fleet mode (issue 17): the hooks' tap, then the hub."""
@@ -519,192 +423,39 @@ class Listener:
             raise HandoffError("the connection to PostgreSQL was lost during the hand-off")
         return takeover.adopted.result()
 
-    def _hold_until_marker(self, pid: int, channel: str, payload: str) -> None:
-        """A successor holds everything; what came before the predecessor's marker is dropped."""
-        takeover = self._takeover
-        if takeover is not None and channel == takeover.marker_channel:
-            self._held.clear()
-            if not takeover.marker.done():
-                takeover.marker.set_result(payload)
-            self._relay(self._conn, self._hold)
-            return
-        self._held.append((pid, channel, payload))
-
     async def split(self, marker_channel: str, token: str, timeout: float) -> None:
         """The predecessor's split: LISTEN on ``marker_channel``, commit the marker (payload
         ``token``) and return once it came back. Everything before it was relayed; everything
         after it is held back from then on, until :meth:`release_split` (the hand-off failed)
         or :meth:`stop` (the successor relays it). HandoffError if it cannot be done."""
-        conn = self._conn
-        if conn is None or not self.connected:
+        conn, relay = self._conn, self._relay
+        if conn is None or relay is None or not self.connected:
             raise HandoffError("PostgreSQL is not connected: reload once it is")
         seen: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        publish = self._publish
-
-        def until_marker(pid: int, channel: str, payload: str) -> None:
-            if channel == marker_channel and payload == token:
-                self._split_held = []
-                self._relay(conn, self._hold_split)
-                if not seen.done():
-                    seen.set_result(None)
-                return
-            publish(pid, channel, payload)
-
         try:
             async with asyncio.timeout(timeout):
                 async with self._query_lock:
                     self._split_marker = marker_channel
                     await conn.execute(f"LISTEN {quote(marker_channel)}")
-                    self._relay(conn, until_marker)
+                    relay.split(marker_channel, token, seen)
                     await conn.execute("SELECT pg_notify($1, $2)", marker_channel, token)
                 await seen
         except BaseException as exc:
-            if self._conn is conn and not seen.done():
-                self._relay(conn, publish)
+            if self._relay is relay and not seen.done():
+                relay.relay()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise HandoffError(f"the marker notification did not come back: {exc!r}") from exc
 
-    def _hold_split(self, pid: int, channel: str, payload: str) -> None:
-        if self._split_held is not None:
-            self._split_held.append((pid, channel, payload))
-
     def release_split(self) -> None:
         """The hand-off failed: relay what was held back after the marker, if any, and live
         on (without the marker channel)."""
-        held, self._split_held = self._split_held, None
+        relay = self._relay
+        if relay is not None and relay.mode in (Mode.SPLITTING, Mode.SPLIT):
+            relay.relay()
         marker, self._split_marker = self._split_marker, None
-        conn = self._conn
-        if held is not None:
-            if conn is not None:
-                self._relay(conn, self._publish)
-            self._publish_held(held)
-        if marker is not None and conn is not None:
-            self._unlisten_soon(conn, marker)
-
-    async def _supervise(self, conn: Any) -> tuple[str, bool]:
-        """Health-check until the connection is lost or the daemon stops.
-
-        Every ``health_interval`` the connection must answer a query; every ``probe_interval``
-        (and at the first check, until one passes) a self-NOTIFY must also come back through
-        it. Returns why it ended and whether a self-NOTIFY ever came back on this connection.
-        """
-        wait = 0.0  # the first check at once
-        proven = False
-        probe_due = 0.0
-        while True:
-            stop = asyncio.ensure_future(self._stopping.wait())
-            lost = asyncio.ensure_future(self._lost.wait())
-            try:
-                await asyncio.wait((stop, lost), timeout=wait, return_when="FIRST_COMPLETED")
-            finally:
-                stop.cancel()
-                lost.cancel()
-            wait = self.config.health_interval
-            if self._stopping.is_set():
-                return "stopping", proven
-            if self._lost.is_set():
-                return "terminated by the server", proven
-            try:
-                await self._check_alive(conn)
-                # A deferred probe (see _probe) leaves probe_due passed: again at the next check.
-                if (not proven or time.monotonic() >= probe_due) and await self._probe(conn):
-                    probe_due = time.monotonic() + self.config.probe_interval
-                    if not proven:
-                        proven = True
-                        self._backoff.reset()
-            except _Unhealthy as exc:
-                return f"health check failed: {exc}", proven
-            except Exception as exc:
-                return f"health check failed: {exc!r}", proven
-            self.last_health_ok = time.time()
-
-    async def _check_alive(self, conn: Any) -> None:
-        """The link answers a query: the cheap check, proving the socket (not the delivery)."""
-        usage, listening = await self._progressing(
-            self._locked(
-                conn.fetchrow(
-                    "SELECT pg_notification_queue_usage(), "
-                    "(SELECT count(*) FROM pg_listening_channels())"
-                )
-            ),
-            "the health check query",
-        )
-        self.queue_usage = float(usage)
-        self.listening_channels = int(listening)
-        if self.queue_usage >= self.config.queue_warn:
-            self.log.warning(
-                "notification queue filling",
-                queue_usage=self.queue_usage,
-                threshold=self.config.queue_warn,
-            )
-
-    async def _probe(self, conn: Any) -> bool:
-        """Send a NOTIFY to the probe channel; it must come back through this connection.
-
-        Proves the delivery path, not only the socket: a transaction pooler accepts LISTEN and
-        answers queries but delivers nothing. Returns False, having proved nothing, if another
-        session's NOTIFY commit held the notify lock past half the health timeout (the probe
-        is retried at the next check); the link answered, so it is alive.
-        """
-        token, arrived = self.probes.start()
-        lock_timeout = f"{max(1, int(self.config.health_timeout * 500))}ms"
-        try:
-            try:
-                await self._progressing(
-                    self._locked(conn.execute(_PROBE_SQL, self.probe_channel, token, lock_timeout)),
-                    "the self-NOTIFY",
-                )
-            except asyncpg.LockNotAvailableError:
-                self.log.info(
-                    "self-NOTIFY deferred: another session's NOTIFY commit holds the notify lock"
-                )
-                return False
-            # Committed: it comes back after everything committed before it.
-            await self._progressing(
-                arrived,
-                "the self-NOTIFY",
-                silence="did not come back within {}s (is a transaction pooler between pgbusd "
-                "and PostgreSQL?)",
-            )
-        finally:
-            self.probes.discard(token)
-        return True
-
-    async def _progressing(
-        self,
-        awaitable: Awaitable[_T],
-        what: str,
-        silence: str = "got no answer within {}s",
-    ) -> _T:
-        """Await ``awaitable`` for as long as the connection makes progress.
-
-        It fails (``_Unhealthy``) once ``health_timeout`` passes with nothing received, or when
-        the connection is lost; what ``awaitable`` raises is raised. Notifications count as
-        progress: while a burst streams
-        in, an answer waits behind it on the same socket, however long the burst takes. They
-        are counted by the hub anyway (``Hub.received``), so watching them costs the relay
-        nothing.
-        """
-        timeout = self.config.health_timeout
-        task = asyncio.ensure_future(awaitable)
-        lost = asyncio.ensure_future(self._lost.wait())
-        seen = self.hub.received
-        try:
-            while True:
-                await asyncio.wait((task, lost), timeout=timeout, return_when="FIRST_COMPLETED")
-                if task.done():
-                    break
-                if lost.done():
-                    raise _Unhealthy(f"{what}: the connection was closed")
-                received = self.hub.received
-                if received == seen:
-                    raise _Unhealthy(f"{what} {silence.format(timeout)}")
-                seen = received
-        finally:
-            lost.cancel()
-            task.cancel()
-        return task.result()
+        if marker is not None and self._conn is not None:
+            self._unlisten_soon(self._conn, marker)
 
     async def _failed(self, exc: BaseException | str, step: str, *, loud: bool = False) -> None:
         delay = self._backoff.next_delay()
@@ -730,14 +481,6 @@ class Listener:
         self.last_error_at = time.time()
 
     # -- asyncpg callbacks (synchronous, in order) -----------------------------------------------
-
-    def _relay(self, conn: Any, sink: Sink) -> None:
-        self._sink = sink
-        conn.relay_to(sink, self._relay_failed)
-
-    def _hold(self, pid: int, channel: str, payload: str) -> None:
-        """Until the generation tick, notifications wait (see :meth:`_listen`)."""
-        self._held.append((pid, channel, payload))
 
     def _relay_failed(self, exc: Exception, channel: str) -> None:
         """A notification could not be relayed: a bug in the fan-out, contained here.
@@ -788,8 +531,8 @@ class Listener:
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
             "next_retry_at": self.next_retry_at,
-            "last_health_ok": self.last_health_ok,
-            "queue_usage": self.queue_usage,
+            "last_health_ok": self.health.last_ok,
+            "queue_usage": self.health.queue_usage,
             "relay_errors": self.relay_errors,
-            "listening_channels": self.listening_channels,
+            "listening_channels": self.health.listening_channels,
         }

@@ -18,32 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-import msgspec
-
 from pgbus import protocol as p
+from pgbusd.core.replay import ChannelLog, Frame, ReplayExport, ReplayLog
 from pgbusd.handoff import ChannelSnapshot, State
-from pgbusd.replay import ChannelLog, Frame, ReplayExport, ReplayLog
 
 if TYPE_CHECKING:
-    from pgbusd.session import Session
+    from pgbusd.clients.session import Session
 
-#: A batch frame starts with its length and a 32-bit msgpack array header, filled in on sealing.
-_BATCH_HEAD: Final = struct.Struct(">IBI")
-#: The most one encoded notification can take. PostgreSQL's limits (7999 bytes of payload, 63 of
-#: channel name) count bytes of the server encoding, and asyncpg receives UTF-8, in which one byte
-#: of a single-byte server encoding can take three (WIN1252's 0x80 is U+20AC); 4x is a safe bound.
-_MAX_ITEM: Final = 4 * (p.MAX_PAYLOAD_BYTES + p.MAX_CHANNEL_BYTES) + 64
-#: A batch is sealed once it passes this size, so that no frame exceeds MAX_SERVER_FRAME.
-_BATCH_LIMIT: Final = p.MAX_SERVER_FRAME - _BATCH_HEAD.size - _MAX_ITEM
-#: The first element of every encoded Notification (its tag); see protocol.Notification.
-_NOTIFY_TAG: Final = p.Notification.__struct_config__.tag
-
-_encode_into: Final = msgspec.msgpack.Encoder().encode_into
+_NOTIFY_TAG: Final = p.NOTIFY_TAG
+_BATCH_LIMIT: Final = p.BATCH_LIMIT
+#: Appends a notification to a batch (see protocol.encode_into: the one encoding, written inline).
+_encode_into: Final = p.encode_into
 
 #: Called for notifications on channels that are not registered (the listener's probe channel).
 Unrouted = Callable[[int, str, str], None]
@@ -135,7 +124,6 @@ class Hub:
             return
         state.seq = seq = state.seq + 1
         batch = state.batch
-        # Encodes exactly as protocol.Notification(channel, payload, pid, generation, seq).
         _encode_into((_NOTIFY_TAG, channel, payload, pid, self.generation, seq), batch, -1)
         if len(batch) > _BATCH_LIMIT:
             self._seal(state)
@@ -154,7 +142,7 @@ class Hub:
 
     def _open_batch(self, state: ChannelState) -> None:
         state.last_received = time.time()
-        state.batch = bytearray(_BATCH_HEAD.size)
+        state.batch = p.new_batch()
         state.batch_first_seq = state.seq + 1
         self._open[state.name] = state
         if self._seal_handle is None:
@@ -175,7 +163,7 @@ class Hub:
         frame, state.batch = state.batch, bytearray()
         del self._open[state.name]
         count = state.seq - state.batch_first_seq + 1
-        _BATCH_HEAD.pack_into(frame, 0, len(frame) - p.HEADER_SIZE, 0xDD, count)
+        p.seal_batch(frame, count)
         subscribers = list(state.subscribers)
         for session in subscribers:
             session.send_batch(frame, count)
@@ -235,7 +223,7 @@ class Hub:
             if seq != state.log.next_seq:  # not where the kept frames end: start afresh
                 self.replay.forget(state.log)
                 state.log.next_seq = seq
-            open_batch = (bytearray(_BATCH_HEAD.size), seq, 0)
+            open_batch = (p.new_batch(), seq, 0)
         frame, first, count = open_batch
         _encode_into((_NOTIFY_TAG, channel, payload, pid, generation, seq), frame, -1)
         if len(frame) > _BATCH_LIMIT:
@@ -253,7 +241,7 @@ class Hub:
             self._seal_remembered(self.channels[channel], *open_batch)
 
     def _seal_remembered(self, state: ChannelState, frame: bytearray, first: int, n: int) -> None:
-        _BATCH_HEAD.pack_into(frame, 0, len(frame) - p.HEADER_SIZE, 0xDD, n)
+        p.seal_batch(frame, n)
         self.replay.append(state.log, first, n, frame)
 
     def reset_lineage(self, lineage: str, generation: int, seqs: dict[str, int]) -> None:
@@ -416,7 +404,7 @@ class Hub:
 
     def replay_after(self, channel: str, after: int) -> tuple[Frame, int] | None:
         """The next frame of ``channel``'s log after seq ``after`` and its last seq; None once
-        ``after`` is the newest (see :meth:`pgbusd.replay.ChannelLog.next_frame`)."""
+        ``after`` is the newest (see :meth:`pgbusd.core.replay.ChannelLog.next_frame`)."""
         self.seal_all()
         return self.channels[channel].log.next_frame(after)
 

@@ -1,7 +1,7 @@
 """Prometheus metrics: one renderer of the status document, and a tiny HTTP responder for it.
 
 ``pgbusctl metrics`` (for node_exporter's textfile collector) and the daemon's optional
-``--metrics-address`` endpoint both render a :class:`pgbusd.status.Status` with :func:`render`,
+``--metrics-address`` endpoint both render a :class:`pgbusd.ops.status.Status` with :func:`render`,
 so the two can never disagree with each other or with ``pgbusctl status``. The endpoint renders
 the whole document; ``pgbusctl metrics`` renders what fits in one status reply (1 MiB), and
 ``pgbusd_status_omitted`` says how many channel and client entries that left out.
@@ -24,7 +24,7 @@ import socket
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
-from pgbusd.status import Status
+from pgbusd.ops.status import Status
 
 #: The content type of the text exposition format.
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"

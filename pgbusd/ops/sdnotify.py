@@ -41,7 +41,7 @@ import socket
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
-from pgbusd.log import get_logger
+from pgbusd.ops.log import get_logger
 
 #: Seconds between two looks at the listener's state for ``STATUS=``.
 STATUS_POLL = 0.25

@@ -35,7 +35,7 @@ from typing import Any, Final, Protocol
 import msgspec
 
 from pgbus import protocol as p
-from pgbusd.log import get_logger
+from pgbusd.ops.log import get_logger
 
 # -- the schema -----------------------------------------------------------------------------------
 
@@ -362,7 +362,7 @@ def restricted(status: Status, own: ClientStatus, subscriptions: Iterable[str]) 
 
 
 class Viewer(Protocol):
-    """A client asking for the status (a :class:`~pgbusd.session.Session`)."""
+    """A client asking for the status (a :class:`~pgbusd.clients.session.Session`)."""
 
     @property
     def sees_everything(self) -> bool:
@@ -430,7 +430,7 @@ E_STATUS_FAILED: Final = "status_failed"
 
 
 class StatusWaiter(Protocol):
-    """A client with a status request waiting (a :class:`~pgbusd.session.Session`)."""
+    """A client with a status request waiting (a :class:`~pgbusd.clients.session.Session`)."""
 
     def answer_status(self, answer: Answer) -> int:
         """Answer the waiting request (and up to :data:`MAX_RUN` in all right behind it) with

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from pgbus import protocol as p
 from pgbus.errors import ProtocolError
-from pgbusd.access import UNKNOWN_PEER, AccessPolicy, peer_of
-from pgbusd.channels import ChannelDirectory, Refusal
+from pgbusd.clients.access import UNKNOWN_PEER, AccessPolicy, peer_of
+from pgbusd.core.channels import ChannelDirectory, Refusal
 from pgbusd.handoff import HandoffError
-from pgbusd.log import get_logger
-from pgbusd.status import MAX_RUN, Answer, ClientStatus, Counters, StatusDesk
+from pgbusd.ops.log import get_logger
+from pgbusd.ops.status import MAX_RUN, Answer, ClientStatus, Counters, StatusDesk
 
 if TYPE_CHECKING:
-    from pgbusd.hub import Hub
+    from pgbusd.core.hub import Hub
 
 #: Messages of one client read but not handled yet (they wait behind a status request) past which
 #: the daemon stops reading from that client until it has caught up.
@@ -57,12 +57,15 @@ class Session(asyncio.Protocol):
     """The daemon's side of one client connection.
 
     Outbound bytes are bounded: what the transport still buffers may not exceed the write budget.
-    A client past it is cut (it re-attaches and its generation moves on), so a client that stops
-    reading costs the daemon a bounded amount of memory and nobody else any time.
+    A client past it is cut without a word (anything written to it would wait behind the same
+    backlog); it re-attaches and resumes from the replay buffer, or steps its generation if the
+    buffer no longer holds what it missed. So a client that stops reading costs the daemon a
+    bounded amount of memory and nobody else any time.
 
     Requests are handled in the order they arrive, and answered in that order: a status request
-    waits for the :class:`~pgbusd.status.StatusDesk` to build the next document, and whatever the
-    client sent after it waits too (reading stops once :data:`MAX_INBOX` messages wait).
+    waits for the :class:`~pgbusd.ops.status.StatusDesk` to build the next document, and
+    whatever the client sent after it waits too (reading stops once :data:`MAX_INBOX` messages
+    wait).
     """
 
     def __init__(self, context: SessionContext) -> None:

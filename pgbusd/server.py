@@ -99,6 +99,11 @@ class Server:
         self._taking_over: Successor | None = None
         #: A successor whose predecessor served on after all: it gives the socket back.
         self._stepped_back = False
+        #: Set once this daemon serves on its own (at once for a plain start; for a successor,
+        #: once its predecessor handed over or is gone).
+        self._confirmed = asyncio.Event()
+        if inherited is None:
+            self._confirmed.set()
 
     @property
     def daemon_id(self) -> str:
@@ -255,15 +260,17 @@ class Server:
         if self.fleet is not None:  # a role would have to be handed over too
             self.log.error("reload refused", reason=self.fleet.reload_refusal)
             raise handoff.HandoffError(self.fleet.reload_refusal)
-        if (
-            self.socket.server is None
-            or self._takeover is not None
-            or self._taking_over is not None
-        ):
-            raise handoff.HandoffError(
-                "this daemon is not serving on its own yet (it is still taking over)"
-            )
+        if self.socket.server is None or self._takeover is not None:
+            raise handoff.HandoffError("this daemon is not serving yet")
         self._reloading = True
+        if self._taking_over is not None:  # serving, but its predecessor has not handed over yet
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._confirmed.wait(), self.config.reload_timeout)
+            if not self._confirmed.is_set() or self._stepped_back:
+                self._reloading = False
+                raise handoff.HandoffError(
+                    "this daemon is still taking over from its predecessor: reload once it has"
+                )
         log = self.log.bind(reload=True)
         predecessor = Predecessor(self.config, self.hub, self.listener, self.channels, log)
         try:
@@ -373,10 +380,12 @@ class Server:
                 reason=successor.reason,
             )
             self._stepped_back = True  # clients go back to it at once (Goodbye(reload))
+            self._confirmed.set()
             self.request_stop()
             return
         if outcome is Confirmation.GONE:
             self.log.warning("the predecessor is gone without handing over: serving on alone")
+        self._confirmed.set()
         if inherited.owns_path:
             self.socket.own_path()
         self._systemd = sdnotify.Notifier(

@@ -451,6 +451,33 @@ def test_a_tick_during_a_resumed_handshake_is_one_step_at_its_end() -> None:
     assert a.drain() == ["a5"]
 
 
+@pytest.mark.parametrize(
+    "meanwhile",
+    [[p.Subscribed("a", 9)], [p.Subscribed("a", 4), p.Generation(2)]],
+    ids=["resume-not-covered", "tick-during-handshake"],
+)
+def test_a_step_learnt_in_a_handshake_cut_off_is_owed_to_the_next_attach(
+    meanwhile: list[p.ServerMessage],
+) -> None:
+    """What the first handshake learnt (the daemon no longer holds 5..9; the daemon reconnected
+    to PostgreSQL) is not forgotten because it was cut before its end: the next attach, to the
+    same lineage at the same generation, must not resume over it."""
+    engine = Engine()
+    _away(engine, "a", "b")
+    att = engine.attach()
+    feed(att, HELLO)
+    feed(att, *meanwhile)
+    assert not att.attached, "b is not back yet"
+    att.lost()
+    assert engine.generation == 1
+    again = p.Hello(p.PROTOCOL_VERSION, "d1", engine.clock.daemon_generation, ["a", "b"], 4096)
+    nxt = engine.attach()
+    feed(nxt, again)
+    assert sent(nxt)[1:] == [p.Subscribe("a"), p.Subscribe("b")], "no resume"
+    feed(nxt, p.Subscribed("a", 9), p.Subscribed("b", 4))
+    assert engine.generation == 2, "the owed step, once"
+
+
 def test_a_subscribe_in_flight_across_a_reattach_does_not_break_the_resume_of_the_others() -> None:
     engine = Engine()
     (a,) = _away(engine, "a")

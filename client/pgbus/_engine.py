@@ -118,10 +118,13 @@ class GenerationClock:
       its first tick. A subscriber that resyncs when it sees the step cannot miss a notification
       committed after it looked.
     - Unless the re-attach *resumed*: the same lineage at the same generation replayed every
-      notification the client missed on every channel it held (see the protocol's "Resume"),
-      and no tick came during the handshake. Then nothing was lost and it does not move. A tick
-      during a resumed handshake means the daemon itself lost notifications meanwhile (it
-      reconnected to PostgreSQL): the handshake's end publishes one step then.
+      notification the client missed on every channel it held (see the protocol's "Resume").
+      Then nothing was lost and it does not move.
+    - A step once owed stays owed until it is published: a resume the daemon could not honour
+      on a channel, a tick during a handshake (the daemon reconnected to PostgreSQL meanwhile:
+      what was committed then is lost, whatever the seqs say), a re-attach that did not try to
+      resume. If the connection ends before the handshake does, the next attach does not
+      resume: it publishes the step (:attr:`owed`).
     - A ``seq`` that skips on a channel within one attachment moves it by one. The daemon never
       drops a notification for an attached client, so this is a bug or a foreign daemon; the honest
       answer is the same as for any other gap.
@@ -134,20 +137,20 @@ class GenerationClock:
         "_attaching",
         "_daemon",
         "_ever_attached",
-        "_hello_daemon",
         "_last_seq",
         "_step_pending",
         "generation",
+        "owed",
     )
 
     def __init__(self) -> None:
         self.generation = 0
         self._daemon = 0
-        #: The daemon's generation its last Hello announced.
-        self._hello_daemon = 0
         self._ever_attached = False
         self._attaching = False
         self._step_pending = False
+        #: Something may have been lost since the last step, and no step covers it yet.
+        self.owed = False
         self._last_seq: dict[str, int] = {}
 
     @property
@@ -161,35 +164,41 @@ class GenerationClock:
 
     def on_hello(self, daemon_generation: int, *, resuming: bool = False) -> None:
         """A handshake began: the daemon announced its generation. Unless the client tries to
-        resume, the seqs it saw belong to a past it can no longer continue."""
+        resume, the seqs it saw belong to a past it can no longer continue, and a step is owed."""
         self._attaching = True
-        self._daemon = self._hello_daemon = daemon_generation
+        self._daemon = daemon_generation
         if not resuming:
             self._last_seq.clear()
+            self.owe()
+
+    def owe(self) -> None:
+        """Notifications may have been lost and no step covers them yet (a re-attach that is
+        not a resume, or a resume the daemon could not honour)."""
+        if self._ever_attached:
+            self.owed = True
 
     def forget(self, channel: str) -> None:
         """Nobody subscribes to ``channel`` any more: a later subscription starts afresh."""
         self._last_seq.pop(channel, None)
 
-    def on_attached(self, *, resumed: bool = False) -> bool:
-        """The handshake finished: every re-subscription is acknowledged (``resumed``: and every
-        one continued exactly where the client was)."""
+    def on_attached(self) -> bool:
+        """The handshake finished: every re-subscription is acknowledged. The first attach
+        takes the daemon's generation; a later one publishes the step it owes, if any."""
         self._attaching = False
-        if resumed:
-            # A tick during the handshake: the daemon reconnected to PostgreSQL meanwhile, and
-            # what was committed then is lost, whatever the seqs say.
-            return self._advance(1 if self._daemon != self._hello_daemon else 0)
         if not self._ever_attached:
             self._ever_attached = True
             return self._advance(self._daemon - self.generation)
+        if not self.owed:
+            return False  # a resume: nothing was lost
         if self._daemon >= 1:
-            self._step_pending = False
+            self.owed = self._step_pending = False
             return self._advance(1)
         self._step_pending = True  # the daemon's first tick publishes the step
         return False
 
     def on_detached(self) -> None:
-        """The connection ended; a handshake still under way no longer counts."""
+        """The connection ended; a handshake still under way no longer counts (what it owed
+        stays owed)."""
         self._attaching = False
 
     def on_tick(self, daemon_generation: int) -> bool:
@@ -199,9 +208,10 @@ class GenerationClock:
         step = daemon_generation - self._daemon
         self._daemon = daemon_generation
         if self._attaching:
-            return False  # the end of the handshake publishes
+            self.owe()  # published at the end of the handshake, or by the next attach
+            return False
         if self._step_pending:
-            self._step_pending = False
+            self._step_pending = self.owed = False
             step = 1
         return self._advance(step)
 
@@ -1069,6 +1079,7 @@ class Attachment:
             and hello.generation == clock.daemon_generation
             and not engine.unconfirmed
             and not engine.resume_blocked
+            and not clock.owed
             and all(clock.last_seq(ch) is not None for ch in held)
         )
         engine.resume_blocked = False
@@ -1124,6 +1135,7 @@ class Attachment:
                 assert isinstance(reply, p.Subscribed)
                 if message.after is not None and reply.seq != message.after:
                     self.resumed = False  # the daemon no longer holds what came after: a gap
+                    engine.clock.owe()
                 engine.unconfirmed.discard(channel)
                 engine.confirmed.add(channel)
                 engine.clock.on_subscribed(channel, reply.seq)
@@ -1144,7 +1156,7 @@ class Attachment:
             self.state = _ATTACHED
             self._handshake = []
             engine.attach_count += 1
-            engine.clock.on_attached(resumed=self.resumed)
+            engine.clock.on_attached()
             engine._note_state()  # attached, and maybe a generation step
 
     # -- the end -----------------------------------------------------------------------------------

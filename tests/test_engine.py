@@ -165,6 +165,7 @@ def test_a_daemon_of_another_protocol_version_is_dropped() -> None:
     [
         (p.Generation(2), "expected hello"),
         (p.Subscribed("a", 1), "expected hello"),
+        (p.Notification("a", "x", 1, 1, 1), "expected hello"),
     ],
 )
 def test_anything_but_hello_first_is_a_protocol_error(first: p.ServerMessage, why: str) -> None:

@@ -967,6 +967,9 @@ class Attachment:
             return engine._take_changes()
         for run in runs(messages):
             if type(run) is list:
+                if self.state == _HELLO:
+                    self._drop(ProtocolError("expected hello, got Notification"))
+                    break
                 engine._deliver(run)
             else:
                 self._control(run)  # type: ignore[arg-type]

@@ -103,8 +103,13 @@ impl From<RequestError> for Error {
 }
 
 enum Command {
-    Subscribe { channel: String, reply: oneshot::Sender<Result<(), Error>> },
-    Status { reply: oneshot::Sender<Result<Document, Error>> },
+    Subscribe {
+        channel: String,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Status {
+        reply: oneshot::Sender<Result<Document, Error>>,
+    },
 }
 
 /// What `run()` keeps between its calls: the engine (so the generation never goes back) and
@@ -147,7 +152,11 @@ impl PgNotifyBus {
     }
 
     /// [`new`](Self::new) with other settings.
-    pub fn with_options(socket_path: impl AsRef<Path>, channels: &[&str], options: Options) -> Self {
+    pub fn with_options(
+        socket_path: impl AsRef<Path>,
+        channels: &[&str],
+        options: Options,
+    ) -> Self {
         let mut router = Router::new(options.buffer);
         let mut engine = Engine::new(i64::from(std::process::id()), &options.name);
         let mut names = Vec::with_capacity(channels.len());
@@ -170,7 +179,10 @@ impl PgNotifyBus {
             reconnect_tx,
             attached: AtomicBool::new(false),
             commands: tx,
-            driver: Mutex::new(Some(Driver { engine, commands: rx })),
+            driver: Mutex::new(Some(Driver {
+                engine,
+                commands: rx,
+            })),
         }
     }
 
@@ -222,12 +234,18 @@ impl PgNotifyBus {
     /// `attach_timeout` in all. The channel is unsubscribed once no receiver of it is left
     /// (checked every `sweep_interval`). Errors: [`Error::UnknownChannel`],
     /// [`Error::InvalidChannel`], [`Error::Refused`], [`Error::Timeout`].
-    pub async fn subscribe_dynamic(&self, channel: &str) -> Result<broadcast::Receiver<String>, Error> {
+    pub async fn subscribe_dynamic(
+        &self,
+        channel: &str,
+    ) -> Result<broadcast::Receiver<String>, Error> {
         validate_channel(channel).map_err(Error::InvalidChannel)?;
         // The receiver first: it sees every payload delivered from the daemon's confirmation on.
         let rx = lock(&self.router).subscribe(channel);
         let (reply, answer) = oneshot::channel();
-        let cmd = Command::Subscribe { channel: channel.to_owned(), reply };
+        let cmd = Command::Subscribe {
+            channel: channel.to_owned(),
+            reply,
+        };
         self.ask(cmd, answer).await?;
         Ok(rx)
     }
@@ -237,7 +255,9 @@ impl PgNotifyBus {
         &self,
         channel: &str,
     ) -> Result<TypedReceiver<T>, Error> {
-        self.subscribe_dynamic(channel).await.map(TypedReceiver::new)
+        self.subscribe_dynamic(channel)
+            .await
+            .map(TypedReceiver::new)
     }
 
     /// The daemon's status document (what `pgbusctl status --json` prints).
@@ -246,7 +266,11 @@ impl PgNotifyBus {
         self.ask(Command::Status { reply }, answer).await
     }
 
-    async fn ask<T>(&self, cmd: Command, answer: oneshot::Receiver<Result<T, Error>>) -> Result<T, Error> {
+    async fn ask<T>(
+        &self,
+        cmd: Command,
+        answer: oneshot::Receiver<Result<T, Error>>,
+    ) -> Result<T, Error> {
         if self.commands.send(cmd).is_err() {
             return Err(Error::Timeout);
         }
@@ -265,7 +289,10 @@ impl PgNotifyBus {
         let mut driver = match lock(&self.driver).take() {
             Some(d) => d,
             None => {
-                log::error!("pgbus: run() is already running for {}", self.path.display());
+                log::error!(
+                    "pgbus: run() is already running for {}",
+                    self.path.display()
+                );
                 return;
             }
         };
@@ -277,7 +304,8 @@ impl PgNotifyBus {
             if *shutdown.borrow() {
                 break;
             }
-            let connected = timeout(self.options.attach_timeout, UnixStream::connect(&self.path)).await;
+            let connected =
+                timeout(self.options.attach_timeout, UnixStream::connect(&self.path)).await;
             match connected {
                 Ok(Ok(stream)) => {
                     let mut link = Link {
@@ -288,7 +316,12 @@ impl PgNotifyBus {
                         deferred: &mut deferred,
                     };
                     let (ended, attached) = link
-                        .serve(stream, &mut shutdown, &mut shutdown_open, &mut driver.commands)
+                        .serve(
+                            stream,
+                            &mut shutdown,
+                            &mut shutdown_open,
+                            &mut driver.commands,
+                        )
                         .await;
                     self.attached.store(false, Ordering::Release);
                     if attached {
@@ -298,8 +331,15 @@ impl PgNotifyBus {
                         break;
                     }
                 }
-                Ok(Err(e)) => log::warn!("pgbus: cannot reach pgbusd at {}: {}", self.path.display(), e),
-                Err(_) => log::warn!("pgbus: cannot reach pgbusd at {}: timed out", self.path.display()),
+                Ok(Err(e)) => log::warn!(
+                    "pgbus: cannot reach pgbusd at {}: {}",
+                    self.path.display(),
+                    e
+                ),
+                Err(_) => log::warn!(
+                    "pgbus: cannot reach pgbusd at {}: timed out",
+                    self.path.display()
+                ),
             }
             let delay = if driver.engine.take_retry_at_once() {
                 Duration::ZERO
@@ -494,7 +534,11 @@ impl<'a> Link<'a> {
                         });
                     }
                 }
-                Event::ChannelRefused { channel, code, message } => {
+                Event::ChannelRefused {
+                    channel,
+                    code,
+                    message,
+                } => {
                     log::error!(
                         "pgbus: pgbusd refused channel {:?} ({}): {}; its receivers close",
                         channel,
@@ -529,7 +573,11 @@ impl<'a> Link<'a> {
                 Event::Drop { cause } => match cause {
                     DropCause::Protocol(e) => log::error!("pgbus: dropping the connection: {}", e),
                     DropCause::Closed { code, message } => {
-                        log::warn!("pgbus: pgbusd closes the connection ({}): {}", code, message)
+                        log::warn!(
+                            "pgbus: pgbusd closes the connection ({}): {}",
+                            code,
+                            message
+                        )
                     }
                 },
             }
@@ -582,11 +630,19 @@ impl Backoff {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
             ^ (u64::from(std::process::id()) << 32);
-        Backoff { initial, maximum, failures: 0, rng: seed | 1 }
+        Backoff {
+            initial,
+            maximum,
+            failures: 0,
+            rng: seed | 1,
+        }
     }
 
     fn next_delay(&mut self) -> Duration {
-        let base = self.initial.saturating_mul(1u32 << self.failures.min(20)).min(self.maximum);
+        let base = self
+            .initial
+            .saturating_mul(1u32 << self.failures.min(20))
+            .min(self.maximum);
         self.failures = self.failures.saturating_add(1);
         // xorshift64*: enough to spread the workers of one host.
         self.rng ^= self.rng >> 12;
@@ -615,7 +671,10 @@ pub enum TypedRecvError {
     /// Nothing more will come (the bus is gone, or the daemon refused the channel).
     Closed,
     /// This payload did not decode into `T`; the next `recv()` goes on with the next one.
-    Decode { payload: String, error: serde_json::Error },
+    Decode {
+        payload: String,
+        error: serde_json::Error,
+    },
 }
 
 impl fmt::Display for TypedRecvError {
@@ -641,7 +700,10 @@ impl std::error::Error for TypedRecvError {
 
 impl<T: DeserializeOwned> TypedReceiver<T> {
     pub fn new(rx: broadcast::Receiver<String>) -> Self {
-        TypedReceiver { rx, _type: PhantomData }
+        TypedReceiver {
+            rx,
+            _type: PhantomData,
+        }
     }
 
     /// The next payload, decoded.

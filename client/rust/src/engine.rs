@@ -86,11 +86,16 @@ impl std::error::Error for RequestError {}
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
     /// A subscribe: confirmed (`seq`: the channel's last seq so far).
-    Subscribed { seq: u64 },
+    Subscribed {
+        seq: u64,
+    },
     /// A subscribe whose connection ended first: kept, the next attach sends it.
     Kept,
     Status(Document),
-    Reloaded { pid: i64, version: String },
+    Reloaded {
+        pid: i64,
+        version: String,
+    },
     Failed(RequestError),
 }
 
@@ -98,12 +103,19 @@ pub enum Answer {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Payloads for the subscribers of `channel`, in the order PostgreSQL delivered them.
-    Deliver { channel: String, payloads: Vec<String> },
+    Deliver {
+        channel: String,
+        payloads: Vec<String>,
+    },
     /// A request got its answer.
     Answered { id: RequestId, answer: Answer },
     /// The daemon refused `channel` (on re-attach, or on a first subscribe): its subscriptions
     /// end, loudly. The channel is no longer wanted.
-    ChannelRefused { channel: String, code: String, message: String },
+    ChannelRefused {
+        channel: String,
+        code: String,
+        message: String,
+    },
     /// The handshake finished.
     Attached,
     /// The connection ended (`reason`); the engine is ready for the next one.
@@ -166,10 +178,21 @@ enum State {
 #[derive(Debug)]
 enum Pending {
     /// `handshake`: one of the re-subscriptions the Hello sent.
-    Subscribe { id: Option<RequestId>, channel: String, after: Option<u64>, handshake: bool },
-    Unsubscribe { channel: String },
-    Status { id: RequestId },
-    Reload { id: RequestId },
+    Subscribe {
+        id: Option<RequestId>,
+        channel: String,
+        after: Option<u64>,
+        handshake: bool,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    Status {
+        id: RequestId,
+    },
+    Reload {
+        id: RequestId,
+    },
 }
 
 /// One connection to the daemon, from its connect to its end.
@@ -243,7 +266,13 @@ impl Engine {
 
     /// Attached to a daemon, handshake finished.
     pub fn attached(&self) -> bool {
-        matches!(self.att, Some(Attachment { state: State::Attached, .. }))
+        matches!(
+            self.att,
+            Some(Attachment {
+                state: State::Attached,
+                ..
+            })
+        )
     }
 
     /// A connection is live (from its connect until its end).
@@ -271,6 +300,11 @@ impl Engine {
         &self.patterns
     }
 
+    /// Whether the daemon asked to be re-attached to at once (a reload's Goodbye).
+    pub fn retry_at_once(&self) -> bool {
+        self.retry_at_once
+    }
+
     /// Whether the daemon asked to be re-attached to at once (a reload's Goodbye); reading it
     /// resets it.
     pub fn take_retry_at_once(&mut self) -> bool {
@@ -279,7 +313,9 @@ impl Engine {
 
     /// Whether `channel` is confirmed on the live attachment.
     pub fn confirmed(&self, channel: &str) -> bool {
-        self.att.as_ref().map_or(false, |a| a.subscribed.contains(channel))
+        self.att
+            .as_ref()
+            .map_or(false, |a| a.subscribed.contains(channel))
     }
 
     /// Whether `channel` is wanted (subscribed, or to be subscribed by the next attach).
@@ -371,7 +407,8 @@ impl Engine {
     /// Whether the daemon relays `channel` (by its last Hello): registered, or matched by one of
     /// its globs.
     pub fn relays(&self, channel: &str) -> bool {
-        self.channels.iter().any(|c| c == channel) || self.patterns.iter().any(|g| glob_match(g, channel))
+        self.channels.iter().any(|c| c == channel)
+            || self.patterns.iter().any(|g| glob_match(g, channel))
     }
 
     /// Want `channel` before any attach: the first handshake subscribes it (the constructor's
@@ -405,7 +442,12 @@ impl Engine {
                     self.next_id += 1;
                     att.subscribing.insert(channel.to_owned(), Some(id));
                     for p in att.pending.iter_mut() {
-                        if let Pending::Subscribe { id: slot @ None, channel: c, .. } = p {
+                        if let Pending::Subscribe {
+                            id: slot @ None,
+                            channel: c,
+                            ..
+                        } = p
+                        {
                             if c == channel {
                                 *slot = Some(id);
                                 break;
@@ -435,8 +477,12 @@ impl Engine {
         self.clock.last_seq.remove(channel);
         if let Some(att) = self.att.as_mut() {
             if att.subscribed.remove(channel) {
-                att.pending.push_back(Pending::Unsubscribe { channel: channel.to_owned() });
-                let msg = ClientMessage::Unsubscribe { channel: channel.to_owned() };
+                att.pending.push_back(Pending::Unsubscribe {
+                    channel: channel.to_owned(),
+                });
+                let msg = ClientMessage::Unsubscribe {
+                    channel: channel.to_owned(),
+                };
                 p::encode_frame_into(&mut self.out, &[msg]);
             }
         }
@@ -452,7 +498,12 @@ impl Engine {
         &mut self,
         environment: Option<HashMap<String, String>>,
     ) -> Result<RequestId, RequestError> {
-        self.request(|id| (Pending::Reload { id }, ClientMessage::Reload { environment }))
+        self.request(|id| {
+            (
+                Pending::Reload { id },
+                ClientMessage::Reload { environment },
+            )
+        })
     }
 
     fn request(
@@ -465,7 +516,11 @@ impl Engine {
         let id = self.next_id;
         self.next_id += 1;
         let (pending, msg) = make(id);
-        self.att.as_mut().expect("attached").pending.push_back(pending);
+        self.att
+            .as_mut()
+            .expect("attached")
+            .pending
+            .push_back(pending);
         p::encode_frame_into(&mut self.out, &[msg]);
         Ok(id)
     }
@@ -488,8 +543,16 @@ impl Engine {
         if handshake {
             att.handshake += 1;
         }
-        let msg = ClientMessage::Subscribe { channel: channel.clone(), after };
-        att.pending.push_back(Pending::Subscribe { id, channel, after, handshake });
+        let msg = ClientMessage::Subscribe {
+            channel: channel.clone(),
+            after,
+        };
+        att.pending.push_back(Pending::Subscribe {
+            id,
+            channel,
+            after,
+            handshake,
+        });
         p::encode_frame_into(&mut self.out, &[msg]);
     }
 
@@ -519,7 +582,10 @@ impl Engine {
                 self.closing(msg)
             }
             _ if state == State::Hello => {
-                self.drop_link(ProtocolError::new(format!("expected hello, got {}", msg.tag())));
+                self.drop_link(ProtocolError::new(format!(
+                    "expected hello, got {}",
+                    msg.tag()
+                )));
             }
             ServerMessage::Generation { generation } => self.on_tick(generation),
             other => self.closing(other),
@@ -532,7 +598,10 @@ impl Engine {
             ServerMessage::Error(e) if e.fatal => {
                 let why = format!("daemon closed the connection: {}", e.message);
                 self.att.as_mut().expect("connected").failure = Some(why.clone());
-                let cause = DropCause::Closed { code: e.code, message: e.message };
+                let cause = DropCause::Closed {
+                    code: e.code,
+                    message: e.message,
+                };
                 self.events.push_back(Event::Drop { cause });
                 self.end(why);
             }
@@ -572,7 +641,12 @@ impl Engine {
             && hello.daemon_id == self.daemon_id
             && hello.generation == self.clock.daemon;
         if !same {
+            // What the client held belongs to a past it cannot continue: a re-attach owes its
+            // step until a handshake publishes it (one cut off first passes it on).
             self.clock.last_seq.clear();
+            if self.clock.ever_attached {
+                self.clock.owed = true;
+            }
         }
         self.no_resume = false;
         self.daemon_id = hello.daemon_id;
@@ -588,7 +662,11 @@ impl Engine {
         }
         p::encode_frame_into(
             &mut self.out,
-            &[ClientMessage::Attach { version: p::PROTOCOL_VERSION, pid, name }],
+            &[ClientMessage::Attach {
+                version: p::PROTOCOL_VERSION,
+                pid,
+                name,
+            }],
         );
         let channels = self.wanted.clone();
         for channel in channels {
@@ -648,20 +726,33 @@ impl Engine {
             _ => false,
         };
         if !fits {
-            let what = format!("unexpected {} in reply to {}", msg.tag(), pending_tag(pending));
+            let what = format!(
+                "unexpected {} in reply to {}",
+                msg.tag(),
+                pending_tag(pending)
+            );
             self.drop_link(ProtocolError::new(what));
             return;
         }
         let pending = att.pending.pop_front().expect("a pending request");
         self.settle(pending, msg);
-        if self.att.as_ref().map_or(false, |a| a.state == State::Handshake) {
+        if self
+            .att
+            .as_ref()
+            .map_or(false, |a| a.state == State::Handshake)
+        {
             self.maybe_attached();
         }
     }
 
     fn settle(&mut self, pending: Pending, reply: ServerMessage) {
         match pending {
-            Pending::Subscribe { id, channel, after, handshake } => {
+            Pending::Subscribe {
+                id,
+                channel,
+                after,
+                handshake,
+            } => {
                 let att = self.att.as_mut().expect("connected");
                 if handshake {
                     att.handshake -= 1;
@@ -688,7 +779,9 @@ impl Engine {
                             att.subscribed.insert(channel.clone());
                         } else {
                             // Every subscriber gave up meanwhile.
-                            att.pending.push_back(Pending::Unsubscribe { channel: channel.clone() });
+                            att.pending.push_back(Pending::Unsubscribe {
+                                channel: channel.clone(),
+                            });
                             let msg = ClientMessage::Unsubscribe { channel };
                             p::encode_frame_into(&mut self.out, &[msg]);
                         }
@@ -704,7 +797,10 @@ impl Engine {
             Pending::Status { id } => {
                 let answer = match reply {
                     ServerMessage::StatusReply { status } => Answer::Status(status),
-                    ServerMessage::Error(e) => Answer::Failed(RequestError::Refused { code: e.code, message: e.message }),
+                    ServerMessage::Error(e) => Answer::Failed(RequestError::Refused {
+                        code: e.code,
+                        message: e.message,
+                    }),
                     _ => unreachable!("checked by on_reply"),
                 };
                 self.events.push_back(Event::Answered { id, answer });
@@ -712,7 +808,10 @@ impl Engine {
             Pending::Reload { id } => {
                 let answer = match reply {
                     ServerMessage::Reloaded { pid, version } => Answer::Reloaded { pid, version },
-                    ServerMessage::Error(e) => Answer::Failed(RequestError::Refused { code: e.code, message: e.message }),
+                    ServerMessage::Error(e) => Answer::Failed(RequestError::Refused {
+                        code: e.code,
+                        message: e.message,
+                    }),
                     _ => unreachable!("checked by on_reply"),
                 };
                 self.events.push_back(Event::Answered { id, answer });
@@ -761,7 +860,9 @@ impl Engine {
             self.clock.owed = true;
         }
         let reason = error.to_string();
-        self.events.push_back(Event::Drop { cause: DropCause::Protocol(error) });
+        self.events.push_back(Event::Drop {
+            cause: DropCause::Protocol(error),
+        });
         self.end(reason);
     }
 
@@ -771,12 +872,17 @@ impl Engine {
             None => return,
         };
         let reason = att.failure.clone().unwrap_or(reason);
+        // What was not written yet belongs to the dead connection.
+        self.out.clear();
         for pending in att.pending {
             match pending {
                 Pending::Subscribe { id: Some(id), .. } => {
                     // Kept: the next attach subscribes it; the wait owes a step.
                     self.clock.owed = self.clock.owed || self.clock.ever_attached;
-                    self.events.push_back(Event::Answered { id, answer: Answer::Kept });
+                    self.events.push_back(Event::Answered {
+                        id,
+                        answer: Answer::Kept,
+                    });
                 }
                 Pending::Status { id } | Pending::Reload { id } => {
                     let answer = Answer::Failed(RequestError::Lost(reason.clone()));
@@ -803,7 +909,10 @@ pub fn refusal(channel: &str, e: &ErrorReply) -> RequestError {
     if e.code == p::E_UNKNOWN_CHANNEL {
         RequestError::UnknownChannel(channel.to_owned())
     } else {
-        RequestError::Refused { code: e.code.clone(), message: e.message.clone() }
+        RequestError::Refused {
+            code: e.code.clone(),
+            message: e.message.clone(),
+        }
     }
 }
 

@@ -62,11 +62,17 @@ pub struct ProtocolError {
 
 impl ProtocolError {
     pub fn new(message: impl Into<String>) -> Self {
-        ProtocolError { code: E_PROTOCOL, message: message.into() }
+        ProtocolError {
+            code: E_PROTOCOL,
+            message: message.into(),
+        }
     }
 
     pub fn with_code(code: &'static str, message: impl Into<String>) -> Self {
-        ProtocolError { code, message: message.into() }
+        ProtocolError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -127,16 +133,30 @@ pub enum ServerMessage {
     Hello(Hello),
     Notification(Notification),
     /// The daemon (re)connected to PostgreSQL and LISTENs on every channel again.
-    Generation { generation: u64 },
+    Generation {
+        generation: u64,
+    },
     /// A subscription is confirmed; `seq` is the channel's last seq so far.
-    Subscribed { channel: String, seq: u64 },
-    Unsubscribed { channel: String },
+    Subscribed {
+        channel: String,
+        seq: u64,
+    },
+    Unsubscribed {
+        channel: String,
+    },
     Error(ErrorReply),
-    StatusReply { status: Document },
+    StatusReply {
+        status: Document,
+    },
     /// The daemon closes this connection (`shutdown`, or `reload`: re-attach at once).
-    Goodbye { reason: String },
+    Goodbye {
+        reason: String,
+    },
     /// The answer to `Reload`: the successor (`pid`, running pgbusd `version`) serves.
-    Reloaded { pid: i64, version: String },
+    Reloaded {
+        pid: i64,
+        version: String,
+    },
 }
 
 impl ServerMessage {
@@ -160,13 +180,24 @@ impl ServerMessage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMessage {
     /// The first message: protocol version, the client's pid, a name shown in the status.
-    Attach { version: u64, pid: i64, name: String },
+    Attach {
+        version: u64,
+        pid: i64,
+        name: String,
+    },
     /// `after`: resume: the last seq the client holds on the channel.
-    Subscribe { channel: String, after: Option<u64> },
-    Unsubscribe { channel: String },
+    Subscribe {
+        channel: String,
+        after: Option<u64>,
+    },
+    Unsubscribe {
+        channel: String,
+    },
     StatusRequest,
     /// An operator's request: hand the daemon over to a successor process.
-    Reload { environment: Option<HashMap<String, String>> },
+    Reload {
+        environment: Option<HashMap<String, String>>,
+    },
 }
 
 impl ClientMessage {
@@ -431,7 +462,11 @@ impl<'de> Deserialize<'de> for ServerMessage {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ServerMessage, A::Error> {
                 let tag = read_tag(&mut seq)?;
-                let mut f = Fields { seq, tag: &tag, read: 0 };
+                let mut f = Fields {
+                    seq,
+                    tag: &tag,
+                    read: 0,
+                };
                 let msg = match tag.as_str() {
                     "hello" => ServerMessage::Hello(Hello {
                         version: f.field("version")?,
@@ -448,22 +483,28 @@ impl<'de> Deserialize<'de> for ServerMessage {
                         generation: f.field("generation")?,
                         seq: f.field("seq")?,
                     }),
-                    "gen" => ServerMessage::Generation { generation: f.field("generation")? },
+                    "gen" => ServerMessage::Generation {
+                        generation: f.field("generation")?,
+                    },
                     "subscribed" => ServerMessage::Subscribed {
                         channel: f.field::<Str>("channel")?.0,
                         seq: f.field("seq")?,
                     },
-                    "unsubscribed" => {
-                        ServerMessage::Unsubscribed { channel: f.field::<Str>("channel")?.0 }
-                    }
+                    "unsubscribed" => ServerMessage::Unsubscribed {
+                        channel: f.field::<Str>("channel")?.0,
+                    },
                     "error" => ServerMessage::Error(ErrorReply {
                         code: f.field::<Str>("code")?.0,
                         message: f.field::<Str>("message")?.0,
                         channel: f.optional(OptStr(None))?.0,
                         fatal: f.optional(false)?,
                     }),
-                    "status" => ServerMessage::StatusReply { status: f.field("status")? },
-                    "bye" => ServerMessage::Goodbye { reason: f.field::<Str>("reason")?.0 },
+                    "status" => ServerMessage::StatusReply {
+                        status: f.field("status")?,
+                    },
+                    "bye" => ServerMessage::Goodbye {
+                        reason: f.field::<Str>("reason")?.0,
+                    },
                     "reloaded" => ServerMessage::Reloaded {
                         pid: f.field("pid")?,
                         version: f.field::<Str>("version")?.0,
@@ -493,7 +534,11 @@ impl<'de> Deserialize<'de> for ClientMessage {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ClientMessage, A::Error> {
                 let tag = read_tag(&mut seq)?;
-                let mut f = Fields { seq, tag: &tag, read: 0 };
+                let mut f = Fields {
+                    seq,
+                    tag: &tag,
+                    read: 0,
+                };
                 let msg = match tag.as_str() {
                     "attach" => ClientMessage::Attach {
                         version: f.field("version")?,
@@ -504,9 +549,9 @@ impl<'de> Deserialize<'de> for ClientMessage {
                         channel: f.field::<Str>("channel")?.0,
                         after: f.optional(None)?,
                     },
-                    "unsubscribe" => {
-                        ClientMessage::Unsubscribe { channel: f.field::<Str>("channel")?.0 }
-                    }
+                    "unsubscribe" => ClientMessage::Unsubscribe {
+                        channel: f.field::<Str>("channel")?.0,
+                    },
                     "status?" => ClientMessage::StatusRequest,
                     "reload" => ClientMessage::Reload {
                         environment: f.optional::<Option<StrMap>>(None)?.map(|m| m.0),
@@ -558,13 +603,82 @@ pub fn decode_body<M: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<Vec<M>, 
     de.set_max_depth(MAX_DEPTH);
     let batch = Batch::<M>::deserialize(&mut de)
         .map_err(|e| ProtocolError::new(format!("malformed frame: {}", e)))?;
-    if de.get_ref().len() != 0 {
-        return Err(ProtocolError::new("malformed frame: bytes after the array of messages"));
+    if value_end(body) != Some(body.len()) {
+        return Err(ProtocolError::new(
+            "malformed frame: bytes after the array of messages",
+        ));
     }
     if batch.0.is_empty() {
         return Err(ProtocolError::new("frame holds no message"));
     }
     Ok(batch.0)
+}
+
+/// Where the msgpack value at the start of `data` ends (None: it does not end within `data`).
+/// Iterative: no recursion and no allocation, whatever the counts claim.
+fn value_end(data: &[u8]) -> Option<usize> {
+    let mut pending: u64 = 1;
+    let mut pos = 0usize;
+    let be = |at: usize, n: usize| -> Option<u64> {
+        let bytes = data.get(at..at + n)?;
+        Some(bytes.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+    };
+    while pending > 0 {
+        let marker = *data.get(pos)?;
+        pending -= 1;
+        pos += 1;
+        let skip: u64 = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => 0,
+            0x80..=0x8f => {
+                pending += 2 * u64::from(marker & 0x0f);
+                0
+            }
+            0x90..=0x9f => {
+                pending += u64::from(marker & 0x0f);
+                0
+            }
+            0xa0..=0xbf => u64::from(marker & 0x1f),
+            0xc1 => return None,
+            0xc4 | 0xd9 => 1 + be(pos, 1)?,
+            0xc5 | 0xda => 2 + be(pos, 2)?,
+            0xc6 | 0xdb => 4 + be(pos, 4)?,
+            0xc7 => 2 + be(pos, 1)?,
+            0xc8 => 3 + be(pos, 2)?,
+            0xc9 => 5 + be(pos, 4)?,
+            0xca => 4,
+            0xcb => 8,
+            0xcc | 0xd0 => 1,
+            0xcd | 0xd1 => 2,
+            0xce | 0xd2 => 4,
+            0xcf | 0xd3 => 8,
+            0xd4 => 2,
+            0xd5 => 3,
+            0xd6 => 5,
+            0xd7 => 9,
+            0xd8 => 17,
+            0xdc => {
+                pending += be(pos, 2)?;
+                2
+            }
+            0xdd => {
+                pending += be(pos, 4)?;
+                4
+            }
+            0xde => {
+                pending += 2 * be(pos, 2)?;
+                2
+            }
+            0xdf => {
+                pending += 2 * be(pos, 4)?;
+                4
+            }
+        };
+        pos = pos.checked_add(usize::try_from(skip).ok()?)?;
+        if pos > data.len() {
+            return None;
+        }
+    }
+    Some(pos)
 }
 
 /// Incremental frame parser: give it bytes, get back complete messages.
@@ -580,7 +694,11 @@ pub struct FrameDecoder<M> {
 
 impl<M: for<'de> Deserialize<'de>> FrameDecoder<M> {
     pub fn new(max_frame: usize) -> Self {
-        FrameDecoder { max_frame, buf: Vec::new(), _kind: std::marker::PhantomData }
+        FrameDecoder {
+            max_frame,
+            buf: Vec::new(),
+            _kind: std::marker::PhantomData,
+        }
     }
 
     /// Bytes received that are not yet part of a complete frame.
@@ -622,7 +740,8 @@ impl<M: for<'de> Deserialize<'de>> FrameDecoder<M> {
 
     /// The checked size of the frame whose header is buffered.
     fn frame_size(&self) -> Result<usize, ProtocolError> {
-        let size = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        let size =
+            u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
         self.check(size)?;
         Ok(size)
     }
@@ -631,7 +750,10 @@ impl<M: for<'de> Deserialize<'de>> FrameDecoder<M> {
         if size > self.max_frame {
             return Err(ProtocolError::with_code(
                 E_FRAME_TOO_LARGE,
-                format!("frame of {} bytes exceeds the limit of {}", size, self.max_frame),
+                format!(
+                    "frame of {} bytes exceeds the limit of {}",
+                    size, self.max_frame
+                ),
             ));
         }
         if size == 0 {
@@ -686,4 +808,3 @@ pub fn validate_channel(name: &str) -> Result<(), String> {
     }
     Ok(())
 }
-

@@ -24,18 +24,25 @@ pub struct Router {
 impl Router {
     /// `buffer`: the capacity of each channel's broadcast queue.
     pub fn new(buffer: usize) -> Self {
-        Router { routes: HashMap::new(), buffer: buffer.max(1) }
+        Router {
+            routes: HashMap::new(),
+            buffer: buffer.max(1),
+        }
     }
 
     /// A channel wanted for the bus's lifetime (the constructor's channels).
     pub fn pin(&mut self, channel: &str) {
         let (tx, _) = broadcast::channel(self.buffer);
-        self.routes.insert(channel.to_owned(), Route { tx, pinned: true });
+        self.routes
+            .insert(channel.to_owned(), Route { tx, pinned: true });
     }
 
     /// A receiver of a pinned channel; None for a channel not pinned (or refused since).
     pub fn subscribe_pinned(&self, channel: &str) -> Option<broadcast::Receiver<String>> {
-        self.routes.get(channel).filter(|r| r.pinned).map(|r| r.tx.subscribe())
+        self.routes
+            .get(channel)
+            .filter(|r| r.pinned)
+            .map(|r| r.tx.subscribe())
     }
 
     /// A receiver of `channel`, its route made if need be (a channel on demand).

@@ -91,7 +91,8 @@ class _Run:
             self.att = engine.attach()
         elif "receive" in step or "receive_hex" in step:
             if "receive" in step:
-                data = p.encode_frame(*(msgspec.convert(m, p.ServerMessage) for m in step["receive"]))
+                messages = [msgspec.convert(m, p.ServerMessage) for m in step["receive"]]
+                data = p.encode_frame(*messages)
             else:
                 data = bytes.fromhex(step["receive_hex"])
             assert self.att is not None

@@ -37,7 +37,7 @@ def _decode(side: str, data: bytes, bytewise: bool) -> list[Any]:
     return [msgspec.to_builtins(m) for m in messages]
 
 
-def _named(vectors: list[dict[str, Any]]) -> Any:
+def _named(vectors: list[dict[str, Any]]) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("vector", vectors, ids=[v["name"] for v in vectors])
 
 

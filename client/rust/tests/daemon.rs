@@ -37,7 +37,10 @@ async fn subscribe_returns_none_for_unknown_channel() {
     assert!(bus.bus.subscribe("forge_nonexistent").is_none());
     bus.wait_attached().await;
     assert_eq!(
-        bus.bus.subscribe_dynamic("forge_nonexistent").await.unwrap_err(),
+        bus.bus
+            .subscribe_dynamic("forge_nonexistent")
+            .await
+            .unwrap_err(),
         Error::UnknownChannel("forge_nonexistent".into()),
         "a channel the daemon does not relay"
     );
@@ -46,10 +49,24 @@ async fn subscribe_returns_none_for_unknown_channel() {
 
 #[tokio::test]
 async fn channels_returns_all_registered_names() {
-    let bus = pgbus::PgNotifyBus::new("/nonexistent/pgbusd.sock", &["forge_changes", "forge_jobs_available", "forge_workflow_wakeup"]);
+    let bus = pgbus::PgNotifyBus::new(
+        "/nonexistent/pgbusd.sock",
+        &[
+            "forge_changes",
+            "forge_jobs_available",
+            "forge_workflow_wakeup",
+        ],
+    );
     let mut names = bus.channels();
     names.sort();
-    assert_eq!(names, vec!["forge_changes", "forge_jobs_available", "forge_workflow_wakeup"]);
+    assert_eq!(
+        names,
+        vec![
+            "forge_changes",
+            "forge_jobs_available",
+            "forge_workflow_wakeup"
+        ]
+    );
 }
 
 #[tokio::test]
@@ -84,14 +101,18 @@ async fn send_without_subscribers_does_not_error() {
     notify(&ch, "orphan");
     let probe = bus.bus.clone();
     let ch2 = ch.clone();
-    wait_until(Duration::from_secs(10), "the daemon relayed the orphan", || {
-        let probe = probe.clone();
-        let ch = ch2.clone();
-        async move {
-            let st = probe.status().await.ok()?;
-            (st["channels"][&ch]["received"].as_u64()? >= 1).then(|| ())
-        }
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the daemon relayed the orphan",
+        || {
+            let probe = probe.clone();
+            let ch = ch2.clone();
+            async move {
+                let st = probe.status().await.ok()?;
+                (st["channels"][&ch]["received"].as_u64()? >= 1).then(|| ())
+            }
+        },
+    )
     .await;
     let mut rx = bus.bus.subscribe(&ch).unwrap();
     notify(&ch, "after");
@@ -131,7 +152,13 @@ async fn reconnect_subscriber_starts_at_zero_and_observes_ticks() {
 // -- faults ------------------------------------------------------------------------------------------
 
 /// After a NOTIFY round trip, the generation reads `want` and has not moved since it was read.
-async fn settled(bus: &Bus, rx: &mut tokio::sync::broadcast::Receiver<String>, ch: &str, gen: &mut tokio::sync::watch::Receiver<u64>, want: u64) {
+async fn settled(
+    bus: &Bus,
+    rx: &mut tokio::sync::broadcast::Receiver<String>,
+    ch: &str,
+    gen: &mut tokio::sync::watch::Receiver<u64>,
+    want: u64,
+) {
     let marker = unique("marker");
     notify(ch, &marker);
     loop {
@@ -182,7 +209,10 @@ async fn a_reload_under_load_moves_nothing_loses_nothing_and_repeats_nothing() {
     let ch = unique("reload");
     let daemon = Daemon::start(&dir.0, &[&ch], &[]);
     daemon.wait_listening().await;
-    let options = pgbus::Options { buffer: 1 << 16, ..fast_options() };
+    let options = pgbus::Options {
+        buffer: 1 << 16,
+        ..fast_options()
+    };
     let bus = Bus::with_options(&daemon.socket, &[&ch], options);
     let mut rx = bus.bus.subscribe(&ch).unwrap();
     let mut gen = bus.bus.subscribe_reconnects();
@@ -225,7 +255,10 @@ impl Worker {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
-                if tx.send(serde_json::from_str(&line).expect("a JSON line")).is_err() {
+                if tx
+                    .send(serde_json::from_str(&line).expect("a JSON line"))
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -234,12 +267,18 @@ impl Worker {
     }
 
     fn next(&self) -> serde_json::Value {
-        self.lines.recv_timeout(Duration::from_secs(30)).expect("a line from the worker in time")
+        self.lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a line from the worker in time")
     }
 
     fn signal(&self, sig: &str) {
         let pid = self.child.id().to_string();
-        assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
     }
 }
 
@@ -268,16 +307,23 @@ async fn a_subscriber_stalled_past_the_write_budget_resumes_from_the_replay_buff
         ch, N
     ));
     let probe = Bus::start(&daemon.socket, &[]);
-    wait_until(Duration::from_secs(20), "the stalled worker cut", || async {
-        let st = probe.bus.status().await.ok()?;
-        (st["totals"]["clients_cut_slow"].as_u64()? >= 1).then(|| ())
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "the stalled worker cut",
+        || async {
+            let st = probe.bus.status().await.ok()?;
+            (st["totals"]["clients_cut_slow"].as_u64()? >= 1).then(|| ())
+        },
+    )
     .await;
     worker.signal("-CONT");
     for i in 1..=N {
         let ev = worker.next();
         assert_eq!(ev["event"], "payload", "a resume moves nothing: {}", ev);
-        assert_eq!(ev["payload"].as_str().unwrap().trim_start_matches('0'), i.to_string());
+        assert_eq!(
+            ev["payload"].as_str().unwrap().trim_start_matches('0'),
+            i.to_string()
+        );
     }
     probe.stop().await;
 }
@@ -291,25 +337,49 @@ async fn a_channel_of_a_pattern_is_subscribed_on_demand_with_typed_payloads() {
     }
     let dir = Workdir::new();
     let prefix = unique("dyn");
-    let daemon = Daemon::start(&dir.0, &[], &["--channel-pattern", &format!("{}_*", prefix)]);
+    let daemon = Daemon::start(
+        &dir.0,
+        &[],
+        &["--channel-pattern", &format!("{}_*", prefix)],
+    );
     daemon.wait_listening().await;
     let bus = Bus::start(&daemon.socket, &[]);
     let ch = format!("{}_jobs", prefix);
-    let mut jobs = bus.bus.subscribe_dynamic_as::<Job>(&ch).await.expect("allowed by the pattern");
+    let mut jobs = bus
+        .bus
+        .subscribe_dynamic_as::<Job>(&ch)
+        .await
+        .expect("allowed by the pattern");
     notify(&ch, r#"{"id": 7, "queue": "mail"}"#);
     notify(&ch, "not json");
     notify(&ch, r#"{"id": 8, "queue": "sms"}"#);
     let limit = Duration::from_secs(10);
     let first = tokio::time::timeout(limit, jobs.recv()).await.unwrap();
-    assert_eq!(first.unwrap(), Job { id: 7, queue: "mail".into() });
+    assert_eq!(
+        first.unwrap(),
+        Job {
+            id: 7,
+            queue: "mail".into()
+        }
+    );
     match tokio::time::timeout(limit, jobs.recv()).await.unwrap() {
         Err(pgbus::TypedRecvError::Decode { payload, .. }) => assert_eq!(payload, "not json"),
         other => panic!("{:?}", other),
     }
     let third = tokio::time::timeout(limit, jobs.recv()).await.unwrap();
-    assert_eq!(third.unwrap(), Job { id: 8, queue: "sms".into() });
+    assert_eq!(
+        third.unwrap(),
+        Job {
+            id: 8,
+            queue: "sms".into()
+        }
+    );
     let st = bus.bus.status().await.expect("status");
-    assert!(st["channels"].get(&ch).is_some(), "the daemon listens on it: {:?}", st["channels"]);
+    assert!(
+        st["channels"].get(&ch).is_some(),
+        "the daemon listens on it: {:?}",
+        st["channels"]
+    );
     bus.stop().await;
 }
 
@@ -324,11 +394,24 @@ async fn a_channel_refused_on_reattach_closes_its_receivers() {
     let mut rx_dropped = bus.bus.subscribe(&dropped).unwrap();
     let mut gen = bus.bus.subscribe_reconnects();
     wait_generation(&mut gen, 1).await;
-    let args = vec!["--dsn".to_owned(), dsn(), "--channel".to_owned(), kept.clone()];
+    let args = vec![
+        "--dsn".to_owned(),
+        dsn(),
+        "--channel".to_owned(),
+        kept.clone(),
+    ];
     daemon.restart(Some(args));
-    let closed = tokio::time::timeout(Duration::from_secs(20), rx_dropped.recv()).await.expect("in time");
-    assert_eq!(closed, Err(tokio::sync::broadcast::error::RecvError::Closed));
-    assert!(bus.bus.subscribe(&dropped).is_none(), "refused: no longer relayed");
+    let closed = tokio::time::timeout(Duration::from_secs(20), rx_dropped.recv())
+        .await
+        .expect("in time");
+    assert_eq!(
+        closed,
+        Err(tokio::sync::broadcast::error::RecvError::Closed)
+    );
+    assert!(
+        bus.bus.subscribe(&dropped).is_none(),
+        "refused: no longer relayed"
+    );
     wait_generation(&mut gen, 2).await;
     notify(&kept, "still here");
     assert_eq!(recv(&mut rx_kept).await, "still here");

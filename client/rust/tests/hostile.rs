@@ -28,7 +28,8 @@ async fn read(conn: &mut UnixStream, n: usize) -> Vec<ClientMessage> {
             .expect("the client speaks in time")
             .expect("read");
         assert!(got > 0, "the client closed the connection");
-        dec.feed(&buf[..got], &mut out).expect("a valid client frame");
+        dec.feed(&buf[..got], &mut out)
+            .expect("a valid client frame");
     }
     out
 }
@@ -73,8 +74,21 @@ async fn drops_and_starts_afresh(hostile: &[u8]) {
     let (mut conn, _) = listener.accept().await.expect("accept");
     send(&mut conn, &[hello()]).await;
     let msgs = read(&mut conn, 2).await;
-    assert_eq!(msgs[1], ClientMessage::Subscribe { channel: "a".into(), after: None });
-    send(&mut conn, &[ServerMessage::Subscribed { channel: "a".into(), seq: 5 }]).await;
+    assert_eq!(
+        msgs[1],
+        ClientMessage::Subscribe {
+            channel: "a".into(),
+            after: None
+        }
+    );
+    send(
+        &mut conn,
+        &[ServerMessage::Subscribed {
+            channel: "a".into(),
+            seq: 5,
+        }],
+    )
+    .await;
     let n = ServerMessage::Notification(p::Notification {
         channel: "a".into(),
         payload: "x".into(),
@@ -87,7 +101,10 @@ async fn drops_and_starts_afresh(hostile: &[u8]) {
     assert_eq!(*gen.borrow_and_update(), 1);
 
     conn.write_all(hostile).await.expect("write");
-    assert!(closed_by_client(&mut conn).await, "the bus drops the link at once");
+    assert!(
+        closed_by_client(&mut conn).await,
+        "the bus drops the link at once"
+    );
 
     // The same lineage and generation: a resume would be possible, but not from this daemon.
     let (mut conn, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
@@ -96,13 +113,33 @@ async fn drops_and_starts_afresh(hostile: &[u8]) {
         .expect("accept");
     send(&mut conn, &[hello()]).await;
     let msgs = read(&mut conn, 2).await;
-    assert_eq!(msgs[1], ClientMessage::Subscribe { channel: "a".into(), after: None }, "no resume");
-    send(&mut conn, &[ServerMessage::Subscribed { channel: "a".into(), seq: 9 }]).await;
-    tokio::time::timeout(Duration::from_secs(10), gen.changed()).await.expect("a step").unwrap();
+    assert_eq!(
+        msgs[1],
+        ClientMessage::Subscribe {
+            channel: "a".into(),
+            after: None
+        },
+        "no resume"
+    );
+    send(
+        &mut conn,
+        &[ServerMessage::Subscribed {
+            channel: "a".into(),
+            seq: 9,
+        }],
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), gen.changed())
+        .await
+        .expect("a step")
+        .unwrap();
     assert_eq!(*gen.borrow(), 2, "one step");
     assert!(!task.is_finished(), "run() goes on");
     stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().expect("run() does not panic");
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .expect("run() does not panic");
 }
 
 #[tokio::test]
@@ -128,7 +165,10 @@ async fn an_empty_frame_drops_the_link() {
 #[tokio::test]
 async fn a_string_claiming_4_gib_inside_a_frame_drops_the_link() {
     // A str32 header claiming 4 GiB inside a 12-byte frame: nothing is reserved for it.
-    drops_and_starts_afresh(&[0, 0, 0, 12, 0x91, 0x92, 0xa3, b'b', b'y', b'e', 0xdb, 0xff, 0xff, 0xff, 0xff, b'x']).await;
+    drops_and_starts_afresh(&[
+        0, 0, 0, 12, 0x91, 0x92, 0xa3, b'b', b'y', b'e', 0xdb, 0xff, 0xff, 0xff, 0xff, b'x',
+    ])
+    .await;
 }
 
 #[test]
@@ -139,7 +179,11 @@ fn the_decoder_keeps_nothing_of_a_frame_it_refuses() {
     assert_eq!(err, Ok(2), "half a header waits");
     let err = dec.feed(&[0xff, 0xff, 1, 2, 3], &mut out).unwrap_err();
     assert_eq!(err.code, p::E_FRAME_TOO_LARGE);
-    assert!(dec.buffered() <= p::HEADER_SIZE, "no body kept: {}", dec.buffered());
+    assert!(
+        dec.buffered() <= p::HEADER_SIZE,
+        "no body kept: {}",
+        dec.buffered()
+    );
 }
 
 #[test]
@@ -158,7 +202,9 @@ fn decoding_deep_nesting_is_an_error_even_on_a_small_stack() {
         .stack_size(1024 * 1024)
         .spawn(move || {
             let mut out = Vec::new();
-            p::server_decoder().feed(&frame, &mut out).map(|_| out.len())
+            p::server_decoder()
+                .feed(&frame, &mut out)
+                .map(|_| out.len())
         })
         .unwrap()
         .join()

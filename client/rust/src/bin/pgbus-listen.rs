@@ -23,7 +23,9 @@ fn emit(line: serde_json::Value) {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let socket = args.next().expect("usage: pgbus-listen SOCKET [--count N] [--buffer N] CHANNEL...");
+    let socket = args
+        .next()
+        .expect("usage: pgbus-listen SOCKET [--count N] [--buffer N] CHANNEL...");
     let mut channels = Vec::new();
     let mut dynamic = Vec::new();
     let mut count: Option<u64> = None;
@@ -37,7 +39,11 @@ async fn main() {
         }
     }
     let names: Vec<&str> = channels.iter().map(String::as_str).collect();
-    let options = Options { name: "pgbus-listen".into(), buffer, ..Options::default() };
+    let options = Options {
+        name: "pgbus-listen".into(),
+        buffer,
+        ..Options::default()
+    };
     let bus = Arc::new(PgNotifyBus::with_options(&socket, &names, options));
     let (_shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn({
@@ -85,7 +91,9 @@ async fn main() {
     while !bus.is_attached() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    emit(json!({"event": "ready", "generation": *generations.borrow_and_update(), "pid": std::process::id()}));
+    emit(
+        json!({"event": "ready", "generation": *generations.borrow_and_update(), "pid": std::process::id()}),
+    );
     let mut received = 0u64;
     let mut started: Option<Instant> = None;
     loop {

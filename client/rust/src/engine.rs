@@ -228,6 +228,9 @@ pub struct Engine {
     no_resume: bool,
     /// A reload's Goodbye: re-attach without a backoff delay.
     retry_at_once: bool,
+    /// Subscribes whose connection ended before the answer, by channel: the next attach sends
+    /// them afresh, and its answer answers them.
+    carried: HashMap<String, RequestId>,
     att: Option<Attachment>,
     out: Vec<u8>,
     events: VecDeque<Event>,
@@ -249,6 +252,7 @@ impl Engine {
             attach_count: 0,
             no_resume: false,
             retry_at_once: false,
+            carried: HashMap::new(),
             att: None,
             out: Vec::new(),
             events: VecDeque::new(),
@@ -424,6 +428,9 @@ impl Engine {
             return Err(RequestError::UnknownChannel(channel.to_owned()));
         }
         self.want(channel);
+        if let Some(&id) = self.carried.get(channel) {
+            return Ok(SubscribeOutcome::Sent(id));
+        }
         let state = self.att.as_ref().map(|a| a.state);
         match state {
             None | Some(State::Hello) => {
@@ -475,6 +482,7 @@ impl Engine {
         }
         self.wanted.retain(|c| c != channel);
         self.clock.last_seq.remove(channel);
+        self.carried.remove(channel);
         if let Some(att) = self.att.as_mut() {
             if att.subscribed.remove(channel) {
                 att.pending.push_back(Pending::Unsubscribe {
@@ -638,6 +646,7 @@ impl Engine {
         // daemon had confirmed ask for what came after their last seq; the others start afresh.
         let same = self.attach_count > 0
             && !self.no_resume
+            && !self.clock.owed
             && hello.daemon_id == self.daemon_id
             && hello.generation == self.clock.daemon;
         if !same {
@@ -671,7 +680,8 @@ impl Engine {
         let channels = self.wanted.clone();
         for channel in channels {
             let after = self.clock.last_seq.get(&channel).copied();
-            self.request_subscribe(channel, after, None, true);
+            let id = self.carried.remove(&channel);
+            self.request_subscribe(channel, after, id, true);
         }
         self.maybe_attached();
     }
@@ -843,6 +853,7 @@ impl Engine {
             self.wanted.retain(|c| c != channel);
         }
         self.clock.last_seq.remove(channel);
+        self.carried.remove(channel);
         self.events.push_back(Event::ChannelRefused {
             channel: channel.to_owned(),
             code: e.code.clone(),
@@ -876,13 +887,20 @@ impl Engine {
         self.out.clear();
         for pending in att.pending {
             match pending {
-                Pending::Subscribe { id: Some(id), .. } => {
-                    // Kept: the next attach subscribes it; the wait owes a step.
-                    self.clock.owed = self.clock.owed || self.clock.ever_attached;
-                    self.events.push_back(Event::Answered {
-                        id,
-                        answer: Answer::Kept,
-                    });
+                Pending::Subscribe {
+                    id: Some(id),
+                    channel,
+                    ..
+                } => {
+                    let confirmed = self.clock.last_seq.contains_key(&channel);
+                    if self.wanted_set.contains(&channel) && !confirmed {
+                        // Never confirmed: the next attach sends it afresh and answers it.
+                        self.carried.insert(channel, id);
+                    } else {
+                        // A re-subscription of a confirmed channel: the next attach sends it.
+                        let answer = Answer::Kept;
+                        self.events.push_back(Event::Answered { id, answer });
+                    }
                 }
                 Pending::Status { id } | Pending::Reload { id } => {
                     let answer = Answer::Failed(RequestError::Lost(reason.clone()));

@@ -25,7 +25,7 @@ import asyncpg
 import click
 import msgspec
 
-from bench import dbcost, fleetrelay, handoff, ondemand, report, scenarios
+from bench import dbcost, fleetrelay, handoff, ondemand, report, rustclient, scenarios
 from bench.procs import ROOT, BenchError, Fleet
 from bench.worker import raise_nofile_limit
 
@@ -38,6 +38,7 @@ SECTIONS = (
     "fleet",
     "handoff",
     "ondemand",
+    "rust",
 )
 
 #: What --quick changes (anything given explicitly still wins).
@@ -177,6 +178,8 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
                     res.handoff = await handoff.handoff(settings, fleet, _log, handoff_series)
                 elif section == "ondemand":
                     res.ondemand = await ondemand.ondemand(settings, fleet, _log)
+                elif section == "rust":
+                    res.rust = await rustclient.rust_client(settings, fleet, _log)
             except (BenchError, asyncpg.PostgresError, OSError) as exc:
                 res.errors.append(f"{section}: {exc}")
                 _log(f"section {section} failed: {exc}")

@@ -79,8 +79,12 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	touch $@
 
+# The rust section (the Rust client beside the others) runs where cargo is; PGBUS_BENCH_RUST=
+# leaves it out.
+PGBUS_BENCH_RUST ?= $(if $(CARGO),1,)
+
 bench: $(BENCH_STAMP)
-	$(BIN)/python -m bench $(BENCH_ARGS)
+	PGBUS_BENCH_RUST=$(PGBUS_BENCH_RUST) $(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

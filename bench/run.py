@@ -41,6 +41,9 @@ SECTIONS = (
     "rust",
 )
 
+#: Sections that run only when asked for (--only, or their own flag).
+OPT_IN = ("rust",)
+
 #: What --quick changes (anything given explicitly still wins).
 QUICK: dict[str, Any] = {
     "burst": 20_000,
@@ -238,11 +241,17 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
 )
 @click.option("--quick", is_flag=True, show_envvar=True, help="Small sizes: a smoke run.")
 @click.option(
+    "--rust",
+    is_flag=True,
+    show_envvar=True,
+    help="Also run the rust section (builds client/rust with cargo; make bench sets it).",
+)
+@click.option(
     "--only",
     type=click.Choice(SECTIONS),
     multiple=True,
     show_envvar=True,
-    help="Run only these sections (repeatable). Default: all.",
+    help="Run only these sections (repeatable). Default: all but rust (see --rust).",
 )
 @click.option("--burst", type=int, help="Throughput: notifications per one-transaction burst.")
 @click.option("--burst-many", type=int, help="Throughput: notifications sent one per transaction.")
@@ -302,7 +311,13 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
     help="Where the JSON results and the PNG chart go.",
 )
 def main(
-    dsn: str, quick: bool, only: tuple[str, ...], profile: bool, out: Path, **sizes: Any
+    dsn: str,
+    quick: bool,
+    rust: bool,
+    only: tuple[str, ...],
+    profile: bool,
+    out: Path,
+    **sizes: Any,
 ) -> None:
     """Measure pgbusd against raw asyncpg LISTEN, side by side, in one run."""
     raise_nofile_limit()
@@ -318,7 +333,9 @@ def main(
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         settings = replace(settings, profile=out.resolve() / f"profile-{stamp}")
         out.mkdir(parents=True, exist_ok=True)
-    sections = tuple(s for s in SECTIONS if not only or s in only)
+    sections = tuple(
+        s for s in SECTIONS if (s in only if only else s not in OPT_IN or (s == "rust" and rust))
+    )
     import uvloop
 
     try:

@@ -57,7 +57,7 @@ test-rust: $(STAMP)
 		echo "rust client: Debian's crates are missing (make rust-deps as root); its tests did not run"; \
 		[ -z "$$PGBUS_REQUIRE_RUST" ]; \
 	else \
-		cd client/rust && $(CARGO) test --quiet; \
+		cd client/rust && $(CARGO) test --quiet --tests; \
 	fi
 
 # Only the tests under a live systemd, booted in private namespaces on an overlay of / (needs

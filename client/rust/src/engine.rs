@@ -371,7 +371,18 @@ impl Engine {
             if self.att.is_none() {
                 break;
             }
+            let before_hello = matches!(
+                self.att,
+                Some(Attachment {
+                    state: State::Hello,
+                    ..
+                })
+            );
             if let ServerMessage::Notification(n) = msg {
+                if before_hello {
+                    self.drop_link(ProtocolError::new("expected hello, got notify"));
+                    break;
+                }
                 // A run of notifications on one channel is one delivery.
                 let channel = n.channel;
                 let mut payloads = vec![n.payload];
@@ -841,7 +852,7 @@ impl Engine {
                 clock.owed = false;
                 let step = clock.daemon.saturating_sub(clock.generation);
                 clock.advance(step);
-            } else if !(resumed && !clock.owed) {
+            } else if !resumed || clock.owed {
                 clock.step();
             }
             self.events.push_back(Event::Attached);

@@ -41,15 +41,10 @@ def _named(vectors: list[dict[str, Any]]) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("vector", vectors, ids=[v["name"] for v in vectors])
 
 
-#: Scenarios the Python engine does not pass yet: a step owed by a handshake that was cut off
-#: (after a resume the daemon could not cover, or a tick) is not carried to the next attach,
-#: which then resumes without it; a notification before Hello is delivered instead of refused.
-#: Strict: once the engine passes one, its entry must go.
+#: Scenarios the Python engine does not pass yet: a notification before Hello is delivered
+#: instead of refused. Strict: once the engine passes one, its entry must go.
 PYTHON_ENGINE_GAPS = {
     "a notification before hello is a protocol error",
-    "a handshake cut off after a resume the daemon could not cover still owes its step to the "
-    "next attach",
-    "a tick during a handshake that was cut off still owes its step to the next attach",
 }
 
 
@@ -58,7 +53,7 @@ def _scenarios() -> list[Any]:
         pytest.param(
             s,
             id=s["name"],
-            marks=[pytest.mark.xfail(strict=True, reason="the engine drops an owed step")]
+            marks=[pytest.mark.xfail(strict=True, reason="the engine does not follow it yet")]
             if s["name"] in PYTHON_ENGINE_GAPS
             else [],
         )

@@ -44,7 +44,6 @@ pub const E_UNKNOWN_CHANNEL: &str = "unknown_channel";
 pub const E_INVALID_CHANNEL: &str = "invalid_channel";
 pub const E_TOO_MANY_CHANNELS: &str = "too_many_channels";
 pub const E_LISTEN_REFUSED: &str = "listen_refused";
-pub const E_SLOW_CONSUMER: &str = "slow_consumer";
 pub const E_TOO_MANY_CLIENTS: &str = "too_many_clients";
 pub const E_FORBIDDEN: &str = "forbidden";
 pub const E_SHUTDOWN: &str = "shutdown";

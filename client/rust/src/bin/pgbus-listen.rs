@@ -80,14 +80,6 @@ async fn main() {
         });
     }
     let mut generations = bus.subscribe_reconnects();
-    while *generations.borrow() == 0 && !bus.is_attached() {
-        if generations.changed().await.is_err() {
-            return;
-        }
-        if bus.is_attached() {
-            break;
-        }
-    }
     while !bus.is_attached() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }

@@ -41,26 +41,6 @@ def _named(vectors: list[dict[str, Any]]) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("vector", vectors, ids=[v["name"] for v in vectors])
 
 
-#: Scenarios the Python engine does not pass yet: a notification before Hello is delivered
-#: instead of refused. Strict: once the engine passes one, its entry must go.
-PYTHON_ENGINE_GAPS = {
-    "a notification before hello is a protocol error",
-}
-
-
-def _scenarios() -> list[Any]:
-    return [
-        pytest.param(
-            s,
-            id=s["name"],
-            marks=[pytest.mark.xfail(strict=True, reason="the engine does not follow it yet")]
-            if s["name"] in PYTHON_ENGINE_GAPS
-            else [],
-        )
-        for s in SCENARIOS
-    ]
-
-
 @pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
 @_named(FRAMES["decode"])
 def test_every_frame_decodes_to_its_messages(vector: dict[str, Any], bytewise: bool) -> None:
@@ -201,7 +181,7 @@ class _Run:
 
 
 @pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
-@pytest.mark.parametrize("vector", _scenarios())
+@_named(SCENARIOS)
 def test_every_engine_scenario_holds(vector: dict[str, Any], bytewise: bool) -> None:
     run = _Run(vector, bytewise)
     for number, step in enumerate(vector["steps"], 1):

@@ -8,7 +8,12 @@ DSN     ?= postgresql://postgres@127.0.0.1:5432/postgres
 CHANNEL ?= forge_changes
 SOCKET  ?= $(CURDIR)/.run/pgbusd.sock
 
-.PHONY: install run test test-systemd lint bench clean demo
+# The Rust client (client/rust) builds against the crates Debian ships, not crates.io.
+CARGO     ?= $(shell command -v cargo 2>/dev/null || ls $$HOME/.cargo/bin/cargo 2>/dev/null)
+RUST_DEBS := librust-tokio-dev librust-serde-dev librust-serde-derive-dev librust-rmp-serde-dev \
+             librust-serde-json-dev librust-log-dev
+
+.PHONY: install run test test-rust rust-deps test-systemd lint bench clean demo
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,15 +21,44 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	$(BIN)/pip install --quiet -e ./client -e '.[dev]'
 	touch $@
 
-install: $(STAMP)
+install: $(STAMP) rust-deps
+
+# Debian's crates for the Rust client: installed where we are root, else said in one line.
+# PGBUS_REQUIRE_RUST=1 (CI) makes anything missing an error.
+rust-deps:
+	@missing=$$(for p in $(RUST_DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null \
+		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+		|| { echo "rust client: could not install $$missing"; [ -z "$$PGBUS_REQUIRE_RUST" ]; }; \
+	else \
+		echo "rust client: missing Debian packages (as root: apt-get install $$missing)"; \
+		[ -z "$$PGBUS_REQUIRE_RUST" ]; \
+	fi
 
 run: $(STAMP)
 	@mkdir -p $(dir $(SOCKET))
 	@echo "pgbusd: socket $(SOCKET); in another shell: export PGBUSD_SOCKET=$(SOCKET)"
 	$(BIN)/pgbusd --dsn '$(DSN)' --channel $(CHANNEL) --socket $(SOCKET)
 
+# Both clients: pytest (the Python client, the daemon, both clients' conformance vectors), then
+# cargo test for the Rust client. Either failing fails the target; both run.
 test: $(STAMP)
-	$(BIN)/pytest
+	@status=0; $(BIN)/pytest || status=$$?; $(MAKE) --no-print-directory test-rust || status=$$?; exit $$status
+
+# The Rust client's tests (its conformance vectors, and the tests against the real daemon from
+# .venv). Without cargo or Debian's crates it says so in one line and passes, unless
+# PGBUS_REQUIRE_RUST=1.
+test-rust: $(STAMP)
+	@if [ -z "$(CARGO)" ]; then \
+		echo "rust client: cargo is missing; its tests did not run"; [ -z "$$PGBUS_REQUIRE_RUST" ]; \
+	elif [ ! -d /usr/share/cargo/registry ] || ! ls /usr/share/cargo/registry | grep -q '^rmp-serde-'; then \
+		echo "rust client: Debian's crates are missing (make rust-deps as root); its tests did not run"; \
+		[ -z "$$PGBUS_REQUIRE_RUST" ]; \
+	else \
+		cd client/rust && $(CARGO) test --quiet --tests; \
+	fi
 
 # Only the tests under a live systemd, booted in private namespaces on an overlay of / (needs
 # root; docs/systemd.md, "Proven under a live systemd"). `make test` runs them too.
@@ -45,8 +79,12 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	touch $@
 
+# The rust section (the Rust client beside the others) runs where cargo is; PGBUS_BENCH_RUST=
+# leaves it out.
+PGBUS_BENCH_RUST ?= $(if $(CARGO),1,)
+
 bench: $(BENCH_STAMP)
-	$(BIN)/python -m bench $(BENCH_ARGS)
+	PGBUS_BENCH_RUST=$(PGBUS_BENCH_RUST) $(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -54,4 +92,4 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .run .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .run .mypy_cache .pytest_cache .ruff_cache .hypothesis client/rust/target

@@ -99,8 +99,13 @@ class CpuWindow:
 # -- processes ---------------------------------------------------------------------------------
 
 
+#: The Rust client's worker (bench.rustclient builds it).
+RUST_WORKER = ROOT / "client" / "rust" / "target" / "release" / "pgbus-bench-worker"
+
+
 class Worker:
-    """A ``bench.worker`` subprocess, driven by JSON lines on its stdin and stdout."""
+    """A ``bench.worker`` subprocess (or the Rust client's, which speaks the same lines), driven
+    by JSON lines on its stdin and stdout."""
 
     def __init__(self, proc: asyncio.subprocess.Process, spec: Spec) -> None:
         self.proc = proc
@@ -308,10 +313,13 @@ class Fleet:
         started: list[Worker] = []
         try:
             for spec in specs:
+                command = (
+                    [str(RUST_WORKER)]
+                    if spec.mode == "rust"
+                    else [sys.executable, "-m", "bench.worker"]
+                )
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "bench.worker",
+                    *command,
                     msgspec.json.encode(spec).decode(),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,

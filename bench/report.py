@@ -13,6 +13,7 @@ from bench.dbcost import SETUPS, DbCostResult
 from bench.fleetrelay import FleetRelayResult
 from bench.handoff import HandoffResult
 from bench.ondemand import OnDemandResult
+from bench.rustclient import RustClientResult
 from bench.scenarios import BurstResult, BurstRun, FanoutResult, LatencyResult, ScaleResult
 
 #: The targets of issue 6, compared within one run.
@@ -51,6 +52,7 @@ class Results(msgspec.Struct):
     fleet: FleetRelayResult | None = None
     handoff: HandoffResult | None = None
     ondemand: OnDemandResult | None = None
+    rust: RustClientResult | None = None
     errors: list[str] = []
     targets: list[Target] = []
 
@@ -122,6 +124,7 @@ def check_targets(res: Results) -> list[Target]:
             )
         )
     out += _handoff_targets(res.handoff) + _ondemand_targets(res.ondemand)
+    out += _rust_targets(res.rust)
     return out
 
 
@@ -145,6 +148,28 @@ def _handoff_targets(h: HandoffResult | None) -> list[Target]:
                 f"{phase.added_p99_ms:+.3f} ms ({phase.relay_inside.p99_ms:.3f} inside vs "
                 f"{phase.relay_outside.p99_ms:.3f} outside; longest "
                 f"{max(r.max_relay_ms for r in phase.reloads):.1f} ms)",
+            )
+        )
+    return out
+
+
+def _rust_targets(r: RustClientResult | None) -> list[Target]:
+    """The Rust client at least as fast as the Python client in every row."""
+    if r is None:
+        return []
+    out = [
+        Target(f"rust client: {row.name}: Rust >= Python", row.rust >= row.python,
+               f"{row.rust:,.0f} vs {row.python:,.0f} {row.unit} = {row.rust_vs_python:.2f}")
+        for row in r.rows
+    ]  # fmt: skip
+    for lat in r.latency:
+        rust, python = lat.rust, lat.python
+        out.append(
+            Target(
+                f"rust client: latency at {lat.rate:,}/s: Rust p50 and p99 <= Python's",
+                rust.p50_ms <= python.p50_ms and rust.p99_ms <= python.p99_ms,
+                f"{rust.p50_ms:.3f} / {rust.p99_ms:.3f} vs {python.p50_ms:.3f} / "
+                f"{python.p99_ms:.3f} ms",
             )
         )
     return out
@@ -386,6 +411,8 @@ def render(res: Results) -> str:
         lines += _render_handoff(res.handoff)
     if res.ondemand is not None:
         lines += _render_ondemand(res.ondemand)
+    if res.rust is not None:
+        lines += _render_rust(res.rust)
     if res.targets:
         lines += ["", "Targets"]
         lines += [
@@ -464,6 +491,26 @@ def _render_handoff(h: HandoffResult) -> list[str]:
             ],
         )  # fmt: skip
     return lines
+
+
+def _render_rust(r: RustClientResult) -> list[str]:
+    rows = [
+        [row.name, _n(row.asyncpg, ",.0f"), _n(row.python, ",.0f"), _n(row.rust, ",.0f"),
+         _n(row.rust_vs_python, ".2f")]
+        for row in r.rows
+    ] + [
+        [f"latency at {lat.rate:,}/s, p50 / p99 ms",
+         f"{lat.asyncpg.p50_ms:.3f} / {lat.asyncpg.p99_ms:.3f}",
+         f"{lat.python.p50_ms:.3f} / {lat.python.p99_ms:.3f}",
+         f"{lat.rust.p50_ms:.3f} / {lat.rust.p99_ms:.3f}",
+         f"{lat.rust.p50_ms - lat.python.p50_ms:+.3f} / {lat.rust.p99_ms - lat.python.p99_ms:+.3f}"]
+        for lat in r.latency
+    ]  # fmt: skip
+    return _table(
+        "The Rust client beside the Python client and raw asyncpg (rates: median of runs)",
+        ["", "asyncpg", "pgbus (Python)", "pgbus (Rust)", "Rust vs Python"],
+        rows,
+    )
 
 
 def _render_ondemand(o: OnDemandResult) -> list[str]:

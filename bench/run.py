@@ -25,7 +25,7 @@ import asyncpg
 import click
 import msgspec
 
-from bench import dbcost, fleetrelay, handoff, ondemand, report, scenarios
+from bench import dbcost, fleetrelay, handoff, ondemand, report, rustclient, scenarios
 from bench.procs import ROOT, BenchError, Fleet
 from bench.worker import raise_nofile_limit
 
@@ -38,7 +38,11 @@ SECTIONS = (
     "fleet",
     "handoff",
     "ondemand",
+    "rust",
 )
+
+#: Sections that run only when asked for (--only, or their own flag).
+OPT_IN = ("rust",)
 
 #: What --quick changes (anything given explicitly still wins).
 QUICK: dict[str, Any] = {
@@ -177,6 +181,8 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
                     res.handoff = await handoff.handoff(settings, fleet, _log, handoff_series)
                 elif section == "ondemand":
                     res.ondemand = await ondemand.ondemand(settings, fleet, _log)
+                elif section == "rust":
+                    res.rust = await rustclient.rust_client(settings, fleet, _log)
             except (BenchError, asyncpg.PostgresError, OSError) as exc:
                 res.errors.append(f"{section}: {exc}")
                 _log(f"section {section} failed: {exc}")
@@ -235,11 +241,17 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
 )
 @click.option("--quick", is_flag=True, show_envvar=True, help="Small sizes: a smoke run.")
 @click.option(
+    "--rust",
+    is_flag=True,
+    show_envvar=True,
+    help="Also run the rust section (builds client/rust with cargo; make bench sets it).",
+)
+@click.option(
     "--only",
     type=click.Choice(SECTIONS),
     multiple=True,
     show_envvar=True,
-    help="Run only these sections (repeatable). Default: all.",
+    help="Run only these sections (repeatable). Default: all but rust (see --rust).",
 )
 @click.option("--burst", type=int, help="Throughput: notifications per one-transaction burst.")
 @click.option("--burst-many", type=int, help="Throughput: notifications sent one per transaction.")
@@ -299,7 +311,13 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
     help="Where the JSON results and the PNG chart go.",
 )
 def main(
-    dsn: str, quick: bool, only: tuple[str, ...], profile: bool, out: Path, **sizes: Any
+    dsn: str,
+    quick: bool,
+    rust: bool,
+    only: tuple[str, ...],
+    profile: bool,
+    out: Path,
+    **sizes: Any,
 ) -> None:
     """Measure pgbusd against raw asyncpg LISTEN, side by side, in one run."""
     raise_nofile_limit()
@@ -315,7 +333,9 @@ def main(
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         settings = replace(settings, profile=out.resolve() / f"profile-{stamp}")
         out.mkdir(parents=True, exist_ok=True)
-    sections = tuple(s for s in SECTIONS if not only or s in only)
+    sections = tuple(
+        s for s in SECTIONS if (s in only if only else s not in OPT_IN or (s == "rust" and rust))
+    )
     import uvloop
 
     try:

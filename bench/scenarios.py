@@ -88,6 +88,9 @@ class Settings:
     #: Channels on demand: fresh channels subscribed one at a time, and channels in one storm.
     ondemand_channels: int = 500
     ondemand_storm: int = 1_000
+    #: The Rust client beside the others: fan-out processes, latency rates.
+    rust_fanout: int = 10
+    rust_rates: tuple[int, ...] = (1_000,)
     #: Extra pgbusd options for every daemon the benchmark starts.
     daemon_args: tuple[str, ...] = ()
     #: If set, py-spy flame graphs of the throughput daemon and client go to PREFIX-daemon.svg and

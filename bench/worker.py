@@ -35,7 +35,8 @@ CONNECT_CONCURRENCY = 16
 
 
 class Spec(msgspec.Struct, frozen=True):
-    mode: Literal["direct", "pgbus"]
+    #: "rust": client/rust's pgbus-bench-worker, which speaks the same lines (bench.rustclient).
+    mode: Literal["direct", "pgbus", "rust"]
     channels: list[str]
     connections: int = 1
     dsn: str = ""

@@ -368,6 +368,37 @@ async def test_a_subscriber_stopped_past_its_write_budget_resumes_with_every_num
     assert summary["attaches"] >= 2, "it was cut, and came back"
 
 
+async def test_a_write_budget_smaller_than_a_frame_still_lets_a_stopped_subscriber_catch_up(
+    daemon_factory: DaemonFactory, pg: Any
+) -> None:
+    """Bursts committed in one transaction are relayed in frames of up to 1 MiB; a client whose
+    write budget is 64 KiB must not be cut again and again while it catches up on them."""
+    channels = [unique_channel("small")]
+    daemon = daemon_factory(channels, args=["--write-budget", "65536"])
+    await daemon.wait_generation(1)
+    sent = 0
+
+    async def burst(count: int) -> None:
+        nonlocal sent
+        async with pg.transaction():
+            for n in range(sent, sent + count):
+                await pg.execute("SELECT pg_notify($1, $2)", channels[0], f"{n}{'.' * 1000}")
+        sent += count
+
+    async with workers(daemon.socket, channels, 1) as (worker,):
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+        try:
+            while not cut_slow(daemon):
+                await burst(500)
+            await burst(2000)
+        finally:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+        await burst(10)
+        summary = await worker.summary({channels[0]: sent - 1})
+    assert_complete(summary, {channels[0]: sent - 1})
+    assert daemon.log().count("slow consumer") <= 2, "cut while stopped, not while catching up"
+
+
 async def test_a_subscriber_away_longer_than_the_replay_buffer_steps_once(
     daemon_factory: DaemonFactory,
 ) -> None:

@@ -376,7 +376,8 @@ class Session(asyncio.Protocol):
             if transport.get_write_buffer_size() > self._catch_up_high:
                 return  # resume_writing() calls again
             channel, after = next(iter(catching_up.items()))
-            step = self._hub.replay_after(channel, after)
+            room = self._budget - transport.get_write_buffer_size()
+            step = self._hub.replay_after(channel, after, max(room, p.MAX_ITEM))
             if step is None:
                 del catching_up[channel]
                 self._hub.subscribe(self, channel)
@@ -421,11 +422,14 @@ class Session(asyncio.Protocol):
         self.send_frame(p.encode_frame(message))
 
     def _write(self, frame: bytes | bytearray | memoryview) -> None:
+        """Write ``frame``; cut the client if more than the write budget now waits for it
+        behind this frame's start (one frame larger than a small budget is not a backlog)."""
         transport = self.transport
         if transport is None:
             return
         transport.write(frame)
-        if transport.get_write_buffer_size() > self._budget:
+        waiting = transport.get_write_buffer_size()
+        if waiting > self._budget and waiting > len(frame):
             self._cut_slow()
 
     def _write_now(self, *messages: p.Message) -> None:

@@ -402,11 +402,14 @@ class Hub:
         self.seal_all()
         return after <= state.seq and state.log.covers(after)
 
-    def replay_after(self, channel: str, after: int) -> tuple[Frame, int] | None:
-        """The next frame of ``channel``'s log after seq ``after`` and its last seq; None once
-        ``after`` is the newest (see :meth:`pgbusd.core.replay.ChannelLog.next_frame`)."""
+    def replay_after(
+        self, channel: str, after: int, limit: int | None = None
+    ) -> tuple[Frame, int] | None:
+        """The next frame of ``channel``'s log after seq ``after`` (of at most ``limit`` bytes)
+        and its last seq; None once ``after`` is the newest (see
+        :meth:`pgbusd.core.replay.ChannelLog.next_frame`)."""
         self.seal_all()
-        return self.channels[channel].log.next_frame(after)
+        return self.channels[channel].log.next_frame(after, limit)
 
     def unsubscribe(self, session: Session, channel: str) -> None:
         state = self.channels.get(channel)

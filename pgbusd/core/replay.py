@@ -70,11 +70,13 @@ class ChannelLog:
         """Whether every notification after seq ``after`` is kept (or there is none yet)."""
         return self.oldest <= after + 1 <= self.next_seq
 
-    def next_frame(self, after: int) -> tuple[Frame, int] | None:
+    def next_frame(self, after: int, limit: int | None = None) -> tuple[Frame, int] | None:
         """The next frame for a client that holds everything up to ``after``, and the seq of its
         last notification; None once it is up to date. Seqs no longer kept are skipped over:
         the frame then starts later, and the client sees the gap in the seqs (never a silent
-        one). Never an empty frame: a frame holding nothing after ``after`` is passed over."""
+        one). Never an empty frame: a frame holding nothing after ``after`` is passed over.
+        ``limit``: a frame larger than this many bytes is cut to fit it (one notification at
+        least), so that a client with a small write budget can catch up through large frames."""
         if after + 1 >= self.next_seq or not self.frames:
             return None
         firsts = self._firsts
@@ -83,13 +85,14 @@ class ChannelLog:
         for i in range(start, len(firsts)):
             frame = self._frames[i]
             last = (firsts[i + 1] if i + 1 < len(firsts) else self.next_seq) - 1
-            if firsts[i] > after:
+            if firsts[i] > after and (limit is None or len(frame) <= limit):
                 return frame, last
-            # The client holds the start of this batch: send only what it lacks.
+            # The client holds the start of this batch, or the batch is too large: send only
+            # what it lacks, and what fits.
             body = memoryview(frame)[p.HEADER_SIZE :]
             tail = [n for n in _notifications.decode(body) if n.seq > after]
             if tail:
-                return p.encode_frame(*tail), last
+                return _fitting(tail, limit)
         return None
 
     def _frame(self, index: int) -> tuple[int, int, Frame] | None:
@@ -119,6 +122,20 @@ class ChannelLog:
             self._base += self._start
             self._start = 0
         return freed
+
+
+def _fitting(notifications: list[p.Notification], limit: int | None) -> tuple[bytes, int]:
+    """A frame of the first of ``notifications`` that fit in ``limit`` bytes (one at least),
+    and the seq of its last."""
+    items = [p.encode_item(n) for n in notifications]
+    size = p.HEADER_SIZE + 5
+    count = 0
+    for item in items:
+        if count and limit is not None and size + len(item) > limit:
+            break
+        size += len(item)
+        count += 1
+    return p.frame_items(items[:count]), notifications[count - 1].seq
 
 
 class ReplayLog:

@@ -191,8 +191,13 @@ class Config:
     )
     lease_ttl: float = _opt(
         10.0,
-        "Bridge role: seconds the publisher lease lives without renewal, so about how long a "
-        "standby waits to take over from a publisher that died (a clean stop hands over at once).",
+        "Bridge role: seconds the publisher lease lives without renewal; a publisher that "
+        "cannot renew it stops publishing before it expires.",
+    )
+    publisher_timeout: float = _opt(
+        0.8,
+        "Bridge role: seconds a standby waits for the publishing bridge's heartbeat (it beats "
+        "four times in that interval) before it takes over; a clean stop hands over at once.",
     )
 
     def __post_init__(self) -> None:
@@ -242,6 +247,7 @@ class Config:
             "reload_timeout",
             "source_timeout",
             "lease_ttl",
+            "publisher_timeout",
         ):
             seconds = getattr(self, name)
             # NaN passes every comparison that would refuse it, and infinity or 1e308 end in

@@ -158,8 +158,9 @@ class Bridge:
         *,
         bridge_id: str | None = None,
         lease_ttl: float = 10.0,
+        publisher_timeout: float = 0.8,
         marker_interval: float = 1.0,
-        barrier_timeout: float = 5.0,
+        barrier_timeout: float | None = None,
         held_bytes: int = 64 << 20,
         publisher_options: dict[str, Any] | None = None,
         stream_options: dict[str, Any] | None = None,
@@ -173,8 +174,10 @@ class Bridge:
         self.send_marker = send_marker
         self.bridge_id = bridge_id or secrets.token_hex(4)
         self.lease_ttl = lease_ttl
+        self.publisher_timeout = publisher_timeout
         self.marker_interval = marker_interval
-        self.barrier_timeout = barrier_timeout
+        #: How long a takeover waits for its barrier marker (default half the lease TTL).
+        self.barrier_timeout = lease_ttl / 2 if barrier_timeout is None else barrier_timeout
         self.publisher_options = publisher_options or {}
         self.stream_options = stream_options or {}
         self.log: Any = log or get_logger(component="bridge", bridge=self.bridge_id)
@@ -197,6 +200,8 @@ class Bridge:
         self._barriers: dict[str, asyncio.Future[None]] = {}
         self._stopping = asyncio.Event()
         self._demoted = asyncio.Event()
+        #: Why a publisher gives the stream up while it could still publish (a hand-over).
+        self._hand_over: str | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._marker_tasks: set[asyncio.Future[None]] = set()
@@ -214,8 +219,17 @@ class Bridge:
             asyncio.get_running_loop().call_soon(self._marker_soon)
 
     def lost(self) -> None:
-        """The LISTEN connection is gone (what it delivered so far stays valid)."""
+        """The LISTEN connection is gone (what it delivered so far stays valid).
+
+        A publisher hands the stream over: it stores what it has and releases the lease, so
+        that a standby whose connection is intact continues exactly where it stopped, instead
+        of the whole fleet waiting for this connection and then stepping. A bridge takes the
+        lease only while it listens; a lone bridge takes it back once reconnected (one step,
+        as a reconnect costs)."""
         self.pg_connected = False
+        if self.role in (PUBLISHING, TAKING_OVER) and not self._stopping.is_set():
+            self._hand_over = "the postgres connection was lost"
+            self._demoted.set()
 
     def notification(self, pid: int, channel: str, payload: str) -> None:
         """Every notification the LISTEN connection delivers, the marker channel's included."""
@@ -253,13 +267,13 @@ class Bridge:
                 await self._sleep(0.2)
         else:
             return
-        self.lease = PublisherLease(kv, self.bridge_id, ttl)
+        self.lease = PublisherLease(kv, self.bridge_id, ttl, heartbeat=self.publisher_timeout / 4)
         while not self._stopping.is_set():
             try:
-                await self._standby()
+                silent = await self._standby()
                 if self._stopping.is_set():
                     break
-                if await self._take_over():
+                if await self._take_over(silent):
                     await self._publish()
             except Exception as exc:
                 self.log.error("bridge step failed", error=repr(exc), role=self.role)
@@ -292,8 +306,10 @@ class Bridge:
 
     # -- standby --------------------------------------------------------------------------------
 
-    async def _standby(self) -> None:
-        """Follow the stream until the lease is free (or the bridge stops)."""
+    async def _standby(self) -> int | None:
+        """Follow the stream until the lease is free, or its holder stopped beating, while this
+        bridge listens (or until the bridge stops). Returns the silent holder's revision, to
+        take over with a compare-and-set on it; None if the lease is free."""
         assert self.nc is not None
         assert self.lease is not None
         self.role = STANDBY
@@ -301,24 +317,43 @@ class Bridge:
             follower = _Follower(self.nc, self.subjects, self.held, self.log)
             await follower.start()
             self.follower = follower
+        lease = self.lease
+        poll = self.publisher_timeout / 8
+        revision: int | None = None
+        changed_at = time.monotonic()
         while not self._stopping.is_set():
             try:
-                if await self.lease.read() is None:
-                    return
+                holder = await lease.read()
             except Exception as exc:
                 self.log.debug("lease unreadable", error=repr(exc))
-            await self._sleep(self.lease.renew_interval)
+            else:
+                now = time.monotonic()
+                if holder is None or lease.seen_revision != revision:
+                    revision, changed_at = lease.seen_revision, now
+                if self.pg_connected:
+                    if holder is None:
+                        return None
+                    if now - changed_at >= self.publisher_timeout:
+                        self.log.warning(
+                            "the publishing bridge stopped beating: taking over",
+                            holder=holder.bridge,
+                            silent_for=round(now - changed_at, 3),
+                        )
+                        return revision
+            await self._sleep(poll)
+        return None
 
     # -- takeover -------------------------------------------------------------------------------
 
-    async def _take_over(self) -> bool:
+    async def _take_over(self, silent: int | None = None) -> bool:
         assert self.nc is not None
         assert self.lease is not None
         assert self.follower is not None
         term = f"{self.bridge_id}-{secrets.token_hex(4)}"
         # Cleared before the lease is taken: a loss from here on ends the term it would start.
         self._demoted.clear()
-        if not await self.lease.try_acquire(term):
+        self._hand_over = None
+        if not await self.lease.try_acquire(term, silent):
             return False
         self.role = TAKING_OVER
         self._arm_expiry()
@@ -463,7 +498,11 @@ class Bridge:
                 if not self._demoted.is_set():
                     await self._send_marker()
         finally:
-            await self._demote(self.publisher.deposed_reason if self.publisher else "stopped")
+            hand_over, self._hand_over = self._hand_over, None
+            if hand_over is not None:
+                await self._demote(hand_over, drain=self.publisher_timeout)
+            else:
+                await self._demote(self.publisher.deposed_reason if self.publisher else "stopped")
 
     def _marker_soon(self) -> None:
         task = asyncio.ensure_future(self._send_marker())
@@ -514,8 +553,9 @@ class Bridge:
     def _deposed(self, reason: str) -> None:
         self._demoted.set()
 
-    async def _demote(self, reason: str | None) -> None:
-        """Back to standby: fence and drop the publisher, stop renewing."""
+    async def _demote(self, reason: str | None, drain: float = 0.0) -> None:
+        """Back to standby: fence and drop the publisher (storing what it has first for up to
+        ``drain`` seconds: a hand-over), stop renewing, give the lease up."""
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -525,13 +565,15 @@ class Bridge:
             self._renewer = None
         publisher, self.publisher = self.publisher, None
         if publisher is not None:
+            if drain > 0 and not publisher.fenced:
+                await publisher.close(drain)
             publisher.fence(reason or "demoted")
             await publisher.close()
             self._published_before += publisher.stored_notes
             self._dropped_before += publisher.dropped
             self.log.info("stopped publishing", reason=reason)
         if self.lease is not None and self.lease.revision is not None:
-            self.lease.forget()
+            await self.lease.release()  # a standby need not wait for the heartbeat to stop
         if self.role != STOPPED:
             self.role = STANDBY
         if self._stopping.is_set() and self.follower is not None:

@@ -145,6 +145,7 @@ class BridgeRole(FleetRole):
             config.stream,
             self.markers.send,
             lease_ttl=config.lease_ttl,
+            publisher_timeout=config.publisher_timeout,
             log=get_logger(component="bridge"),
         )
         self.extra_channels: tuple[str, ...] = (self.bridge.marker_channel,)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from pgbus.backoff import Backoff
+from pgbusd.fleet import schema as s
 from pgbusd.fleet.subjects import StreamSubjects
 
 Hook = Callable[[], Awaitable[None]]
@@ -97,9 +99,12 @@ async def ensure_stream(
     return await js.add_stream(config)
 
 
-async def lease_bucket(nc: NATS, subjects: StreamSubjects, ttl: float) -> tuple[KeyValue, float]:
-    """The lease bucket and its TTL (created with ``ttl`` if missing; an existing bucket keeps
-    the TTL it was created with, which is returned)."""
+async def lease_bucket(
+    nc: NATS, subjects: StreamSubjects, ttl: float, log: Any = None
+) -> tuple[KeyValue, float]:
+    """The lease bucket, with ``ttl`` as its TTL: created if missing, and an existing bucket
+    of another TTL is set to it (a redeploy with another ``--lease-ttl`` takes effect; the
+    change is logged). Returns the bucket and ``ttl``."""
     # Generous: a slow answer only delays a renewal, and the lease counts from when a renewal
     # was sent (lease.py), so it cannot make a bridge publish past its lease.
     js = nc.jetstream(timeout=max(2.0, ttl / 4))
@@ -109,7 +114,55 @@ async def lease_bucket(nc: NATS, subjects: StreamSubjects, ttl: float) -> tuple[
         kv = await js.create_key_value(bucket=subjects.lease_bucket, ttl=ttl, history=1)
         return kv, ttl
     info = await js.stream_info(f"KV_{subjects.lease_bucket}")
-    return kv, float(info.config.max_age or ttl)
+    was = float(info.config.max_age or 0)
+    if abs(was - ttl) > 0.001:
+        info.config.max_age = ttl
+        if info.config.duplicate_window and info.config.duplicate_window > ttl:
+            info.config.duplicate_window = ttl
+        await js.update_stream(info.config)
+        if log is not None:
+            log.warning(
+                "lease bucket TTL set to --lease-ttl",
+                bucket=subjects.lease_bucket,
+                ttl=ttl,
+                was=was or None,
+            )
+    return kv, ttl
+
+
+async def last_checkpoint(
+    nc: NATS, subjects: StreamSubjects, *, wait: float = 2.0
+) -> tuple[int, s.Checkpoint, str | None] | None:
+    """The stream's last checkpoint, its parts put together: (the stream sequence of its last
+    part, the checkpoint, that part's message id); None if the stream has none.
+
+    A checkpoint whose last parts are not stored yet (its publisher is writing them) is waited
+    for, up to ``wait`` seconds."""
+    js = nc.jetstream(timeout=5)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            raw = await js.get_last_msg(subjects.stream, subjects.checkpoints)
+        except NotFoundError:
+            return None
+        message = s.decode(raw.data or b"", raw.headers)
+        if not isinstance(message, s.Checkpoint) or raw.seq is None:
+            raise s.IncompatibleStreamError("the last checkpoint is not a checkpoint")
+        msg_id = (raw.headers or {}).get(s.H_MSG_ID)
+        if message.parts == 1:
+            return raw.seq, message, msg_id
+        if message.part + 1 == message.parts:
+            parts = []
+            for seq in range(raw.seq - message.part, raw.seq):
+                other = await js.get_msg(subjects.stream, seq)
+                part = s.decode(other.data or b"", other.headers)
+                if not isinstance(part, s.Checkpoint):
+                    raise s.IncompatibleStreamError("checkpoint parts that are not consecutive")
+                parts.append(part)
+            return raw.seq, s.merge_checkpoint([*parts, message]), msg_id
+        if time.monotonic() > deadline:
+            raise s.IncompatibleStreamError("a checkpoint whose last parts never came")
+        await asyncio.sleep(0.02)
 
 
 async def last_message(nc: NATS, stream: str, subject: str | None = None) -> Any:

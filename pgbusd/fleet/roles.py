@@ -144,6 +144,7 @@ class BridgeRole(FleetRole):
             config.publish,
             config.stream,
             self.markers.send,
+            channels=config.channels,
             lease_ttl=config.lease_ttl,
             publisher_timeout=config.publisher_timeout,
             log=get_logger(component="bridge"),

@@ -7,7 +7,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
 from nats.aio.client import Client as NATS
 
 from pgbusd.fleet import natsconn

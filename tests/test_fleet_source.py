@@ -43,6 +43,10 @@ class Sink:
     def tick(self, generation: int) -> None:
         self.events.append(("tick", generation))
 
+    def restart(self, lineage: str, generation: int, seqs: dict[str, int]) -> None:
+        self.reset(lineage, generation, seqs)
+        self.events.append(("cut",))
+
     def live(self) -> list[tuple[Any, ...]]:
         return [e for e in self.events if e[0] == "notify"]
 

@@ -297,7 +297,7 @@ async def test_status_json_keeps_every_key_of_the_first_release(daemon: Daemon) 
     assert doc["clients"]
     assert all(FIRST_RELEASE_KEYS["client"] <= c.keys() for c in doc["clients"])
     assert doc["postgres"]["relay_errors"] == 0
-    assert doc["omitted"] == {"subscriptions": 0, "channels": 0, "clients": 0}
+    assert doc["omitted"] == {"subscriptions": 0, "channels": 0, "clients": 0, "fleet_channels": 0}
 
 
 # -- pgbusctl against a daemon of another version -------------------------------------------------

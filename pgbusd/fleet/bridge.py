@@ -61,6 +61,7 @@ from pgbusd.fleet.subjects import StreamSubjects
 #: Sends a NOTIFY (channel, payload) through any PostgreSQL connection of the bridge.
 SendMarker = Callable[[str, str], Awaitable[None]]
 
+
 def _missing(exc: BaseException) -> bool:
     """Whether ``exc`` says the stream or the lease bucket is not there (deleted, or NATS
     restarted without its store): they are created again."""
@@ -105,7 +106,7 @@ class _Follower:
         found = await natsconn.last_checkpoint(self.nc, self.subjects)
         start = 1
         if found is not None:
-            seq, checkpoint, msg_id = found
+            _first, seq, checkpoint, msg_id = found
             self.state = s.StreamState.from_checkpoint(checkpoint, seq, msg_id)
             self._channels()
             self.bridge.known(seq, msg_id)
@@ -169,7 +170,7 @@ class _Follower:
         )
         self.trusted = False
 
-    def _lost(self, reason: str) -> int | None:
+    async def _lost(self, reason: str) -> int | None:
         self.log.warning("the fleet stream no longer holds what this standby read", reason=reason)
         self.trusted = False
         return None  # the takeover reads the stream again from its last checkpoint

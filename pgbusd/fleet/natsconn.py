@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import nats
 import nats.errors
@@ -130,11 +130,19 @@ async def lease_bucket(
     return kv, ttl
 
 
+class FoundCheckpoint(NamedTuple):
+    #: Stream sequences of its first and last parts (the same for one in one message).
+    first_seq: int
+    seq: int
+    checkpoint: s.Checkpoint
+    #: The message id of its last part.
+    msg_id: str | None
+
+
 async def last_checkpoint(
     nc: NATS, subjects: StreamSubjects, *, wait: float = 2.0
-) -> tuple[int, s.Checkpoint, str | None] | None:
-    """The stream's last checkpoint, its parts put together: (the stream sequence of its last
-    part, the checkpoint, that part's message id); None if the stream has none.
+) -> FoundCheckpoint | None:
+    """The stream's last checkpoint, its parts put together; None if the stream has none.
 
     A checkpoint whose last parts are not stored yet (its publisher is writing them) is waited
     for, up to ``wait`` seconds."""
@@ -150,7 +158,7 @@ async def last_checkpoint(
             raise s.IncompatibleStreamError("the last checkpoint is not a checkpoint")
         msg_id = (raw.headers or {}).get(s.H_MSG_ID)
         if message.parts == 1:
-            return raw.seq, message, msg_id
+            return FoundCheckpoint(raw.seq, raw.seq, message, msg_id)
         if message.part + 1 == message.parts:
             parts = []
             for seq in range(raw.seq - message.part, raw.seq):
@@ -159,7 +167,8 @@ async def last_checkpoint(
                 if not isinstance(part, s.Checkpoint):
                     raise s.IncompatibleStreamError("checkpoint parts that are not consecutive")
                 parts.append(part)
-            return raw.seq, s.merge_checkpoint([*parts, message]), msg_id
+            merged = s.merge_checkpoint([*parts, message])
+            return FoundCheckpoint(raw.seq - message.part, raw.seq, merged, msg_id)
         if time.monotonic() > deadline:
             raise s.IncompatibleStreamError("a checkpoint whose last parts never came")
         await asyncio.sleep(0.02)

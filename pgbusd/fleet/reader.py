@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -48,7 +48,7 @@ from pgbus.backoff import Backoff
 
 Deliver = Callable[[int, Msg], None]
 OnGap = Callable[[int, int], None]
-OnLost = Callable[[str], "int | None"]
+OnLost = Callable[[str], Awaitable["int | None"]]
 Position = Callable[[], "tuple[int, str | None]"]
 
 
@@ -173,7 +173,7 @@ class StreamReader:
                     reason = f"the stream's message {seq} is {found}, not {msg_id}"
         if reason is not None:
             self.lost += 1
-            restart = self.on_lost(reason)
+            restart = await self.on_lost(reason)
             if restart is not None:
                 self.next_seq = max(1, restart)
 

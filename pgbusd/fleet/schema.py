@@ -146,8 +146,7 @@ def decode(data: bytes, headers: dict[str, str] | None) -> AnyMessage:
     version = (headers or {}).get(H_SCHEMA)
     if version not in READABLE:
         raise IncompatibleStreamError(
-            f"stream message of schema {version!r}; this reader knows "
-            f"{', '.join(sorted(READABLE))}"
+            f"stream message of schema {version!r}; this reader knows {', '.join(sorted(READABLE))}"
         )
     try:
         return _decoder.decode(data)

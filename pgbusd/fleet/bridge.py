@@ -211,6 +211,7 @@ class Bridge:
         send_marker: SendMarker,
         *,
         channels: Iterable[str] = (),
+        credentials: str | None = None,
         bridge_id: str | None = None,
         lease_ttl: float = 10.0,
         publisher_timeout: float = 0.8,
@@ -229,6 +230,7 @@ class Bridge:
         self.send_marker = send_marker
         #: The channels this bridge relays into the stream.
         self.channels = frozenset(channels)
+        self.credentials = credentials
         self.bridge_id = bridge_id or secrets.token_hex(4)
         self.lease_ttl = lease_ttl
         self.publisher_timeout = publisher_timeout
@@ -328,6 +330,7 @@ class Bridge:
             name=f"pgbusd-bridge-{self.bridge_id}",
             on_reconnected=self._nats_reconnected,
             log=self.log,
+            credentials=self.credentials,
         )
         while not self._stopping.is_set():
             try:

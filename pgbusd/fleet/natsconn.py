@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
@@ -29,9 +30,11 @@ async def connect(
     on_disconnected: Hook | None = None,
     log: Any = None,
     connect_timeout: float = 2.0,
+    credentials: str | None = None,
 ) -> NATS:
     """A client that reconnects forever (every 0.1 to ~1 s) and logs errors quietly. ``url``
-    may name several servers of a cluster, comma-separated.
+    may name several servers of a cluster, comma-separated. ``credentials``: a file holding
+    ``USER:PASSWORD`` (or a token), read at every connection (so it may be rotated).
 
     The first connection is retried too (until it succeeds, or the caller cancels): a bridge or
     host may start before NATS does.
@@ -46,6 +49,13 @@ async def connect(
 
     backoff = Backoff(0.1, 2.0, jitter=0.3)
     servers = [server.strip() for server in url.split(",") if server.strip()]
+    auth: dict[str, Any] = {}
+    if credentials is not None:
+        file = _CredentialsFile(credentials)
+        if file.read()[0] is None:
+            auth["token"] = file.token
+        else:
+            auth["user"], auth["password"] = file.user, file.password
     while True:
         try:
             return await nats.connect(
@@ -61,11 +71,37 @@ async def connect(
                 ping_interval=5,
                 max_outstanding_pings=2,
                 skip_subject_validation=True,
+                **auth,
             )
         except (OSError, TimeoutError, nats.errors.Error) as exc:
             if log is not None:
                 log.info("nats unreachable", url=url, error=repr(exc))
             await asyncio.sleep(backoff.next_delay())
+
+
+class _CredentialsFile:
+    """A NATS credentials file, read at every connection (the last good reading is kept if it
+    cannot be read then)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.last: tuple[str | None, str] = (None, "")
+
+    def read(self) -> tuple[str | None, str]:
+        from pgbusd.config import nats_credentials
+
+        with contextlib.suppress(ValueError):
+            self.last = nats_credentials(self.path)
+        return self.last
+
+    def user(self) -> str:
+        return self.read()[0] or ""
+
+    def password(self) -> str:
+        return self.last[1]  # read with the user, just before
+
+    def token(self) -> str:
+        return self.read()[1]
 
 
 async def ensure_stream(

@@ -222,6 +222,7 @@ class StreamReader:
 
     def _on_msg(self, msg: Msg) -> None:
         self._activity = time.monotonic()
+        self.connected = True  # deliveries may come before add_consumer's answer
         headers = msg.headers
         if not msg.reply or (headers and "Status" in headers):
             status = headers.get("Status") if headers else None

@@ -34,6 +34,8 @@ from typing import Any
 
 import asyncpg
 
+from pgbus import protocol as p
+from pgbusd.channels import Refusal
 from pgbusd.config import Config, redact
 from pgbusd.core.hub import Hub
 from pgbusd.fleet.bridge import PUBLISHING, STANDBY, Bridge
@@ -83,6 +85,11 @@ class FleetRole:
 
     def status(self) -> FleetStatus:
         raise NotImplementedError
+
+    def refusal(self, channel: str) -> Refusal | None:
+        """Why a client may not subscribe to ``channel`` in this role (None: the rules of a
+        plain daemon apply)."""
+        return None
 
 
 def create(config: Config, hub: Hub) -> FleetRole:
@@ -145,6 +152,7 @@ class BridgeRole(FleetRole):
             config.stream,
             self.markers.send,
             channels=config.channels,
+            credentials=config.nats_credentials,
             lease_ttl=config.lease_ttl,
             publisher_timeout=config.publisher_timeout,
             log=get_logger(component="bridge"),
@@ -266,6 +274,7 @@ class HostRole(FleetRole):
             _HubSink(hub),
             state_file=config.state_path,
             channels=config.channels,
+            credentials=config.nats_credentials,
             log=get_logger(component="source"),
         )
         self.relay_errors = 0
@@ -369,6 +378,18 @@ class HostRole(FleetRole):
         if self.source.nc is not None:  # else it never reached NATS: nothing to save
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._done.wait(), 5.0)
+
+    def refusal(self, channel: str) -> Refusal | None:
+        """A channel the stream's checkpoints do not list: no bridge relays it, nothing would
+        ever arrive (refused as a plain daemon refuses a channel it does not relay)."""
+        relayed = self.source.state.relayed
+        if relayed is None or channel in relayed:
+            return None
+        return Refusal(
+            p.E_UNKNOWN_CHANNEL,
+            f"no bridge of stream {self.config.stream} relays channel {channel!r} (the bridges "
+            f"relay {len(relayed)} channels: their --channel list)",
+        )
 
     async def ready(self, timeout: float) -> bool:
         try:

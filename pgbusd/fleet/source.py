@@ -159,6 +159,7 @@ class HostSource:
         *,
         state_file: str | os.PathLike[str] | None = None,
         channels: Iterable[str] = (),
+        credentials: str | None = None,
         stale_after: float = 15.0,
         replay_window: int = 1000,
         save_interval: float = 0.5,
@@ -176,6 +177,7 @@ class HostSource:
         self.wanted = frozenset(channels)
         self.unrelayed: frozenset[str] = frozenset()
         self.stale_after = stale_after
+        self.credentials = credentials
         self.replay_window = replay_window
         self.save_interval = save_interval
         self.heartbeat = heartbeat
@@ -211,7 +213,11 @@ class HostSource:
     async def run(self) -> None:
         """Read until :meth:`stop` (raises IncompatibleStreamError on a stream it cannot read)."""
         self.nc = nc = await natsconn.connect(
-            self.nats_url, name="pgbusd-host", on_reconnected=self._reconnected, log=self.log
+            self.nats_url,
+            name="pgbusd-host",
+            on_reconnected=self._reconnected,
+            log=self.log,
+            credentials=self.credentials,
         )
         while not self._stopping.is_set():
             try:

@@ -10,13 +10,10 @@ steps the fault allows.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,6 @@ import pytest
 
 import pgbus
 from pgbusd.config import Config, ConfigError
-from pgbusd.fleet import schema as s
 from tests.conftest import DSN, Daemon, DaemonFactory, attached, unique_channel, wait_until
 from tests.fleet_helpers import client, nats_server_fixture, read_stream, unique_stream
 from tests.natsserver import NatsServer, freeze
@@ -201,3 +197,243 @@ async def _host_has(host: Daemon, numbers: dict[str, int]) -> bool:
     return st is not None and all(
         ch in st.channels and st.channels[ch].received > n for ch, n in numbers.items()
     )
+
+
+# -- (2) bridges relaying different channel sets --------------------------------------------------
+
+
+async def test_a_standby_relaying_more_channels_takes_over_with_one_step_and_no_repeat(
+    fleet: Fleet,
+) -> None:
+    """A channel added by a rolling restart: the standby relays {fa, fb}, the publisher {fa}.
+    Their positions count different notifications, so the standby cannot place the
+    publisher's: it says so, and a clean hand-over steps once instead of repeating fa."""
+    fa, _fb = fleet.channels
+    a = fleet.bridge("ba", *QUICK, channels=[fa])
+    await fleet_state(a, "publishing")
+    b = fleet.bridge("bb", *QUICK)
+    st = await fleet_state(b, "standby")
+    host = fleet.host("h", channels=[fa])
+    await host.wait_generation(1)
+    async with workers(host.socket, [fa], 2) as group, Sender(fleet.channels) as sender:
+        await wait_until(lambda: "relays other channels" in b.log(), 10, what="the warning")
+        st = await b.status()
+        assert st is not None
+        assert st.fleet is not None
+        assert (st.fleet.unrelayed, st.fleet.exact_ready) == ([_fb], False)
+        await sender.wait_sent(60)
+        assert a.terminate() == 0  # a clean hand-over
+        taken = await fleet_state(b, "publishing")
+        await sender.wait_sent(60)
+        last = {fa: (await sender.stop())[fa]}
+        for summary in await summaries(group, last):
+            assert_told(summary, last, steps=1)
+    assert (taken.fleet.takeovers, taken.fleet.exact_takeovers) == (1, 0)
+
+
+# -- (5) the publisher cut from PostgreSQL --------------------------------------------------------
+
+
+async def test_a_publisher_cut_from_postgres_hands_over_and_the_standby_continues_exactly(
+    fleet: Fleet,
+) -> None:
+    async with TcpProxy() as proxy:
+        a = fleet.bridge("ba", *QUICK, dsn=proxy.dsn())
+        await fleet_state(a, "publishing")
+        b = fleet.bridge("bb", *QUICK)
+        await exact_ready(b)
+        host = fleet.host("h")
+        await host.wait_generation(1)
+        async with (
+            workers(host.socket, fleet.channels, 2) as group,
+            Sender(fleet.channels) as sender,
+        ):
+            await sender.wait_sent(40)
+            proxy.hang_new = True  # PostgreSQL unreachable for the publisher, NATS reachable
+            proxy.cut()
+            taken = await fleet_state(b, "publishing")
+            await sender.wait_sent(60)
+            proxy.hang_new = False
+            await fleet_state(a, "standby")
+            await sender.wait_sent(40)
+            last = await sender.stop()
+            for summary in await summaries(group, last):
+                assert_complete(summary, last)
+    assert (taken.fleet.takeovers, taken.fleet.exact_takeovers) == (1, 1)
+
+
+# -- (6) the stream and the lease bucket deleted --------------------------------------------------
+
+
+async def test_a_deleted_stream_is_created_anew_and_hosts_step_once(
+    fleet: Fleet, nats_server: NatsServer
+) -> None:
+    a = fleet.bridge("ba", *QUICK)
+    await fleet_state(a, "publishing")
+    host = fleet.host("h")
+    first = await host.wait_generation(1)
+    async with workers(host.socket, fleet.channels, 2) as group, Sender(fleet.channels) as sender:
+        await sender.wait_sent(40)
+        nc = await client(nats_server.url)
+        js = nc.jetstream()
+        await js.delete_stream(fleet.stream)
+        await js.delete_key_value(f"{fleet.stream}_LEASE")
+        await nc.close()
+
+        await wait_until(lambda: _new_lineage(host, first), 30, what="a new lineage")
+        await sender.wait_sent(40)
+        last = await sender.stop()
+        for summary in await summaries(group, last):
+            assert_told(summary, last, steps=1)
+
+
+async def test_a_host_whose_stream_is_gone_does_not_say_it_reads(
+    fleet: Fleet, nats_server: NatsServer
+) -> None:
+    a = fleet.bridge("ba", *QUICK)
+    await fleet_state(a, "publishing")
+    host = fleet.host("h")
+    await host.wait_generation(1)
+    a.kill()  # and no bridge to create it again
+    nc = await client(nats_server.url)
+    await nc.jetstream().delete_stream(fleet.stream)
+    await nc.close()
+    st = await wait_until(
+        lambda: _not_reading(host), 30, what="the host to say it does not read its stream"
+    )
+    assert not st.postgres.connected
+    code, out = pgbusctl(host, "status")
+    assert code == 1, out
+
+
+async def _new_lineage(host: Daemon, before: Any) -> bool:
+    """Whether ``host`` reads a lineage other than the one of status ``before``."""
+    st = await host.status()
+    return st is not None and st.daemon_id != before.daemon_id and st.postgres.connected
+
+
+async def _not_reading(host: Daemon) -> Any:
+    st = await host.status()
+    return st if st is not None and st.fleet is not None and st.fleet.state != "reading" else None
+
+
+# -- (3) NATS restarted on an older copy of its store ---------------------------------------------
+
+
+async def test_a_host_past_the_end_of_a_restored_stream_steps_and_reads_on(
+    daemon_factory: DaemonFactory,
+) -> None:
+    nats = NatsServer().start()
+    try:
+        fleet = Fleet(daemon_factory, nats)
+        a = fleet.bridge("ba", *QUICK)
+        await fleet_state(a, "publishing")
+        host = fleet.host("h")
+        first = await host.wait_generation(1)
+        backup = nats.root / "backup"
+        async with (
+            workers(host.socket, fleet.channels, 2) as group,
+            Sender(fleet.channels) as sender,
+        ):
+            await sender.wait_sent(40)
+            await asyncio.to_thread(nats.stop)
+            shutil.copytree(nats.store, backup)  # a backup, taken while the server was down
+            await asyncio.to_thread(nats.start)
+            await sender.wait_sent(80)  # the host reads past the backup's end
+            await asyncio.to_thread(nats.stop)
+            shutil.rmtree(nats.store)
+            shutil.copytree(backup, nats.store)  # restored
+            await asyncio.to_thread(nats.start)
+            await wait_until(lambda: _new_lineage(host, first), 30, what="a new lineage")
+            await sender.wait_sent(40)
+            last = await sender.stop()
+            for summary in await summaries(group, last):
+                # What the restore lost is told: at least one step, nothing twice, and the
+                # numbers go on to the last.
+                assert summary["repeated"] == dict.fromkeys(last, 0), summary
+                assert summary["last"] == last, summary
+                assert summary["generation_steps"] == 1, summary
+        st = await host.status()
+        assert st is not None
+        assert st.fleet is not None
+        assert st.fleet.lost_place >= 1
+    finally:
+        nats.destroy()
+
+
+# -- (9) a host channel no bridge relays ----------------------------------------------------------
+
+
+async def test_a_host_refuses_a_channel_no_bridge_relays_and_says_so(fleet: Fleet) -> None:
+    fa, fb = fleet.channels
+    bridge = fleet.bridge("b", channels=[fa])
+    await fleet_state(bridge, "publishing")
+    host = fleet.host("h", "--channel-pattern", "fz_*", channels=[fa, fb])
+    await host.wait_generation(1)
+    async with attached(host) as bus:
+        await bus.subscribe(fa)
+        with pytest.raises(pgbus.UnknownChannelError):
+            await bus.subscribe(fb)  # pinned on the host, relayed by no bridge
+        with pytest.raises(pgbus.UnknownChannelError):
+            await bus.subscribe(unique_channel("fz"))  # allowed on demand, relayed by none
+    st = await host.status()
+    assert st is not None
+    assert st.fleet is not None
+    assert (st.fleet.unrelayed, st.fleet.relayed) == ([fb], 1)
+    assert "no bridge relays some channels of this host" in host.log()
+    _code, out = pgbusctl(host, "status")
+    assert f"1 that no bridge relays: {fb}" in out
+
+
+# -- (10) NATS credentials ------------------------------------------------------------------------
+
+
+async def test_nats_credentials_in_a_url_never_show_in_the_process_title(
+    fleet: Fleet,
+) -> None:
+    port = fleet.nats.url.rpartition(":")[2]
+    url = f"nats://pgbus:s3cret-in-url@127.0.0.1:{port}"  # the server ignores them
+    bridge = fleet.factory(
+        fleet.channels, args=["--publish", url, "--stream", fleet.stream], subdir="b"
+    )
+    await fleet_state(bridge, "publishing")
+    host = fleet.factory(
+        fleet.channels, dsn=None, args=["--source", url, "--stream", fleet.stream], subdir="h"
+    )
+    await host.wait_generation(1)
+    for daemon in (bridge, host):
+        cmdline = Path(f"/proc/{daemon.pid}/cmdline").read_bytes()
+        assert b"s3cret" not in cmdline
+        assert b"pgbus:" not in cmdline
+
+
+async def test_a_credentials_file_lets_bridges_and_hosts_into_a_server_that_asks(
+    daemon_factory: DaemonFactory, workdir: Path
+) -> None:
+    nats = NatsServer(user="pgbus", password="s3cret-in-file").start()
+    try:
+        fleet = Fleet(daemon_factory, nats)
+        creds = workdir / "nats.creds"
+        creds.write_text("pgbus:s3cret-in-file\n")
+        creds.chmod(0o600)
+        bridge = fleet.bridge("b", "--nats-credentials", str(creds))
+        await fleet_state(bridge, "publishing")
+        host = fleet.host("h", "--nats-credentials", str(creds))
+        await host.wait_generation(1)
+        async with attached(host) as bus:
+            sub = await bus.subscribe(fleet.channels[0])
+            async with Sender(fleet.channels[:1]) as sender:
+                await sender.send_one()
+            assert await asyncio.wait_for(sub.recv(), 30) == "0"
+        assert "s3cret" not in bridge.log() + host.log()
+    finally:
+        nats.destroy()
+
+
+def test_a_channel_list_too_large_for_the_greeting_is_refused() -> None:
+    """Every client (pgbusctl included) receives the channel list on attach: one that cannot
+    fit in a frame would make the daemon unreachable."""
+    names = tuple(f"c{i:06d}_{'x' * 55}" for i in range(17_000))
+    with pytest.raises(ConfigError) as caught:
+        Config(channel=names, max_channels=20_000)
+    assert caught.value.option == "channel"

@@ -106,6 +106,11 @@ class ChannelDirectory:
         """A client wants to subscribe to ``channel``: None (subscribe now), a future that is
         done once the LISTEN is in effect (it fails with ListenRefused if PostgreSQL refuses
         it), or why not."""
+        if self._upstream is not None:
+            refusal = self._upstream(channel)
+            if refusal is not None:
+                self.refusals[refusal.code] += 1
+                return refusal
         if channel in self._leaving:
             if channel not in self._back:
                 self._back[channel] = asyncio.get_running_loop().create_future()

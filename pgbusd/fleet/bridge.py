@@ -48,7 +48,12 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    APIError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 
 from pgbusd.fleet import natsconn
 from pgbusd.fleet import schema as s
@@ -65,9 +70,10 @@ SendMarker = Callable[[str, str], Awaitable[None]]
 def _missing(exc: BaseException) -> bool:
     """Whether ``exc`` says the stream or the lease bucket is not there (deleted, or NATS
     restarted without its store): they are created again."""
-    return isinstance(
-        exc, NotFoundError | ServiceUnavailableError | nats.errors.NoRespondersError
-    ) or (isinstance(exc, APIError) and exc.err_code == 10059)
+    gone = NotFoundError | ServiceUnavailableError | NoStreamResponseError
+    return isinstance(exc, gone | nats.errors.NoRespondersError) or (
+        isinstance(exc, APIError) and exc.err_code == 10059
+    )
 
 
 STANDBY = "standby"
@@ -351,6 +357,8 @@ class Bridge:
                 await self._demote(f"error: {exc!r}")
                 await self._sleep(0.2)
                 if _missing(exc):
+                    with contextlib.suppress(Exception):
+                        await self._ensure()
                     await self._restart_follower()
         self.role = STOPPED
 
@@ -460,8 +468,7 @@ class Bridge:
             opened = await self._open_term(term)
             if opened is None:
                 raise RuntimeError("lost the lease while taking over")
-            state, fresh, parts, max_msg_size = opened
-            comparable = not fresh and self.follower.comparable
+            state, fresh, comparable, parts, max_msg_size = opened
             await self.follower.stop()
             self.follower = None
             # This connection listened since before the term was opened (the old publisher
@@ -490,12 +497,16 @@ class Bridge:
         self._renewer = renewer
         return True
 
-    async def _open_term(self, term: str) -> tuple[s.StreamState, bool, int, int | None] | None:
+    async def _open_term(
+        self, term: str
+    ) -> tuple[s.StreamState, bool, bool, int, int | None] | None:
         """Store the term's opening checkpoint right after the stream's last message.
 
         Returns the state it continues, whether it starts a new lineage (the stream is new,
         or not to be trusted: it lost messages, or no longer holds what this bridge knew
-        stored), how many messages the checkpoint took, and the stream's message size limit."""
+        stored), whether the last publisher relayed the same channels (its positions can be
+        placed here), how many messages the checkpoint took, and the stream's message size
+        limit."""
         assert self.nc is not None
         assert self.lease is not None
         assert self.follower is not None
@@ -512,6 +523,8 @@ class Bridge:
                 await self.follower.start()
                 continue
             state = self.follower.state.copy()
+            # Now: once this term's checkpoint is stored, the follower reads it too.
+            comparable = self.follower.comparable
             info = await js.stream_info(self.subjects.stream)
             max_msg_size = info.config.max_msg_size
             fresh = state.lineage is None or not self.follower.trusted
@@ -543,7 +556,7 @@ class Bridge:
                 raise
             state.stream_seq, state.msg_id = ack_seq, s.msg_id(term, len(parts) - 1)
             self.known(ack_seq, state.msg_id)
-            return state, fresh, len(parts), max_msg_size
+            return state, fresh, comparable and not fresh, len(parts), max_msg_size
         return None
 
     async def _store_parts(

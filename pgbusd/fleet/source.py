@@ -199,6 +199,9 @@ class HostSource:
         #: Re-reading after a lost place: until the stream's end as it was, nothing is live.
         self.rebasing = False
         self._rebase_lineage: str | None = None
+        #: Publisher terms read lately (ordered, at most 64), and the last one.
+        self._terms: dict[str, None] = {}
+        self._last_term: str | None = None
         #: time.monotonic() of the last stream message read (None: none yet).
         self.last_message_at: float | None = None
         self._excused = False
@@ -295,6 +298,7 @@ class HostSource:
             )
             self.local_steps = saved.local_steps
             self.resumed = True
+            self._term_of(saved.msg_id)
         else:
             found = await natsconn.last_checkpoint(nc, self.subjects)
             if found is not None:
@@ -311,6 +315,7 @@ class HostSource:
                     "last checkpoint, generation step",
                     reason=lost,
                 )
+        self._relayed_changed()
         self.base_seq = self.state.stream_seq
         self.start_seq = max(1, self.base_seq + 1 - self.replay_window)
         self.history_until = head
@@ -351,11 +356,17 @@ class HostSource:
             self._rebase_lineage = self.state.lineage
         self.rebasing = True
         self.base_seq = 0
-        self.history_until = info.state.last_seq
         self._excused = True
-        if found is not None:
+        head = info.state.last_seq
+        term = s.parse_msg_id(found.msg_id) if found is not None else None
+        if found is not None and (term is None or term[0] not in self._terms):
+            # Written since the stream went back (by a term this host never read): from there.
+            self.history_until = head
             return found.first_seq
-        return info.state.last_seq + 1
+        # What the stream holds is what this host read already; whoever writes next opens a
+        # new term with a checkpoint (every older term's chain is broken): wait for it.
+        self.history_until = head + 1
+        return head + 1
 
     def _maybe_reset(self) -> None:
         # Generation 0 is a new lineage's opening checkpoint before its first tick (the bridge
@@ -380,12 +391,14 @@ class HostSource:
     def _deliver(self, seq: int, msg: Msg) -> None:
         self.last_message_at = time.monotonic()
         message = s.decode(msg.data, msg.headers)
+        msg_id = (msg.headers or {}).get(s.H_MSG_ID)
+        self._term_of(msg_id)
         if seq <= self.base_seq:
             if isinstance(message, s.Batch):
                 self._notes(message, self.sink.history)
             return
         lineage = self.state.lineage
-        problems = self.state.apply(message, seq, (msg.headers or {}).get(s.H_MSG_ID))
+        problems = self.state.apply(message, seq, msg_id)
         live = self.caught_up.is_set() and not self.rebasing
         if isinstance(message, s.Checkpoint):
             if message.lineage != lineage:
@@ -415,6 +428,17 @@ class HostSource:
             self._maybe_rebased()
         elif not live:
             self._maybe_reset()
+
+    def _term_of(self, msg_id: str | None) -> None:
+        """Remember the publisher terms read (the last few: see :meth:`_lost`)."""
+        if msg_id is None:
+            return
+        term = msg_id.rpartition(".")[0]
+        if term != self._last_term:
+            self._last_term = term
+            self._terms[term] = None
+            if len(self._terms) > 64:
+                del self._terms[next(iter(self._terms))]
 
     def _maybe_rebased(self) -> None:
         """After a lost place, once the stream's end as it was is read: take the stream's

@@ -202,6 +202,8 @@ class HostSource:
         #: Publisher terms read lately (ordered, at most 64), and the last one.
         self._terms: dict[str, None] = {}
         self._last_term: str | None = None
+        #: The lineage before the checkpoint whose parts are being applied.
+        self._checkpoint_from: str | None = None
         #: time.monotonic() of the last stream message read (None: none yet).
         self.last_message_at: float | None = None
         self._excused = False
@@ -401,17 +403,23 @@ class HostSource:
         problems = self.state.apply(message, seq, msg_id)
         live = self.caught_up.is_set() and not self.rebasing
         if isinstance(message, s.Checkpoint):
-            if message.lineage != lineage:
-                self.log.warning("new fleet lineage", lineage=message.lineage, was=lineage)
-                self.local_steps = 0
-                problems = []
-                if live:
-                    self.sink.reset(message.lineage, self.generation, dict(self.state.seqs))
-            if message.part + 1 == message.parts:
+            if message.part == 0:
+                self._checkpoint_from = lineage
+            if message.lineage != self._checkpoint_from:
+                problems = []  # a new lineage: its vector replaces ours
+            if message.part + 1 < message.parts:
+                if self._excused:
+                    problems = []
+            else:
+                if message.lineage != self._checkpoint_from:
+                    self.log.warning(
+                        "new fleet lineage", lineage=message.lineage, was=self._checkpoint_from
+                    )
+                    self.local_steps = 0
+                    if live:
+                        self.sink.reset(message.lineage, self.generation, dict(self.state.seqs))
                 self._excused = False
                 self._relayed_changed()
-            elif self._excused:
-                problems = []
         if self.rebasing:
             problems = []  # the re-read's own step covers whatever does not follow on
         if problems:

@@ -53,6 +53,10 @@ class FailoverResult(msgspec.Struct):
     lost: int
     duplicated: int
     steps: int
+    #: Numbers the client found missing between two it received (the first few), and how many
+    #: it never received at the end.
+    gaps: list[int] = []
+    tail: int = 0
 
 
 class _Receiver:
@@ -64,6 +68,8 @@ class _Receiver:
         self.lost = 0
         self.duplicated = 0
         self.steps = 0
+        #: The first numbers found missing (a gap), for the report.
+        self.gaps: list[int] = []
         self.ready = asyncio.Event()
 
     async def run(self, socket: str, ch: str, stop: asyncio.Event) -> None:
@@ -73,18 +79,28 @@ class _Receiver:
             selector = bus.select(sub, watch=watch)
             self.ready.set()
             while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    event = await asyncio.wait_for(selector.recv(), 0.2)
-                    match event:
-                        case pgbus.Received(payload=payload):
-                            self._take(int(payload), time.monotonic())
-                        case pgbus.GenerationChanged():
-                            self.steps += 1
+                # asyncio.wait, not wait_for: a timeout must not swallow an event received
+                # at the same moment.
+                pending = asyncio.ensure_future(selector.recv())
+                await asyncio.wait({pending}, timeout=0.2)
+                if not pending.done():
+                    pending.cancel()
+                try:
+                    event = await pending
+                except asyncio.CancelledError:
+                    continue
+                match event:
+                    case pgbus.Received(payload=payload):
+                        self._take(int(payload), time.monotonic())
+                    case pgbus.GenerationChanged():
+                        self.steps += 1
 
     def _take(self, n: int, at: float) -> None:
         if n < self.next:
             self.duplicated += 1
             return
+        if n > self.next and len(self.gaps) < 20:
+            self.gaps += range(self.next, min(n, self.next + 20))
         self.lost += n - self.next
         self.next = n + 1
         self.times.append(at)
@@ -101,9 +117,10 @@ async def _send(conn: Any, ch: str, rate: int, stop: asyncio.Event, sent: list[i
             await asyncio.sleep(delay)
 
 
-def _around(times: list[float], killed_at: float) -> tuple[float, float]:
-    """(SIGKILL to the first receipt after the longest gap around it, that gap)."""
-    window = [t for t in times if killed_at - 1.0 <= t <= killed_at + 30.0]
+def _around(times: list[float], killed_at: float, until: float) -> tuple[float, float]:
+    """(SIGKILL to the first receipt after the longest gap around it, that gap), looking at
+    the receipts from just before the kill to ``until`` (the next kill)."""
+    window = [t for t in times if killed_at - 1.0 <= t <= until]
     gaps = [(b - a, b) for a, b in itertools.pairwise(window) if b > killed_at]
     if not gaps:
         raise BenchError("no notification arrived after the failover")
@@ -116,6 +133,7 @@ async def failover(settings: Settings, fleet: Fleet, log: Callable[[str], None])
     nats = NatsServer(fleet.workdir)
     bridge_args = ("--publish", nats.url, "--stream", STREAM, *settings.daemon_args)
     stop = asyncio.Event()
+    done = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     conn: Any = None
     try:
@@ -127,7 +145,7 @@ async def failover(settings: Settings, fleet: Fleet, log: Callable[[str], None])
             [ch], "--source", nats.url, "--stream", STREAM, *settings.daemon_args, postgres=False
         )
         receiver = _Receiver()
-        tasks.append(asyncio.create_task(receiver.run(host.socket, ch, stop)))
+        tasks.append(asyncio.create_task(receiver.run(host.socket, ch, done)))
         await asyncio.wait_for(receiver.ready.wait(), 30)
         conn = await connect_sender(settings.dsn)
         sent = [0]
@@ -155,10 +173,12 @@ async def failover(settings: Settings, fleet: Fleet, log: Callable[[str], None])
         deadline = time.monotonic() + 30
         while receiver.next < sent[0] and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        done.set()
         await tasks[0]
         rows = []
-        for killed_at, exact in kills:
-            first, silence = _around(receiver.times, killed_at)
+        ends = [k for k, _ in kills[1:]] + [time.monotonic()]
+        for (killed_at, exact), until in zip(kills, ends, strict=True):
+            first, silence = _around(receiver.times, killed_at, until)
             rows.append(Failover(first, silence, exact))
         firsts = [r.kill_to_first_s for r in rows]
         silences = [r.silence_s for r in rows]
@@ -176,17 +196,20 @@ async def failover(settings: Settings, fleet: Fleet, log: Callable[[str], None])
             lost=receiver.lost + max(0, sent[0] - receiver.next),
             duplicated=receiver.duplicated,
             steps=receiver.steps,
+            gaps=receiver.gaps,
+            tail=max(0, sent[0] - receiver.next),
         )
         log(
             f"failover {len(rows)} x SIGKILL at {result.achieved_rate:,.0f}/s: SIGKILL to the "
             f"standby's first delivery median {result.median_kill_to_first_s:.3f} s, max "
             f"{result.max_kill_to_first_s:.3f} s (lease TTL {result.lease_ttl:g} s); silence max "
-            f"{result.max_silence_s:.3f} s; lost {result.lost}, twice {result.duplicated}, "
-            f"steps {result.steps}"
+            f"{result.max_silence_s:.3f} s; lost {result.lost} (gaps {result.gaps}, never "
+            f"arrived {result.tail}), twice {result.duplicated}, steps {result.steps}"
         )
         return result
     finally:
         stop.set()
+        done.set()
         for task in tasks:
             task.cancel()
             with contextlib.suppress(BaseException):

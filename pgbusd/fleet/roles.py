@@ -35,7 +35,7 @@ from typing import Any
 import asyncpg
 
 from pgbus import protocol as p
-from pgbusd.channels import Refusal
+from pgbusd.core.channels import Refusal
 from pgbusd.config import Config, redact
 from pgbusd.core.hub import Hub
 from pgbusd.fleet.bridge import PUBLISHING, STANDBY, Bridge

@@ -35,8 +35,8 @@ from typing import Any
 import asyncpg
 
 from pgbus import protocol as p
-from pgbusd.core.channels import Refusal
 from pgbusd.config import Config, redact
+from pgbusd.core.channels import Refusal
 from pgbusd.core.hub import Hub
 from pgbusd.fleet.bridge import PUBLISHING, STANDBY, Bridge
 from pgbusd.fleet.source import HostSource

@@ -10,29 +10,42 @@ every reconnect, and every message it stores carries the position it covers. The
 standbys: they follow the stream (:mod:`pgbusd.fleet.reader`), apply every stored message to a
 :class:`~pgbusd.fleet.schema.StreamState` and trim what they hold to the stored frontier.
 
-Takeover, when the lease is free (the publisher stopped renewing it, or released it):
+Takeover, while this bridge listens, when the lease is free (released by a clean stop or a
+hand-over) or its holder stopped beating (its revision unchanged for ``publisher_timeout``:
+killed, paused, cut off; see :mod:`pgbusd.fleet.lease`):
 
-1. acquire the lease (create; one bridge wins);
+1. acquire the lease (create, or a compare-and-set on the silent holder's revision; one bridge
+   wins);
 2. read the stream to its end (the state: lineage, generation, seq vector, last message id,
-   frontier);
-3. store the term's opening checkpoint with ``Nats-Expected-Last-Msg-Id`` = the last message
-   read. If that fails, the old publisher stored more after all: back to 2. Once it is stored,
-   the old publisher is fenced (its next message expects its own predecessor);
-4. barrier: NOTIFY a fresh marker and wait until it comes back on this bridge's connection.
-   Everything the old publisher stored was committed before it, so this connection has now
-   received every notification at or before the frontier that it will ever receive;
-5. if the frontier can be placed in what this bridge holds (its marker was received on this
-   connection, nothing after it was lost to the buffer bound), publish everything held after
-   it, with the state's generation and seqs continued: no step, nothing lost or repeated.
-   Otherwise (no frontier marker: the old publisher had just reconnected; this bridge connected
-   or reconnected after it; the buffer overflowed; the stream is new) publish a Tick
-   (generation + 1, reason ``takeover`` or ``start``) and then everything after the barrier
-   marker.
+   frontier, and the channels the last publisher relayed). A stream that no longer holds the
+   last message this bridge knew stored went back (restored from an older copy, re-created):
+   it is taken over with a new lineage, as a new stream is;
+3. store the term's opening checkpoint (in parts if it is large) with
+   ``Nats-Expected-Last-Msg-Id`` = the last message read. If that fails, the old publisher
+   stored more after all: back to 2. Once it is stored, the old publisher is fenced (its next
+   message expects its own predecessor);
+4. if the frontier is placed in what this bridge holds (its marker was received on this
+   connection, the frontier's notification too, nothing after it lost to the buffer bound),
+   publish everything held after it, with the state's generation and seqs continued: no step,
+   nothing lost or repeated;
+5. otherwise barrier: NOTIFY a fresh marker and wait (half the lease TTL at most) until it
+   comes back on this connection. Everything the old publisher stored was committed before
+   it, so this connection has then received every notification at or before the frontier
+   that it will ever receive; if the frontier is now placed and reached, as in 4. Otherwise
+   publish a Tick (generation + 1, reason ``takeover``, or ``start`` for a new lineage), and
+   never anything the stream may already hold: with the frontier placed (the buffer
+   overflowed, or the barrier timed out behind a slow link), what follows the frontier (what
+   arrives up to it is dropped); with a connection that listens since after step 3, all it
+   delivered; with the barrier marker back, what follows it; else nothing until the barrier
+   marker (or the frontier's) arrives. The same when the last publisher relayed another
+   channel set: its positions count other notifications and cannot be placed here.
 
 A publisher that loses the lease (someone else wrote it, or it could not renew it before
 ``valid_until``) or finds itself deposed (its chain broke on someone else's message) fences its
-term and becomes a standby; a publisher whose PostgreSQL connection is replaced publishes one
-Tick (reason ``reconnect``).
+term and becomes a standby. A publisher whose LISTEN connection is lost hands the stream over:
+it stores what it has, releases the lease and stands by until it listens again (a standby
+that listens continues exactly; a lone bridge takes the lease back with a Tick). The stream
+and the lease bucket are created again when found gone.
 """
 
 from __future__ import annotations

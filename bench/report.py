@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from bench.dbcost import SETUPS, DbCostResult
+from bench.failover import SILENCE_TARGET_S, FailoverResult
 from bench.fleetrelay import FleetRelayResult
 from bench.handoff import HandoffResult
 from bench.ondemand import OnDemandResult
@@ -53,6 +54,7 @@ class Results(msgspec.Struct):
     handoff: HandoffResult | None = None
     ondemand: OnDemandResult | None = None
     rust: RustClientResult | None = None
+    failover: FailoverResult | None = None
     errors: list[str] = []
     targets: list[Target] = []
 
@@ -125,6 +127,23 @@ def check_targets(res: Results) -> list[Target]:
         )
     out += _handoff_targets(res.handoff) + _ondemand_targets(res.ondemand)
     out += _rust_targets(res.rust)
+    if res.failover is not None:
+        fo = res.failover
+        out.append(
+            Target(
+                f"fleet failover: {len(fo.failovers)} SIGKILLs at {fo.rate:,}/s lose, repeat and "
+                "step nothing",
+                (fo.lost, fo.duplicated, fo.steps) == (0, 0, 0),
+                f"lost {fo.lost}, twice {fo.duplicated}, steps {fo.steps}",
+            )
+        )
+        out.append(
+            Target(
+                f"fleet failover: silence on the host < {SILENCE_TARGET_S:g} s every time",
+                fo.max_silence_s < SILENCE_TARGET_S,
+                f"max {fo.max_silence_s:.3f} s, median {fo.median_silence_s:.3f} s",
+            )
+        )
     return out
 
 
@@ -413,6 +432,25 @@ def render(res: Results) -> str:
         lines += _render_ondemand(res.ondemand)
     if res.rust is not None:
         lines += _render_rust(res.rust)
+    if res.failover is not None:
+        fo = res.failover
+        lines += _table(
+            f"9. Fleet failover: the publishing bridge SIGKILLed {len(fo.failovers)} times at "
+            f"{fo.achieved_rate:,.0f} notifications/s (lease TTL {fo.lease_ttl:g} s, publisher "
+            f"timeout {fo.publisher_timeout:g} s)",
+            ["", "median s", "max s"],
+            [
+                ["SIGKILL to the standby's first delivery", _n(fo.median_kill_to_first_s, ".3f"),
+                 _n(fo.max_kill_to_first_s, ".3f")],
+                ["silence on the host", _n(fo.median_silence_s, ".3f"),
+                 _n(fo.max_silence_s, ".3f")],
+            ],
+        )  # fmt: skip
+        exact = sum(x.exact for x in fo.failovers)
+        lines.append(
+            f"   sent {fo.sent:,}: lost {fo.lost}, received twice {fo.duplicated}, generation "
+            f"steps {fo.steps}; exact takeovers {exact} of {len(fo.failovers)}"
+        )
     if res.targets:
         lines += ["", "Targets"]
         lines += [

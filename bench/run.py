@@ -25,7 +25,16 @@ import asyncpg
 import click
 import msgspec
 
-from bench import dbcost, fleetrelay, handoff, ondemand, report, rustclient, scenarios
+from bench import (
+    dbcost,
+    failover,
+    fleetrelay,
+    handoff,
+    ondemand,
+    report,
+    rustclient,
+    scenarios,
+)
 from bench.procs import ROOT, BenchError, Fleet
 from bench.worker import raise_nofile_limit
 
@@ -39,10 +48,11 @@ SECTIONS = (
     "handoff",
     "ondemand",
     "rust",
+    "failover",
 )
 
 #: Sections that run only when asked for (--only, or their own flag).
-OPT_IN = ("rust",)
+OPT_IN = ("rust", "failover")
 
 #: What --quick changes (anything given explicitly still wins).
 QUICK: dict[str, Any] = {
@@ -67,6 +77,7 @@ QUICK: dict[str, Any] = {
     "replay_small_n": 20_000,
     "ondemand_channels": 100,
     "ondemand_storm": 200,
+    "failovers": 3,
 }
 
 
@@ -183,6 +194,8 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
                     res.ondemand = await ondemand.ondemand(settings, fleet, _log)
                 elif section == "rust":
                     res.rust = await rustclient.rust_client(settings, fleet, _log)
+                elif section == "failover":
+                    res.failover = await failover.failover(settings, fleet, _log)
             except (BenchError, asyncpg.PostgresError, OSError) as exc:
                 res.errors.append(f"{section}: {exc}")
                 _log(f"section {section} failed: {exc}")
@@ -251,7 +264,8 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
     type=click.Choice(SECTIONS),
     multiple=True,
     show_envvar=True,
-    help="Run only these sections (repeatable). Default: all but rust (see --rust).",
+    help="Run only these sections (repeatable). Default: all but rust (see --rust) and "
+    "failover (ten SIGKILLs of a fleet bridge: --only failover).",
 )
 @click.option("--burst", type=int, help="Throughput: notifications per one-transaction burst.")
 @click.option("--burst-many", type=int, help="Throughput: notifications sent one per transaction.")
@@ -291,6 +305,9 @@ async def run(settings: scenarios.Settings, sections: tuple[str, ...], out: Path
 )
 @click.option("--ondemand-channels", type=int, help="On demand: new channels, one at a time.")
 @click.option("--ondemand-storm", type=int, help="On demand: new channels in one storm.")
+@click.option("--failovers", type=int, help="Failover: SIGKILLs of the publishing bridge.")
+@click.option("--failover-rate", type=int, help="Failover: notifications per second meanwhile.")
+@click.option("--failover-gap", type=float, help="Failover: seconds of load between two kills.")
 @click.option(
     "--daemon-arg",
     "daemon_args",

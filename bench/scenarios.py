@@ -91,6 +91,11 @@ class Settings:
     #: The Rust client beside the others: fan-out processes, latency rates.
     rust_fanout: int = 10
     rust_rates: tuple[int, ...] = (1_000,)
+    #: Fleet failover: SIGKILLs of the publishing bridge, the paced rate meanwhile, and the
+    #: seconds of load before each kill and after the last.
+    failovers: int = 10
+    failover_rate: int = 1_000
+    failover_gap: float = 2.0
     #: Extra pgbusd options for every daemon the benchmark starts.
     daemon_args: tuple[str, ...] = ()
     #: If set, py-spy flame graphs of the throughput daemon and client go to PREFIX-daemon.svg and

@@ -70,26 +70,33 @@ def main(**options: Any) -> None:
         handoff.report_failure(f"the successor refuses its configuration: {option}: {exc}")
         raise click.BadParameter(str(exc), param_hint=option) from None
     ctx = click.get_current_context()
-    if config.secrets() and ctx.get_parameter_source("dsn") is ParameterSource.COMMANDLINE:
-        _reexec_without_dsn_in_argv(config.dsn or "")
+    moved = {
+        name: value
+        for name, value in config.secret_bearing().items()
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+    }
+    if moved:
+        _reexec_without_secrets_in_argv(moved)
     from pgbusd.app import run
 
     sys.exit(run(config))
 
 
-def _reexec_without_dsn_in_argv(dsn: str) -> None:
-    """Re-execute with the DSN moved from argv to PGBUSD_DSN.
+def _reexec_without_secrets_in_argv(moved: dict[str, str]) -> None:
+    """Re-execute with the options in ``moved`` (``{"dsn": value, ...}``) moved from argv to
+    their PGBUSD_* variables.
 
     /proc/PID/cmdline (the process title in ps and top) is readable by every user on the host,
     /proc/PID/environ only by the same user and root. The pid stays the same.
     """
+    flags = tuple(f"--{name.replace('_', '-')}" for name in moved)
     args: list[str] = []
     argv = iter(sys.argv[1:])
     for arg in argv:
-        if arg == "--dsn":
+        if arg in flags:
             next(argv, None)
-        elif not arg.startswith("--dsn="):
+        elif not arg.startswith(tuple(f"{flag}=" for flag in flags)):
             args.append(arg)
-    env = {**os.environ, "PGBUSD_DSN": dsn}
+    env = {**os.environ, **{f"PGBUSD_{name.upper()}": value for name, value in moved.items()}}
     command = handoff.daemon_command(args)
     os.execve(command[0], command, env)

@@ -7,6 +7,7 @@ written exactly once, here.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import importlib.util
 import math
@@ -191,8 +192,20 @@ class Config:
     )
     lease_ttl: float = _opt(
         10.0,
-        "Bridge role: seconds the publisher lease lives without renewal, so about how long a "
-        "standby waits to take over from a publisher that died (a clean stop hands over at once).",
+        "Bridge role: seconds the publisher lease lives without renewal; a publisher that "
+        "cannot renew it stops publishing before it expires.",
+    )
+    nats_credentials: str | None = _opt(
+        None,
+        "Fleet mode: a file whose first line is the NATS USER:PASSWORD (or a token), read at "
+        "every connection (so it may be rotated); keeps them out of the URL, the command line "
+        "and the environment.",
+        metavar="PATH",
+    )
+    publisher_timeout: float = _opt(
+        0.8,
+        "Bridge role: seconds a standby waits for the publishing bridge's heartbeat (it beats "
+        "four times in that interval) before it takes over; a clean stop hands over at once.",
     )
 
     def __post_init__(self) -> None:
@@ -222,6 +235,15 @@ class Config:
                 f"unlisten_delay must be a number of seconds from 0 and at most "
                 f"{MAX_SECONDS:g} (got {self.unlisten_delay!r})",
             )
+        greeting = _greeting_bytes(self.channel, self.channel_pattern)
+        if greeting > protocol.MAX_SERVER_FRAME:
+            raise ConfigError(
+                "channel",
+                f"the {len(self.channel)} --channel names (and the --channel-pattern globs) take "
+                f"{greeting} bytes in the greeting every client receives, more than a frame may "
+                f"({protocol.MAX_SERVER_FRAME}): no client could attach. Use fewer or shorter "
+                "names (a plain daemon: --channel-pattern)",
+            )
         if not len(self.channel) <= self.max_channels <= MAX_CHANNELS:
             raise ConfigError(
                 "max_channels",
@@ -242,6 +264,7 @@ class Config:
             "reload_timeout",
             "source_timeout",
             "lease_ttl",
+            "publisher_timeout",
         ):
             seconds = getattr(self, name)
             # NaN passes every comparison that would refuse it, and infinity or 1e308 end in
@@ -329,6 +352,15 @@ class Config:
             raise ConfigError("stream", str(exc)) from None
         if self.state_file is not None and self.source is None:
             raise ConfigError("state_file", "--state-file is for a host (--source) only")
+        if self.nats_credentials is not None:
+            if self.publish is None and self.source is None:
+                raise ConfigError(
+                    "nats_credentials", "--nats-credentials is for fleet mode (--publish, --source)"
+                )
+            try:
+                nats_credentials(self.nats_credentials)
+            except ValueError as exc:
+                raise ConfigError("nats_credentials", str(exc)) from None
         role = self.fleet_role
         if role is not None and importlib.util.find_spec("nats") is None:
             option = "publish" if role == "bridge" else "source"
@@ -392,7 +424,22 @@ class Config:
                 password = urlsplit(server).password
                 if password:
                     found += [password, unquote(password)]
+        if self.nats_credentials is not None:
+            with contextlib.suppress(ValueError):
+                found.append(nats_credentials(self.nats_credentials)[1])
         return sorted({s for s in found if s}, key=len, reverse=True)
+
+    def secret_bearing(self) -> dict[str, str]:
+        """The options whose value holds a secret (a password in the DSN, credentials in a
+        NATS URL): kept out of the process's command line (see cli.py)."""
+        out: dict[str, str] = {}
+        if self.dsn is not None and any(secret in self.dsn for secret in self.secrets()):
+            out["dsn"] = self.dsn
+        for name in ("publish", "source"):
+            url = getattr(self, name)
+            if url is not None and any(urlsplit(u).username for u in nats_servers(url)):
+                out[name] = url
+        return out
 
     def redacted_dsn(self) -> str | None:
         return redact(self.dsn, self.secrets()) if self.dsn is not None else None
@@ -425,6 +472,38 @@ def nats_servers(value: str) -> list[str]:
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ValueError(f"a NATS URL has no path, query or fragment: {server!r}")
     return servers
+
+
+def _greeting_bytes(channels: tuple[str, ...], patterns: tuple[str, ...]) -> int:
+    """Bytes of the Hello frame's body a client receives from a daemon relaying ``channels``
+    (it lists them all), at its largest (the daemon id and generation take their most)."""
+    hello = protocol.Hello(
+        protocol.PROTOCOL_VERSION,
+        "0" * 16,
+        1 << 62,
+        list(channels),
+        protocol.MAX_CLIENT_FRAME,
+        list(patterns),
+    )
+    return len(protocol.encode_frame(hello)) - protocol.HEADER_SIZE
+
+
+def nats_credentials(path: str) -> tuple[str | None, str]:
+    """(user, password) from a NATS credentials file's first line ``USER:PASSWORD``, or (None,
+    token) for a line without a colon; ValueError saying what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the NATS credentials file {path!r}: {exc}") from None
+    if not line:
+        raise ValueError(f"the NATS credentials file {path!r} is empty")
+    user, sep, password = line.partition(":")
+    if not sep:
+        return None, line
+    if not user or not password:
+        raise ValueError(f"the NATS credentials file {path!r} must hold USER:PASSWORD")
+    return user, password
 
 
 def split_host_port(address: str) -> tuple[str, int]:

@@ -179,9 +179,23 @@ def _fleet(fleet: FleetStatus) -> list[str]:
         lines.append(
             f"host        local steps {fleet.local_steps}; state file {fleet.state_file or '-'}"
         )
+    if fleet.unrelayed_count:
+        who = "no bridge relays" if fleet.role == "host" else "the publishing bridge does not relay"
+        names = _names(fleet.unrelayed, fleet.unrelayed_count)
+        lines.append(f"channels    {fleet.unrelayed_count} that {who}: {names}")
+    if fleet.not_here_count:
+        lines.append(
+            f"channels    {fleet.not_here_count} that the publishing bridge relays and this one "
+            f"does not: {_names(fleet.not_here, fleet.not_here_count)}"
+        )
     if fleet.failure:
         lines.append(f"fleet error {fleet.failure}")
     return lines
+
+
+def _names(names: list[str], count: int, shown: int = 10) -> str:
+    text = ", ".join(names[:shown])
+    return text + (f" and {count - min(shown, len(names))} more" if count > shown else "")
 
 
 def render(status: Status) -> str:

@@ -70,7 +70,13 @@ class Server:
                 hooks=self.fleet.hooks if self.fleet is not None else None,
             )
         )
-        self.channels = ChannelDirectory(config, self.hub, self.listener, get_logger())
+        self.channels = ChannelDirectory(
+            config,
+            self.hub,
+            self.listener,
+            get_logger(),
+            upstream=self.fleet.refusal if self.fleet is not None else None,
+        )
         self.access = config.access_policy()
         self.started_at = time.time()
         self.counters = st.Counters()

@@ -44,10 +44,25 @@ def freeze(pid: int, timeout: float = 10.0) -> None:
 
 
 class NatsServer:
-    def __init__(self) -> None:
+    """``max_payload``: the largest message the server takes (its default is 1 MiB);
+    ``user``/``password``: the one account clients must name."""
+
+    def __init__(
+        self,
+        max_payload: int | None = None,
+        user: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="pgbnats", dir="/tmp"))
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra: list[str] = []
+        if max_payload is not None:
+            config = self.root / "server.conf"
+            config.write_text(f"max_payload: {max_payload}\n")
+            self.extra += ["-c", str(config)]
+        if user is not None and password is not None:
+            self.extra += ["--user", user, "--pass", password]
 
     @property
     def url(self) -> str:
@@ -58,7 +73,8 @@ class NatsServer:
         self.proc = subprocess.Popen(
             [
                 NATS_SERVER,
-                *("-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.root / "js")),
+                *("-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)),
+                *self.extra,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -75,6 +91,11 @@ class NatsServer:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"nats-server did not start:\n{self.log()}")
             time.sleep(0.02)
+
+    @property
+    def store(self) -> Path:
+        """The JetStream store directory (copy it while the server is stopped)."""
+        return self.root / "js"
 
     def log(self) -> str:
         path = self.root / "server.log"

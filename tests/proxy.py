@@ -1,4 +1,5 @@
-"""A fault-injecting TCP proxy for tests: pass, blackhole, cut (RST) or swallow notifications."""
+"""A fault-injecting TCP proxy for tests: pass, throttle, blackhole, cut (RST) or swallow
+notifications."""
 
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ class TcpProxy:
       half-open link: no FIN, no RST, the bytes vanish); ``hang_new`` does the same to new ones;
     - ``cut()``: reset every open connection (RST on both sides);
     - ``swallow_notifications``: drop PostgreSQL NotificationResponse messages from the server
-      (what a transaction pooler in front of LISTEN amounts to). Needs ``sslmode=disable``.
+      (what a transaction pooler in front of LISTEN amounts to). Needs ``sslmode=disable``;
+    - ``rate``: bytes per second passed from the server to the client (None: as fast as it
+      comes), a slow or congested link; what waits backs up in the proxy, and the server's
+      writes block once the sockets' buffers are full, as on a real link.
     """
 
     def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432), listen_port: int = 0):
@@ -32,6 +36,7 @@ class TcpProxy:
         self.listen_port = listen_port
         self.hang_new = False
         self.swallow_notifications = False
+        self.rate: float | None = None
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._links: list[_Link] = []
@@ -74,16 +79,22 @@ class TcpProxy:
     async def _pump(self, link: _Link, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
                     from_server: bool) -> None:  # fmt: skip
         with contextlib.suppress(OSError, asyncio.CancelledError):
-            while data := await src.read(65536):
+            while data := await src.read(self._chunk(from_server)):
                 if link.dead:
                     continue
                 if from_server and self.swallow_notifications:
                     data = self._filter(link, data)
                 dst.write(data)
                 await dst.drain()
+                if from_server and self.rate:
+                    await asyncio.sleep(len(data) / self.rate)
         if not link.dead:
             with contextlib.suppress(OSError):
                 dst.close()
+
+    def _chunk(self, from_server: bool) -> int:
+        """Bytes read at once: small while throttling (the link's pace, not 64 KiB bursts)."""
+        return max(512, int(self.rate / 100)) if from_server and self.rate else 65536
 
     @staticmethod
     def _filter(link: _Link, data: bytes) -> bytes:

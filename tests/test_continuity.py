@@ -102,6 +102,7 @@ class Sender:
         self.next = 0
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
 
     async def __aenter__(self) -> Sender:
         self._conn = await asyncpg.connect(DSN)
@@ -115,12 +116,27 @@ class Sender:
                 await asyncio.wait_for(self._stop.wait(), self.interval)
 
     async def send_one(self) -> None:
-        async with self._conn.transaction():
+        async with self._lock, self._conn.transaction():
             for channel in self.channels:
                 await self._conn.execute(
                     "SELECT pg_notify($1, $2)", channel, f"{self.next}{self.pad}"
                 )
-        self.next += 1
+            self.next += 1
+
+    async def burst(self, count: int, size: int = 0) -> None:
+        """The next ``count`` numbers in one transaction (padded to ``size`` bytes), on every
+        channel: delivered at one commit, as one large backlog."""
+        pad = "." * size
+        async with self._lock, self._conn.transaction():
+            for channel in self.channels:
+                await self._conn.execute(
+                    "SELECT pg_notify($1, n::text || $2) FROM generate_series($3::int, $4::int) n",
+                    channel,
+                    pad,
+                    self.next,
+                    self.next + count - 1,
+                )
+            self.next += count
 
     async def wait_sent(self, count: int) -> None:
         target = self.next + count

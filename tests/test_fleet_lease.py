@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from nats.aio.client import Client as NATS
 
 from pgbusd.fleet import natsconn
 from pgbusd.fleet.lease import PublisherLease
@@ -24,9 +25,42 @@ async def two_leases(url: str, ttl: float) -> tuple[PublisherLease, PublisherLea
     subjects = StreamSubjects(unique_stream())
     a_nc, b_nc = await client(url), await client(url)
     kv_a, ttl_a = await natsconn.lease_bucket(a_nc, subjects, ttl)
-    kv_b, ttl_b = await natsconn.lease_bucket(b_nc, subjects, ttl * 10)
-    assert ttl_a == ttl_b == ttl  # an existing bucket keeps its TTL
+    kv_b, ttl_b = await natsconn.lease_bucket(b_nc, subjects, ttl)
     return PublisherLease(kv_a, "a", ttl_a), PublisherLease(kv_b, "b", ttl_b)
+
+
+async def bucket_ttl(nc: NATS, subjects: StreamSubjects) -> float:
+    info = await nc.jetstream().stream_info(f"KV_{subjects.lease_bucket}")
+    return float(info.config.max_age or 0)
+
+
+async def test_an_existing_lease_bucket_takes_the_configured_ttl(nats_server: NatsServer) -> None:
+    """A bucket created with a 30 s TTL, then bridges redeployed with --lease-ttl 2: the
+    bucket's values expire after 2 s from then on, not silently after 30."""
+    subjects = StreamSubjects(unique_stream())
+    nc = await client(nats_server.url)
+    await natsconn.lease_bucket(nc, subjects, 30.0)
+    assert await bucket_ttl(nc, subjects) == 30.0
+    _kv, ttl = await natsconn.lease_bucket(nc, subjects, 2.0)
+    assert ttl == 2.0
+    assert await bucket_ttl(nc, subjects) == 2.0
+    await nc.close()
+
+
+async def test_a_standby_takes_a_silent_holders_lease_and_the_holder_learns_it_lost_it(
+    nats_server: NatsServer,
+) -> None:
+    a, b = await two_leases(nats_server.url, 30.0)
+    assert await a.try_acquire("ta")
+    assert await b.read() is not None
+    silent = b.seen_revision
+    assert await a.renew()  # a beat: the revision b saw is gone
+    assert not await b.try_acquire("tb", silent)
+    await b.read()
+    assert await b.try_acquire("tb", b.seen_revision)  # a stopped beating: b takes it over
+    assert b.held
+    assert not await a.renew()  # compare-and-set on a's revision fails
+    assert not a.held
 
 
 async def test_only_one_bridge_holds_the_lease(nats_server: NatsServer) -> None:

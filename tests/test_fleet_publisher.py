@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from pgbusd.fleet import natsconn
 from pgbusd.fleet import schema as s
 from pgbusd.fleet.publisher import StreamPublisher
+from pgbusd.fleet.source import HostSource
 from pgbusd.fleet.subjects import StreamSubjects
 from tests.fleet_helpers import (
     check_contiguous,
@@ -22,6 +24,7 @@ from tests.fleet_helpers import (
     unique_stream,
 )
 from tests.natsserver import NatsServer
+from tests.test_fleet_source import Sink
 
 
 @pytest.fixture(scope="module")
@@ -171,4 +174,102 @@ async def test_submit_never_blocks_or_raises_while_nats_is_gone(nats_server: Nat
     for i in range(1000):
         publisher.submit(1, "a", f"{i}", None, 0)
     assert publisher.submitted == 1000
+    await nc.close()
+
+
+@pytest.fixture(scope="module")
+def small_nats() -> Iterator[NatsServer]:
+    """A server that takes messages of 64 KiB at most."""
+    server = NatsServer(max_payload=65536).start()
+    yield server
+    server.destroy()
+
+
+async def test_a_server_with_a_small_max_payload_gets_batches_sized_to_fit(
+    small_nats: NatsServer,
+) -> None:
+    """50 notifications of 7,999 bytes in one loop turn: a 256 KiB batch wedged the publisher
+    (refused, resent forever)."""
+    nc = await client(small_nats.url)
+    assert nc.max_payload == 65536
+    subjects = await ensure(nc, unique_stream())
+    publisher = new_publisher(nc, subjects)
+    await publisher.start()
+    big = [f"{i:04}" + "x" * 7995 for i in range(50)]
+    for payload in big:
+        publisher.submit(1, "a", payload, None, 0)
+    await eventually(lambda: not publisher.pending, 20, "everything stored")
+    messages = await read_stream(nc, subjects.stream)
+    check_contiguous(messages)
+    assert [p for _, _, p in notes_of(messages)] == big
+    await publisher.close()
+    await nc.close()
+
+
+async def test_a_checkpoint_larger_than_a_message_is_stored_in_parts_a_host_puts_together(
+    small_nats: NatsServer, tmp_path: Path
+) -> None:
+    nc = await client(small_nats.url)
+    subjects = await ensure(nc, unique_stream())
+    publisher = new_publisher(nc, subjects)
+    await publisher.start()
+    channels = [f"channel_{i:05d}_{'x' * 30}" for i in range(4000)]  # 200 kB of checkpoint
+    for i, channel in enumerate(channels):
+        publisher.submit(1, channel, str(i), None, 0)
+    publisher.checkpoint()
+    await eventually(lambda: not publisher.pending, 20, "everything stored")
+    messages = await read_stream(nc, subjects.stream)
+    state = check_contiguous(messages)
+    assert state.seqs == dict.fromkeys(channels, 1)
+    sink = Sink()
+    source = HostSource(small_nats.url, subjects.stream, sink, state_file=tmp_path / "h.state")
+    task = asyncio.create_task(source.run())
+    await eventually(lambda: source.base_seq > 0, 20, "the host placed on the checkpoint")
+    assert source.state.seqs == dict.fromkeys(channels, 1)
+    await source.stop()
+    await asyncio.wait_for(task, 10)
+    await publisher.close()
+    await nc.close()
+
+
+async def test_checkpoints_list_every_relayed_channel_and_split_ones_are_marked_schema_2(
+    small_nats: NatsServer,
+) -> None:
+    nc = await client(small_nats.url)
+    subjects = await ensure(nc, unique_stream())
+    channels = frozenset(f"channel_{i:05d}_{'x' * 30}" for i in range(4000))
+    publisher = new_publisher(nc, subjects, channels=channels)
+    await publisher.start()  # its opening checkpoint: every channel, none with a seq yet
+    await eventually(lambda: not publisher.pending, 20, "everything stored")
+    js = nc.jetstream()
+    first = await js.get_msg(subjects.stream, 1)
+    assert (first.headers or {})[s.H_SCHEMA] == str(s.SCHEMA_PARTS)
+    state = check_contiguous(await read_stream(nc, subjects.stream))
+    assert state.relayed == channels
+    assert state.seqs == dict.fromkeys(channels, 0)
+    await publisher.close()
+    await nc.close()
+
+
+async def test_a_notification_no_message_can_hold_is_replaced_by_a_tick(
+    small_nats: NatsServer,
+) -> None:
+    nc = await client(small_nats.url)
+    subjects = await ensure(nc, unique_stream())
+    js = nc.jetstream()
+    info = await js.stream_info(subjects.stream)
+    info.config.max_msg_size = 4096  # the stream's own limit, below PostgreSQL's payloads
+    await js.update_stream(info.config)
+    publisher = new_publisher(nc, subjects, max_msg_size=4096)
+    await publisher.start()
+    publisher.submit(1, "a", "before", None, 0)
+    publisher.submit(1, "a", "x" * 7999, None, 0)
+    publisher.submit(1, "a", "after", None, 0)
+    await eventually(lambda: not publisher.pending, 20, "everything stored")
+    messages = await read_stream(nc, subjects.stream)
+    check_contiguous(messages)
+    assert [p for _, _, p in notes_of(messages)] == ["before", "after"]
+    ticks = [m for _, m, _ in messages if isinstance(m, s.Tick)]
+    assert [t.reason for t in ticks] == ["oversize"]
+    await publisher.close()
     await nc.close()

@@ -23,7 +23,7 @@ def test_messages_round_trip_and_a_newer_writers_trailing_field_is_ignored() -> 
     assert s.decode(newer, V1) == s.Batch("L", 1, None, 0, [("a", 1, 1, "x")])
 
 
-@pytest.mark.parametrize("headers", [None, {}, {s.H_SCHEMA: "2"}])
+@pytest.mark.parametrize("headers", [None, {}, {s.H_SCHEMA: "3"}])
 def test_a_message_of_another_schema_version_is_refused(headers: dict[str, str] | None) -> None:
     with pytest.raises(s.IncompatibleStreamError):
         s.decode(s.encode(batch("a", 1, 1)), headers)

@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+import structlog
 
 from pgbusd.fleet import natsconn
 from pgbusd.fleet import schema as s
@@ -42,6 +44,10 @@ class Sink:
 
     def tick(self, generation: int) -> None:
         self.events.append(("tick", generation))
+
+    def restart(self, lineage: str, generation: int, seqs: dict[str, int]) -> None:
+        self.reset(lineage, generation, seqs)
+        self.events.append(("cut",))
 
     def live(self) -> list[tuple[Any, ...]]:
         return [e for e in self.events if e[0] == "notify"]
@@ -183,3 +189,37 @@ async def test_a_nats_restart_costs_a_reading_host_nothing(
     await stopped(source, task)
     assert [e[2] for e in sink.live()] == [str(i) for i in range(20)]
     assert [e for e in sink.events if e[0] == "tick"] == []
+
+
+@pytest.mark.parametrize(
+    "impossible",
+    [{"local_steps": -1}, {"stream_seq": -5}, {"generation": -1}, {"seqs": {"a": -3}}],
+)
+async def test_an_impossible_state_file_is_corrupt_and_the_host_starts_from_the_stream(
+    nats_server: NatsServer,
+    stream: tuple[StreamSubjects, Writer],
+    tmp_path: Path,
+    impossible: dict[str, Any],
+) -> None:
+    """A host restarted on a state file saying ``"local_steps": -1`` served generation 0
+    under the same lineage: its clients resumed across what it missed, without a step."""
+    subjects, writer = stream
+    await writer.write(10)
+    state = tmp_path / "host.state"
+    first = Sink()
+    source = HostSource(nats_server.url, subjects.stream, first, state_file=state)
+    task = await running(source)
+    await stopped(source, task)
+    saved = msgspec.json.decode(state.read_bytes())
+    state.write_bytes(msgspec.json.encode({**saved, **impossible}))
+    await writer.write(10)  # while the host is down
+    second = Sink()
+    with structlog.testing.capture_logs() as logs:
+        source = HostSource(nats_server.url, subjects.stream, second, state_file=state)
+        task = await running(source)
+    await stopped(source, task)
+    assert not source.resumed  # a new host: what its clients hold is only resumed if re-read
+    assert source.local_steps >= 0
+    assert source.generation >= first.resets[0][1]
+    (corrupt,) = [e for e in logs if e["event"].startswith("state file corrupt")]
+    assert corrupt["reason"]

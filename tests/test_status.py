@@ -37,6 +37,7 @@ from pgbusd.ops.status import (
     ChannelStatus,
     ClientStatus,
     Counters,
+    FleetStatus,
     IncompatibleStatusError,
     Status,
     StatusDesk,
@@ -125,6 +126,24 @@ def _big(channels: int, clients: int, subscribed: int) -> Status:
             for i in range(clients)
         ],
     )  # fmt: skip
+
+
+def test_a_fleet_host_listing_thousands_of_unrelayed_channels_is_cut_down_to_fit() -> None:
+    """The fleet part's channel lists go first, to 100 names each (their counts stay)."""
+    names = [_name(i) for i in range(20_000)]
+    fleet = FleetStatus(
+        role="host", stream="S", nats="nats://n:4222", nats_connected=True, state="reading",
+        lineage="l", generation=1, last_stream_seq=1, lag=0, unrelayed=names,
+        unrelayed_count=len(names),
+    )  # fmt: skip
+    st = msgspec.structs.replace(_big(200, 10, 10), fleet=fleet)
+    assert len(msgspec.msgpack.encode(st)) > p.MAX_SERVER_FRAME
+    cut = fit(st)
+    assert _body_size(cut) <= p.MAX_SERVER_FRAME
+    assert cut.fleet is not None
+    assert (len(cut.fleet.unrelayed), cut.fleet.unrelayed_count) == (100, 20_000)
+    assert cut.omitted.fleet_channels == 19_900
+    assert (len(cut.channels), cut.omitted.channels) == (200, 0)  # nothing else had to go
 
 
 def test_a_document_under_the_limit_is_left_whole() -> None:
@@ -297,7 +316,7 @@ async def test_status_json_keeps_every_key_of_the_first_release(daemon: Daemon) 
     assert doc["clients"]
     assert all(FIRST_RELEASE_KEYS["client"] <= c.keys() for c in doc["clients"])
     assert doc["postgres"]["relay_errors"] == 0
-    assert doc["omitted"] == {"subscriptions": 0, "channels": 0, "clients": 0}
+    assert doc["omitted"] == {"subscriptions": 0, "channels": 0, "clients": 0, "fleet_channels": 0}
 
 
 # -- pgbusctl against a daemon of another version -------------------------------------------------

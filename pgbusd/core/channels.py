@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,8 +68,12 @@ class ChannelDirectory:
         hub: Hub,
         listener: Listener | HostRole,  # fleet mode (issue 17): a host's stream
         log: Any,
+        upstream: Callable[[str], Refusal | None] | None = None,
     ) -> None:
         self.hub = hub
+        #: Why the feed cannot relay a channel, whatever the rules here (a fleet host: no
+        #: bridge relays it); asked before every subscribe, pinned channels included.
+        self._upstream = upstream
         self.listener = listener
         self.patterns = config.channel_pattern
         self._pinned = frozenset(config.channels)
@@ -102,6 +106,11 @@ class ChannelDirectory:
         """A client wants to subscribe to ``channel``: None (subscribe now), a future that is
         done once the LISTEN is in effect (it fails with ListenRefused if PostgreSQL refuses
         it), or why not."""
+        if self._upstream is not None:
+            refusal = self._upstream(channel)
+            if refusal is not None:
+                self.refusals[refusal.code] += 1
+                return refusal
         if channel in self._leaving:
             if channel not in self._back:
                 self._back[channel] = asyncio.get_running_loop().create_future()
@@ -127,6 +136,7 @@ class ChannelDirectory:
             channel not in self.hub.channels
             and channel not in self._leaving
             and self._refusal(channel) is None
+            and (self._upstream is None or self._upstream(channel) is None)
         ):
             self.request(channel)
             return True

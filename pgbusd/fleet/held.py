@@ -85,15 +85,19 @@ class HeldBuffer:
         if self._target is None and self.frontier[0] == payload:
             self._place(index + self.frontier[1])
 
-    def note(self, pid: int, channel: str, payload: str, mark: str | None, off: int) -> None:
+    def note(self, pid: int, channel: str, payload: str, mark: str | None, off: int) -> bool:
+        """Hold one notification; False if the stream holds it already (at or before the
+        frontier): it is dropped on arrival."""
         n = self._next
         self._next = n + 1
-        if n > self._skip_until:
-            size = len(payload) + len(channel) + _OVERHEAD
-            self.entries.append((n, channel, pid, payload, mark, off, size))
-            self.bytes += size
-            if self.bytes > self.max_bytes:
-                self._shed()
+        if n <= self._skip_until:
+            return False
+        size = len(payload) + len(channel) + _OVERHEAD
+        self.entries.append((n, channel, pid, payload, mark, off, size))
+        self.bytes += size
+        if self.bytes > self.max_bytes:
+            self._shed()
+        return True
 
     def _shed(self) -> None:
         """Past the byte bound: the oldest entries go (counted)."""
@@ -126,6 +130,11 @@ class HeldBuffer:
             self._skip_until = max(self._skip_until, target)
 
     # -- takeover ------------------------------------------------------------------------------
+
+    @property
+    def placed(self) -> bool:
+        """Whether the frontier is placed on this connection (its marker was received)."""
+        return self._target is not None
 
     def has_marker(self, payload: str) -> bool:
         return payload in self._markers

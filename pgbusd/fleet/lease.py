@@ -7,15 +7,22 @@ nats-py has no election API; a key does. The bucket (``<STREAM>_LEASE``, history
 - **acquire**: ``create`` (stores only if the key is absent: no holder, or the holder's value
   expired, or was deleted on a clean release);
 - **renew**: ``update(last=revision)``, a compare-and-set on the revision this bridge wrote
-  last; it fails if anyone else wrote the key since;
+  last; it fails if anyone else wrote the key since. The publisher renews every
+  ``heartbeat`` seconds (a few times a second): each renewal is also its *heartbeat*;
+- **take over a silent holder**: ``update(last=revision)`` on the revision a standby has seen
+  unchanged for longer than its publisher timeout: the holder stopped beating (killed,
+  stopped, cut off). The compare-and-set lets exactly one standby in, and the holder's next
+  renewal fails (its revision is gone), so a standby need not wait for the TTL;
 - **release**: ``delete(last=revision)`` on a clean stop, so a standby takes over at once.
 
 Fencing. A holder counts its lease as valid until ``sent + ttl - margin``, where ``sent`` is when
 it *sent* the last renewal that succeeded (the server can only have expired the key later than
 ``sent + ttl``). A holder that cannot renew (NATS unreachable, a pause) therefore stops
-publishing before any other bridge can acquire the key. Should clocks or a stalled process
-defeat that, the publisher's message chain still fences it (see :mod:`pgbusd.fleet.publisher`):
-the lease keeps bridges from fighting; correctness does not depend on it.
+publishing before any other bridge can acquire an *expired* key. A standby that takes over a
+silent holder does not wait for that: the stream's message chain is the fence then (see
+:mod:`pgbusd.fleet.publisher`): the new term's first message expects the last one stored, so
+whatever a paused holder sends once it resumes is refused, and it finds itself deposed. The
+lease keeps bridges from fighting; correctness does not depend on it.
 """
 
 from __future__ import annotations
@@ -40,12 +47,23 @@ class LeaseValue(msgspec.Struct):
 class PublisherLease:
     """This bridge's view of the lease (runtime state only)."""
 
-    def __init__(self, kv: KeyValue, bridge_id: str, ttl: float, margin: float | None = None):
+    def __init__(
+        self,
+        kv: KeyValue,
+        bridge_id: str,
+        ttl: float,
+        margin: float | None = None,
+        heartbeat: float | None = None,
+    ):
         self.kv = kv
         self.bridge_id = bridge_id
         self.ttl = ttl
         #: Safety margin kept off the TTL (default a quarter of it).
         self.margin = ttl / 4 if margin is None else margin
+        #: Seconds between renewals (at most a quarter of the TTL).
+        self.heartbeat = ttl / 4 if heartbeat is None else min(heartbeat, ttl / 4)
+        #: The key's revision as last read (this bridge's or another's), None: no key.
+        self.seen_revision: int | None = None
         self.revision: int | None = None
         self.term: str | None = None
         self._valid_until = 0.0
@@ -56,7 +74,7 @@ class PublisherLease:
 
     @property
     def renew_interval(self) -> float:
-        return self.ttl / 4
+        return self.heartbeat
 
     @property
     def held(self) -> bool:
@@ -68,13 +86,19 @@ class PublisherLease:
         """time.monotonic() past which this bridge must not publish (0 if it holds nothing)."""
         return self._valid_until if self.revision is not None else 0.0
 
-    async def try_acquire(self, term: str) -> bool:
-        """Take the lease for ``term`` if nobody holds it; False if someone does."""
+    async def try_acquire(self, term: str, silent_revision: int | None = None) -> bool:
+        """Take the lease for ``term`` if nobody holds it, or if its holder is still at
+        ``silent_revision`` (it stopped beating); False if someone else holds it."""
         value = LeaseValue(self.bridge_id, term, time.time())
         for _ in range(2):
             sent = time.monotonic()
             try:
-                revision = await self.kv.create(KEY, msgspec.json.encode(value))
+                if silent_revision is not None:
+                    revision = await self.kv.update(
+                        KEY, msgspec.json.encode(value), last=silent_revision
+                    )
+                else:
+                    revision = await self.kv.create(KEY, msgspec.json.encode(value))
             except KeyNotFoundError:
                 # nats-py's create() found the key taken, read it to see whether it was a
                 # delete marker, and it was gone: the holder's value expired in between. The
@@ -130,11 +154,12 @@ class PublisherLease:
         try:
             entry = await self.kv.get(KEY)
         except KeyNotFoundError:
-            self.holder = None
+            self.holder = self.seen_revision = None
             return None
         if entry.value is None or entry.operation not in (None, "PUT"):
-            self.holder = None
+            self.holder = self.seen_revision = None
             return None
+        self.seen_revision = entry.revision
         try:
             self.holder = msgspec.json.decode(entry.value, type=LeaseValue)
         except msgspec.DecodeError:

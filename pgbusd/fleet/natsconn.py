@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import nats
 import nats.errors
@@ -14,6 +16,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from pgbus.backoff import Backoff
+from pgbusd.fleet import schema as s
 from pgbusd.fleet.subjects import StreamSubjects
 
 Hook = Callable[[], Awaitable[None]]
@@ -27,9 +30,11 @@ async def connect(
     on_disconnected: Hook | None = None,
     log: Any = None,
     connect_timeout: float = 2.0,
+    credentials: str | None = None,
 ) -> NATS:
     """A client that reconnects forever (every 0.1 to ~1 s) and logs errors quietly. ``url``
-    may name several servers of a cluster, comma-separated.
+    may name several servers of a cluster, comma-separated. ``credentials``: a file holding
+    ``USER:PASSWORD`` (or a token), read at every connection (so it may be rotated).
 
     The first connection is retried too (until it succeeds, or the caller cancels): a bridge or
     host may start before NATS does.
@@ -44,6 +49,13 @@ async def connect(
 
     backoff = Backoff(0.1, 2.0, jitter=0.3)
     servers = [server.strip() for server in url.split(",") if server.strip()]
+    auth: dict[str, Any] = {}
+    if credentials is not None:
+        file = _CredentialsFile(credentials)
+        if file.read()[0] is None:
+            auth["token"] = file.token
+        else:
+            auth["user"], auth["password"] = file.user, file.password
     while True:
         try:
             return await nats.connect(
@@ -59,11 +71,37 @@ async def connect(
                 ping_interval=5,
                 max_outstanding_pings=2,
                 skip_subject_validation=True,
+                **auth,
             )
         except (OSError, TimeoutError, nats.errors.Error) as exc:
             if log is not None:
                 log.info("nats unreachable", url=url, error=repr(exc))
             await asyncio.sleep(backoff.next_delay())
+
+
+class _CredentialsFile:
+    """A NATS credentials file, read at every connection (the last good reading is kept if it
+    cannot be read then)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.last: tuple[str | None, str] = (None, "")
+
+    def read(self) -> tuple[str | None, str]:
+        from pgbusd.config import nats_credentials
+
+        with contextlib.suppress(ValueError):
+            self.last = nats_credentials(self.path)
+        return self.last
+
+    def user(self) -> str:
+        return self.read()[0] or ""
+
+    def password(self) -> str:
+        return self.last[1]  # read with the user, just before
+
+    def token(self) -> str:
+        return self.read()[1]
 
 
 async def ensure_stream(
@@ -97,9 +135,12 @@ async def ensure_stream(
     return await js.add_stream(config)
 
 
-async def lease_bucket(nc: NATS, subjects: StreamSubjects, ttl: float) -> tuple[KeyValue, float]:
-    """The lease bucket and its TTL (created with ``ttl`` if missing; an existing bucket keeps
-    the TTL it was created with, which is returned)."""
+async def lease_bucket(
+    nc: NATS, subjects: StreamSubjects, ttl: float, log: Any = None
+) -> tuple[KeyValue, float]:
+    """The lease bucket, with ``ttl`` as its TTL: created if missing, and an existing bucket
+    of another TTL is set to it (a redeploy with another ``--lease-ttl`` takes effect; the
+    change is logged). Returns the bucket and ``ttl``."""
     # Generous: a slow answer only delays a renewal, and the lease counts from when a renewal
     # was sent (lease.py), so it cannot make a bridge publish past its lease.
     js = nc.jetstream(timeout=max(2.0, ttl / 4))
@@ -109,7 +150,64 @@ async def lease_bucket(nc: NATS, subjects: StreamSubjects, ttl: float) -> tuple[
         kv = await js.create_key_value(bucket=subjects.lease_bucket, ttl=ttl, history=1)
         return kv, ttl
     info = await js.stream_info(f"KV_{subjects.lease_bucket}")
-    return kv, float(info.config.max_age or ttl)
+    was = float(info.config.max_age or 0)
+    if abs(was - ttl) > 0.001:
+        info.config.max_age = ttl
+        if info.config.duplicate_window and info.config.duplicate_window > ttl:
+            info.config.duplicate_window = ttl
+        await js.update_stream(info.config)
+        if log is not None:
+            log.warning(
+                "lease bucket TTL set to --lease-ttl",
+                bucket=subjects.lease_bucket,
+                ttl=ttl,
+                was=was or None,
+            )
+    return kv, ttl
+
+
+class FoundCheckpoint(NamedTuple):
+    #: Stream sequences of its first and last parts (the same for one in one message).
+    first_seq: int
+    seq: int
+    checkpoint: s.Checkpoint
+    #: The message id of its last part.
+    msg_id: str | None
+
+
+async def last_checkpoint(
+    nc: NATS, subjects: StreamSubjects, *, wait: float = 2.0
+) -> FoundCheckpoint | None:
+    """The stream's last checkpoint, its parts put together; None if the stream has none.
+
+    A checkpoint whose last parts are not stored yet (its publisher is writing them) is waited
+    for, up to ``wait`` seconds."""
+    js = nc.jetstream(timeout=5)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            raw = await js.get_last_msg(subjects.stream, subjects.checkpoints)
+        except NotFoundError:
+            return None
+        message = s.decode(raw.data or b"", raw.headers)
+        if not isinstance(message, s.Checkpoint) or raw.seq is None:
+            raise s.IncompatibleStreamError("the last checkpoint is not a checkpoint")
+        msg_id = (raw.headers or {}).get(s.H_MSG_ID)
+        if message.parts == 1:
+            return FoundCheckpoint(raw.seq, raw.seq, message, msg_id)
+        if message.part + 1 == message.parts:
+            parts = []
+            for seq in range(raw.seq - message.part, raw.seq):
+                other = await js.get_msg(subjects.stream, seq)
+                part = s.decode(other.data or b"", other.headers)
+                if not isinstance(part, s.Checkpoint):
+                    raise s.IncompatibleStreamError("checkpoint parts that are not consecutive")
+                parts.append(part)
+            merged = s.merge_checkpoint([*parts, message])
+            return FoundCheckpoint(raw.seq - message.part, raw.seq, merged, msg_id)
+        if time.monotonic() > deadline:
+            raise s.IncompatibleStreamError("a checkpoint whose last parts never came")
+        await asyncio.sleep(0.02)
 
 
 async def last_message(nc: NATS, stream: str, subject: str | None = None) -> Any:

@@ -40,6 +40,17 @@ Checkpoints (the whole seq vector) are appended when the term starts and then ev
 ``checkpoint_interval`` seconds while messages flow or the position moves (markers arrive
 every second or so, so an idle stream gets one checkpoint per interval: a standby can always
 place the frontier, and a stream with ``max_age`` is never emptied by a quiet night).
+
+Size
+----
+No message is larger than the server takes: batches are sealed before they would pass the
+connection's ``max_payload`` (less room for the headers) or the stream's ``max_msg_size``,
+whichever is smaller, and a checkpoint that would is stored in parts
+(:func:`~pgbusd.fleet.schema.split_checkpoint`). A notification that cannot fit in any
+message (a server configured below PostgreSQL's 8000-byte payloads) is not given a seq: a
+Tick (reason ``oversize``) takes its place, logged, never silent. A message the server
+refuses for another reason (storage full, a limit changed under it) is retried with a
+growing delay, and the error shows in :meth:`StreamPublisher.statistics`.
 """
 
 from __future__ import annotations
@@ -65,8 +76,16 @@ from pgbusd.fleet.subjects import StreamSubjects
 OnStored = Callable[[str | None, int, int], None]
 OnDeposed = Callable[[str], None]
 
-#: Per-notification overhead counted against the buffer bound besides its payload and channel.
+#: Per-notification overhead counted against the buffer bound besides its payload and channel
+#: (bytes): at least what msgpack adds to one (channel, seq, pid, payload) entry.
 _NOTE_OVERHEAD = 24
+#: Bytes of a message kept for its headers and the batch's own fields (lineage, position).
+_HEADROOM = 1024
+
+
+def _size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (cheap for ASCII, which most payloads are)."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 @dataclass(slots=True)
@@ -77,6 +96,7 @@ class _Entry:
     mark: str | None
     off: int
     notes: int
+    version: int = s.SCHEMA_VERSION
     sent_at: float = 0.0
 
 
@@ -101,6 +121,9 @@ class StreamPublisher:
         *,
         term: str,
         bridge_id: str = "",
+        channels: frozenset[str] | None = None,
+        first_index: int = 1,
+        max_msg_size: int | None = None,
         max_in_flight: int = 64,
         max_buffer_bytes: int = 64 << 20,
         max_batch_bytes: int = 256 << 10,
@@ -117,6 +140,10 @@ class StreamPublisher:
         self.subjects = subjects
         self.term = term
         self.bridge_id = bridge_id
+        #: The channels this publisher relays: its checkpoints list every one (see schema).
+        self.channels = channels
+        #: The stream's own limit on a message (its ``max_msg_size``), if any.
+        self.max_msg_size = max_msg_size if max_msg_size and max_msg_size > 0 else None
         self.max_in_flight = max_in_flight
         self.max_buffer_bytes = max_buffer_bytes
         self.max_batch_bytes = max_batch_bytes
@@ -134,11 +161,18 @@ class StreamPublisher:
         #: What the stream holds after everything submitted so far (stamping runs ahead of acks).
         self.stamp = state.copy()
         self.lineage: str = state.lineage
+        if channels is not None:  # a channel it does not relay is not its to number
+            self.stamp.seqs = {ch: self.stamp.seqs.get(ch, 0) for ch in channels}
         # The last message known stored: (term index, its msg id or None if unknown, stream seq).
-        self._anchor: tuple[int, str | None, int] = (0, state.msg_id, state.stream_seq)
+        # Messages up to first_index - 1 (the opening checkpoint) were stored before this.
+        self._anchor: tuple[int, str | None, int] = (
+            first_index - 1,
+            state.msg_id,
+            state.stream_seq,
+        )
         self._queue: deque[_Entry] = deque()
-        self._next_index = 1
-        self._next_send = 1
+        self._next_index = first_index
+        self._next_send = first_index
         self._run: _Run | None = None
         self._seal_handle: asyncio.Handle | None = None
         self._buffered = 0
@@ -161,8 +195,12 @@ class StreamPublisher:
         self.stored_messages = 0
         self.dropped = 0
         self.gaps = 0
+        self.oversize = 0
         self.resyncs = 0
         self.last_ack_at: float | None = None
+        #: The last refusal that was not a failed expectation, and how many came in a row.
+        self.last_error: str | None = None
+        self._refusals = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -214,7 +252,11 @@ class StreamPublisher:
     def submit(self, pid: int, channel: str, payload: str, mark: str | None, off: int) -> None:
         """One notification at position (``mark``, ``off``)."""
         self.submitted += 1
-        size = len(payload) + len(channel) + _NOTE_OVERHEAD
+        size = _size(payload) + _size(channel) + _NOTE_OVERHEAD
+        limit = self.batch_limit()
+        if size > limit:
+            self._oversize(channel, size, limit, mark, off)
+            return
         if self._dropping:
             if self._buffered > self.max_buffer_bytes // 2:
                 self.stamp.mark, self.stamp.off = mark, off
@@ -233,7 +275,7 @@ class StreamPublisher:
                 )
             return
         run = self._run
-        if run is None or run.bytes + size > self.max_batch_bytes:
+        if run is None or run.bytes + size > limit:
             self._seal()
             run = self._run = _Run()
         # The stamp's position follows the open run's (set when it is sealed).
@@ -264,23 +306,54 @@ class StreamPublisher:
         return self.stamp.generation
 
     def checkpoint(self) -> None:
-        """Append the whole seq vector here."""
+        """Append the whole seq vector here (in parts if it does not fit in one message)."""
         self._seal()
-        st = self.stamp
-        self._append(
-            self.subjects.checkpoints,
-            s.Checkpoint(
-                self.lineage,
-                st.generation,
-                st.mark,
-                st.off,
-                dict(st.seqs),
-                self.term,
-                self.bridge_id,
-            ),
-            0,
-        )
+        for part in s.split_checkpoint(self.checkpoint_message(), self.message_limit()):
+            self._append(self.subjects.checkpoints, part, 0)
         self._since_checkpoint = 0
+
+    def checkpoint_message(self) -> s.Checkpoint:
+        """The stamp's whole vector as one checkpoint (see :func:`s.split_checkpoint`)."""
+        st = self.stamp
+        return s.Checkpoint(
+            self.lineage,
+            st.generation,
+            st.mark,
+            st.off,
+            dict(st.seqs),
+            self.term,
+            self.bridge_id,
+            complete=self.channels is not None,
+        )
+
+    def message_limit(self) -> int:
+        """Bytes a message body may take: what the server and the stream take, less the room
+        kept for headers."""
+        return self.limit_for(self.nc, self.max_msg_size)
+
+    @staticmethod
+    def limit_for(nc: NATS, max_msg_size: int | None) -> int:
+        """:meth:`message_limit` for a connection and a stream's ``max_msg_size``."""
+        limit = nc.max_payload or (1 << 20)
+        if max_msg_size is not None and max_msg_size > 0:
+            limit = min(limit, max_msg_size)
+        return max(512, limit - _HEADROOM)
+
+    def batch_limit(self) -> int:
+        """Bytes of notifications (as counted by :meth:`submit`) one batch may hold."""
+        return min(self.max_batch_bytes, self.message_limit() - 256)
+
+    def _oversize(self, channel: str, size: int, limit: int, mark: str | None, off: int) -> None:
+        self.oversize += 1
+        generation = self.tick("oversize", mark, off)
+        if self.log is not None:
+            self.log.error(
+                "a notification too large for a stream message: dropped, generation step",
+                channel=channel,
+                bytes=size,
+                limit=limit,
+                generation=generation,
+            )
 
     def _drop(self, mark: str | None, off: int) -> None:
         self.dropped += 1
@@ -321,8 +394,9 @@ class StreamPublisher:
 
     def _append(self, subject: str, message: s.StreamMessage, notes: int) -> None:
         data = s.encode(message)
+        version = message.version() if isinstance(message, s.Checkpoint) else s.SCHEMA_VERSION
         self._queue.append(
-            _Entry(self._next_index, subject, data, message.mark, message.off, notes)
+            _Entry(self._next_index, subject, data, message.mark, message.off, notes, version)
         )
         self._next_index += 1
         self._since_checkpoint += 1
@@ -332,8 +406,8 @@ class StreamPublisher:
 
     # -- to NATS -----------------------------------------------------------------------------
 
-    def _headers(self, index: int) -> dict[str, str]:
-        headers = {s.H_SCHEMA: str(s.SCHEMA_VERSION), s.H_MSG_ID: s.msg_id(self.term, index)}
+    def _headers(self, index: int, version: int = s.SCHEMA_VERSION) -> dict[str, str]:
+        headers = {s.H_SCHEMA: str(version), s.H_MSG_ID: s.msg_id(self.term, index)}
         anchor_index, anchor_id, anchor_seq = self._anchor
         if index > anchor_index + 1:
             headers[s.H_EXPECTED_LAST_MSG_ID] = s.msg_id(self.term, index - 1)
@@ -367,9 +441,12 @@ class StreamPublisher:
                         entry.subject,
                         entry.data,
                         reply=f"{self._inbox}.{self._epoch}.{entry.index}",
-                        headers=self._headers(entry.index),
+                        headers=self._headers(entry.index, entry.version),
                     )
                 except Exception as exc:
+                    if not isinstance(exc, OSError):
+                        self._refusals += 1
+                        self.last_error = repr(exc)
                     self._resync_needed(f"publish failed: {exc!r}")
                     break
                 entry.sent_at = time.monotonic()
@@ -413,9 +490,23 @@ class StreamPublisher:
             reply = {}
         seq = reply.get("seq")
         if "error" not in reply and isinstance(seq, int):
+            self._refusals = 0
             self._confirm(index, seq)
         elif epoch == self._epoch and index > self._anchor[0]:
-            self._resync_needed(f"message {index} refused: {reply.get('error') or msg.headers}")
+            error = reply.get("error")
+            code = error.get("err_code") if isinstance(error, dict) else None
+            if code not in (s.ERR_WRONG_LAST_MSG_ID, s.ERR_WRONG_LAST_SEQ):
+                # Not a race with another writer: the server cannot take it now. Resent after
+                # a growing delay (see _resync), never in a tight loop.
+                self._refusals += 1
+                self.last_error = str(error or msg.headers)
+                if self.log is not None and self._refusals in (1, 10, 100, 1000):
+                    self.log.error(
+                        "fleet publisher: the server refuses a message",
+                        error=self.last_error,
+                        times=self._refusals,
+                    )
+            self._resync_needed(f"message {index} refused: {error or msg.headers}")
 
     def _confirm(self, index: int, seq: int) -> None:
         anchor_index, _, anchor_seq = self._anchor
@@ -446,6 +537,8 @@ class StreamPublisher:
         self._epoch += 1
         backoff = Backoff(0.05, 1.0, jitter=0.3)
         js = self.nc.jetstream()
+        if self._refusals:
+            await asyncio.sleep(min(2.0, 0.05 * 2 ** min(self._refusals, 6)))
         while not self.fenced:
             self._next_send = self._anchor[0] + 1
             if not self.nc.is_connected:
@@ -454,9 +547,15 @@ class StreamPublisher:
             try:
                 info = await js.stream_info(self.subjects.stream)
                 last = info.state.last_seq
-                _anchor_index, _, anchor_seq = self._anchor
+                _anchor_index, anchor_id, anchor_seq = self._anchor
                 if last < anchor_seq:
                     self._deposed(f"the stream went back from {anchor_seq} to {last}")
+                elif last == anchor_seq and anchor_seq > 0 and anchor_id is not None:
+                    # The same sequence, but is it still this message? (A stream restored from
+                    # an older copy and written to since holds another one there.)
+                    raw = await js.get_msg(self.subjects.stream, last)
+                    if (raw.headers or {}).get(s.H_MSG_ID) != anchor_id:
+                        self._deposed(f"the stream's message {last} is no longer {anchor_id}")
                 elif last > anchor_seq:
                     raw = await js.get_msg(self.subjects.stream, last)
                     found = s.parse_msg_id((raw.headers or {}).get(s.H_MSG_ID))
@@ -494,6 +593,11 @@ class StreamPublisher:
         return self._buffered
 
     @property
+    def stored_msg_id(self) -> str | None:
+        """Message id of the last message known stored."""
+        return self._anchor[1]
+
+    @property
     def stored_seq(self) -> int:
         """Stream sequence of the last message of this term known stored."""
         return self._anchor[2]
@@ -517,6 +621,8 @@ class StreamPublisher:
             "buffered_bytes": self._buffered,
             "dropped": self.dropped,
             "gaps": self.gaps,
+            "oversize": self.oversize,
+            "last_error": self.last_error,
             "resyncs": self.resyncs,
             "fenced": self.fenced,
             "deposed": self.deposed_reason,

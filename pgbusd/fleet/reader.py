@@ -18,7 +18,13 @@ and its client-side fetch logic has changed between nats-py releases. This reade
   from ``next_seq``: nothing is skipped and nothing repeated;
 - a stream sequence beyond ``next_seq`` on a fresh consumer means the messages in between are
   gone (retention, a purge): reported once through ``on_gap(first_missing, next_present)``
-  before the message is delivered. Nothing else ever skips a sequence.
+  before the message is delivered. Nothing else ever skips a sequence;
+- before every consumer it creates, it checks that the stream still holds what was read: a
+  stream that ends before ``next_seq - 1``, or holds another message than the last one
+  applied (``position()``: its sequence and message id), went back (restored from an older
+  copy, or deleted and created anew). Waiting for ``next_seq`` would skip whatever is written
+  below it: ``on_lost(reason)`` says so, and returns the sequence to read from instead (None:
+  carry on).
 
 ``deliver(stream_seq, msg)`` is called for every message, in stream order, synchronously from
 the NATS client's dispatch; it must not block. An exception it raises stops the reader:
@@ -30,17 +36,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import api
+from nats.js.errors import NotFoundError
 
 from pgbus.backoff import Backoff
 
 Deliver = Callable[[int, Msg], None]
 OnGap = Callable[[int, int], None]
+OnLost = Callable[[str], Awaitable["int | None"]]
+Position = Callable[[], "tuple[int, str | None]"]
 
 
 def ack_fields(reply: str) -> tuple[int, int, int]:
@@ -63,6 +72,8 @@ class StreamReader:
         *,
         start_seq: int = 1,
         on_gap: OnGap | None = None,
+        on_lost: OnLost | None = None,
+        position: Position | None = None,
         heartbeat: float = 1.0,
         filter_subject: str | None = None,
         log: Any = None,
@@ -71,6 +82,9 @@ class StreamReader:
         self.stream = stream
         self.deliver = deliver
         self.on_gap = on_gap
+        self.on_lost = on_lost
+        self.position = position
+        self.lost = 0
         self.heartbeat = heartbeat
         self.filter_subject = filter_subject
         self.log = log
@@ -138,7 +152,33 @@ class StreamReader:
                 await asyncio.wait_for(self._reset.wait(), delay)
             self._reset.clear()
 
+    async def _check_place(self) -> None:
+        """Whether the stream still holds what this reader read (module docstring)."""
+        if self.on_lost is None or self.next_seq <= 1:
+            return
+        js = self.nc.jetstream(timeout=5)
+        state = (await js.stream_info(self.stream)).state
+        reason = None
+        if state.last_seq < self.next_seq - 1:
+            reason = f"the stream ends at {state.last_seq}, before {self.next_seq - 1}"
+        elif self.position is not None:
+            seq, msg_id = self.position()
+            if msg_id is not None and state.first_seq <= seq <= state.last_seq and seq > 0:
+                try:
+                    raw = await js.get_msg(self.stream, seq)
+                except NotFoundError:
+                    return
+                found = (raw.headers or {}).get("Nats-Msg-Id")
+                if found != msg_id:
+                    reason = f"the stream's message {seq} is {found}, not {msg_id}"
+        if reason is not None:
+            self.lost += 1
+            restart = await self.on_lost(reason)
+            if restart is not None:
+                self.next_seq = max(1, restart)
+
     async def _open(self) -> None:
+        await self._check_place()
         self._incarnation += 1
         incarnation = self._incarnation
         inbox = self.nc.new_inbox()
@@ -182,6 +222,7 @@ class StreamReader:
 
     def _on_msg(self, msg: Msg) -> None:
         self._activity = time.monotonic()
+        self.connected = True  # deliveries may come before add_consumer's answer
         headers = msg.headers
         if not msg.reply or (headers and "Status" in headers):
             status = headers.get("Status") if headers else None

@@ -34,7 +34,9 @@ from typing import Any
 
 import asyncpg
 
+from pgbus import protocol as p
 from pgbusd.config import Config, redact
+from pgbusd.core.channels import Refusal
 from pgbusd.core.hub import Hub
 from pgbusd.fleet.bridge import PUBLISHING, STANDBY, Bridge
 from pgbusd.fleet.source import HostSource
@@ -83,6 +85,11 @@ class FleetRole:
 
     def status(self) -> FleetStatus:
         raise NotImplementedError
+
+    def refusal(self, channel: str) -> Refusal | None:
+        """Why a client may not subscribe to ``channel`` in this role (None: the rules of a
+        plain daemon apply)."""
+        return None
 
 
 def create(config: Config, hub: Hub) -> FleetRole:
@@ -144,7 +151,10 @@ class BridgeRole(FleetRole):
             config.publish,
             config.stream,
             self.markers.send,
+            channels=config.channels,
+            credentials=config.nats_credentials,
             lease_ttl=config.lease_ttl,
+            publisher_timeout=config.publisher_timeout,
             log=get_logger(component="bridge"),
         )
         self.extra_channels: tuple[str, ...] = (self.bridge.marker_channel,)
@@ -184,6 +194,15 @@ class BridgeRole(FleetRole):
         state = publisher.stamp if publisher is not None else (follower and follower.state)
         lease = bridge.lease
         published, dropped = bridge.totals()
+        only_publisher: frozenset[str] = frozenset()
+        only_here: frozenset[str] = frozenset()
+        if publisher is not None:
+            relayed: int | None = len(bridge.channels)
+        else:
+            known = follower.state.relayed if follower is not None else None
+            relayed = None if known is None else len(known)
+            if follower is not None and follower.mismatch is not None:
+                only_publisher, only_here = follower.mismatch
         return FleetStatus(
             role=self.role,
             stream=self.config.stream,
@@ -211,6 +230,11 @@ class BridgeRole(FleetRole):
             takeovers=bridge.takeovers,
             exact_takeovers=bridge.exact_takeovers,
             exact_ready=bridge.role == STANDBY and bridge.held.exact(),
+            relayed=relayed,
+            unrelayed=sorted(only_here),
+            unrelayed_count=len(only_here),
+            not_here=sorted(only_publisher),
+            not_here_count=len(only_publisher),
         )
 
 
@@ -221,10 +245,16 @@ class _HubSink:
     """The source's deliveries, straight to the hub (see :class:`~pgbusd.fleet.source.HostSink`)."""
 
     def __init__(self, hub: Hub) -> None:
+        self.hub = hub
         self.history = hub.remember
         self.notify = hub.publish_stamped
         self.reset = hub.reset_lineage
         self.tick = hub.tick
+
+    def restart(self, lineage: str, generation: int, seqs: dict[str, int]) -> None:
+        self.hub.reset_lineage(lineage, generation, seqs)
+        for session in list(self.hub.sessions):
+            session.abort()
 
 
 class HostRole(FleetRole):
@@ -243,6 +273,8 @@ class HostRole(FleetRole):
             config.stream,
             _HubSink(hub),
             state_file=config.state_path,
+            channels=config.channels,
+            credentials=config.nats_credentials,
             log=get_logger(component="source"),
         )
         self.relay_errors = 0
@@ -257,9 +289,29 @@ class HostRole(FleetRole):
 
     @property
     def connected(self) -> bool:
-        """Caught up with the stream, and connected to NATS."""
-        nc = self.source.nc
-        return self.source.caught_up.is_set() and nc is not None and nc.is_connected
+        """Reading the stream: caught up, connected to NATS, a consumer open, and messages
+        coming (a live publisher stores a checkpoint every few seconds even when idle)."""
+        return self.state == "reading"
+
+    @property
+    def state(self) -> str:
+        """What the host's feed does (``pgbusctl status``; see docs/fleet.md)."""
+        source = self.source
+        reader = source.reader
+        nc = source.nc
+        nats_up = nc is not None and nc.is_connected
+        if not source.caught_up.is_set():
+            return "catching up" if nats_up else "connecting"
+        if not nats_up:
+            return "connecting"
+        if source.rebasing:
+            return "re-reading (lost its place)"
+        if reader is None or not reader.connected:
+            return "no stream" if reader is not None and reader.last_error else "connecting"
+        last = source.last_message_at
+        if last is not None and time.monotonic() - last > source.stale_after:
+            return "stalled (nothing stored: no publishing bridge?)"
+        return "reading"
 
     @property
     def reconnects(self) -> int:
@@ -327,6 +379,18 @@ class HostRole(FleetRole):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._done.wait(), 5.0)
 
+    def refusal(self, channel: str) -> Refusal | None:
+        """A channel the stream's checkpoints do not list: no bridge relays it, nothing would
+        ever arrive (refused as a plain daemon refuses a channel it does not relay)."""
+        relayed = self.source.state.relayed
+        if relayed is None or channel in relayed:
+            return None
+        return Refusal(
+            p.E_UNKNOWN_CHANNEL,
+            f"no bridge of stream {self.config.stream} relays channel {channel!r} (the bridges "
+            f"relay {len(relayed)} channels: their --channel list)",
+        )
+
     async def ready(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self.source.caught_up.wait(), timeout)
@@ -338,10 +402,8 @@ class HostRole(FleetRole):
         source = self.source
         reader = source.reader
         nc = source.nc
-        if source.caught_up.is_set():
-            state = "reading" if self.connected else "connecting"
-        else:
-            state = "catching up" if nc is not None and nc.is_connected else "connecting"
+        state = self.state
+        relayed = source.state.relayed
         return FleetStatus(
             role=self.role,
             stream=self.config.stream,
@@ -355,4 +417,8 @@ class HostRole(FleetRole):
             local_steps=source.local_steps,
             state_file=self.config.state_path,
             failure=source.failure,
+            relayed=None if relayed is None else len(relayed),
+            unrelayed=sorted(source.unrelayed),
+            unrelayed_count=len(source.unrelayed),
+            lost_place=source.lost_place,
         )

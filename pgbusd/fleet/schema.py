@@ -24,7 +24,12 @@ Kinds (subjects in :mod:`pgbusd.fleet.subjects`):
   being able to establish the exact point). ``reason`` says which.
 - :class:`Checkpoint` (``k``), subject ``<STREAM>.k``: the whole per-channel seq vector at this
   point, written when a publisher's term starts and then periodically, so that a reader can
-  start from the last checkpoint instead of the stream's first message.
+  start from the last checkpoint instead of the stream's first message. A publisher lists
+  every channel it relays, 0 for those without a notification yet (``complete``), so that
+  readers know the channel set: a standby whose own differs cannot place the publisher's
+  positions (they count other notifications), and a host knows which of its channels no
+  bridge relays. A checkpoint larger than a message may be is stored in ``parts``
+  consecutive messages (part 0 first), each with some of the channels.
 
 Stamping
 --------
@@ -47,6 +52,13 @@ A reader refuses a message whose ``Pgbus-Schema`` is not one it knows (it stops 
 the only compatible change is an optional field appended at the end of a kind (readers ignore
 trailing fields they do not know). A new kind, or anything that changes what seq, generation or
 a position mean, is a new version: deploy readers that know it before writers that write it.
+
+- Version 1: the kinds above, a checkpoint in one message (``complete`` was appended within it).
+- Version 2: a checkpoint in several parts. A version-1 reader would take one part for the whole
+  vector, so parts are marked 2; every other message, a checkpoint that fits in one message
+  included, is still written as 1. A fleet whose checkpoints fit goes on working with readers
+  that know only 1; one whose checkpoints no longer fit stops those readers loudly instead of
+  wedging its publisher. Readers of this version accept both.
 """
 
 from __future__ import annotations
@@ -58,6 +70,10 @@ from typing import Any, Final
 import msgspec
 
 SCHEMA_VERSION: Final = 1
+#: The version of a checkpoint part (see "Versioning").
+SCHEMA_PARTS: Final = 2
+#: Versions this reader knows.
+READABLE: Final = frozenset({str(SCHEMA_VERSION), str(SCHEMA_PARTS)})
 H_SCHEMA: Final = "Pgbus-Schema"
 H_MSG_ID: Final = "Nats-Msg-Id"
 H_EXPECTED_LAST_MSG_ID: Final = "Nats-Expected-Last-Msg-Id"
@@ -102,6 +118,17 @@ class Checkpoint(StreamMessage, tag="k"):
     #: The publisher term that wrote it, and that bridge's id (for operators).
     term: str
     bridge: str
+    #: ``seqs`` lists every channel the publisher relays (False: an older writer; the channel
+    #: set is unknown).
+    complete: bool = False
+    #: Part ``part`` of ``parts`` consecutive messages holding one checkpoint (schema 2 when
+    #: ``parts`` > 1): each lists some of the channels, the same lineage, generation, position
+    #: and term in all.
+    part: int = 0
+    parts: int = 1
+
+    def version(self) -> int:
+        return SCHEMA_PARTS if self.parts > 1 else SCHEMA_VERSION
 
 
 AnyMessage = Batch | Tick | Checkpoint
@@ -117,14 +144,51 @@ def encode(message: StreamMessage) -> bytes:
 def decode(data: bytes, headers: dict[str, str] | None) -> AnyMessage:
     """Decode one stored message; IncompatibleStreamError if this reader must not relay it."""
     version = (headers or {}).get(H_SCHEMA)
-    if version != str(SCHEMA_VERSION):
+    if version not in READABLE:
         raise IncompatibleStreamError(
-            f"stream message of schema {version!r}; this reader knows {SCHEMA_VERSION}"
+            f"stream message of schema {version!r}; this reader knows {', '.join(sorted(READABLE))}"
         )
     try:
         return _decoder.decode(data)
     except (msgspec.DecodeError, ValueError) as exc:
         raise IncompatibleStreamError(f"undecodable stream message: {exc}") from exc
+
+
+def split_checkpoint(cp: Checkpoint, limit: int) -> list[Checkpoint]:
+    """``cp`` as one message, or as parts whose encodings take at most ``limit`` bytes each
+    (ValueError if even one channel does not fit)."""
+    if len(encode(cp)) <= limit:
+        return [cp]
+    empty = msgspec.structs.replace(cp, seqs={}, part=1 << 30, parts=1 << 30)
+    room = limit - len(encode(empty)) - 8  # the map header grows with its entries
+    groups: list[dict[str, int]] = [{}]
+    used = 0
+    for channel, seq in cp.seqs.items():
+        size = len(_encoder.encode(channel)) + len(_encoder.encode(seq))
+        if size > room:
+            raise ValueError(f"a checkpoint entry of {size} bytes exceeds {limit}")
+        if used + size > room:
+            groups.append({})
+            used = 0
+        groups[-1][channel] = seq
+        used += size
+    return [
+        msgspec.structs.replace(cp, seqs=group, part=i, parts=len(groups))
+        for i, group in enumerate(groups)
+    ]
+
+
+def merge_checkpoint(parts: list[Checkpoint]) -> Checkpoint:
+    """The whole checkpoint of its ``parts`` (in order); IncompatibleStreamError if they are
+    not the parts of one checkpoint."""
+    first = parts[0]
+    seqs: dict[str, int] = {}
+    for i, part in enumerate(parts):
+        if (part.part, part.parts, part.term, part.lineage) != (i, len(parts), first.term,
+                                                                 first.lineage):  # fmt: skip
+            raise IncompatibleStreamError("checkpoint parts that do not belong together")
+        seqs.update(part.seqs)
+    return msgspec.structs.replace(first, seqs=seqs, part=0, parts=1)
 
 
 def new_lineage() -> str:
@@ -146,10 +210,6 @@ def parse_msg_id(value: str | None) -> tuple[str, int] | None:
     return term, int(index)
 
 
-def _nonzero(seqs: dict[str, int]) -> dict[str, int]:
-    return {k: v for k, v in seqs.items() if v}
-
-
 @dataclass
 class StreamState:
     """Lineage, generation and per-channel seqs after the last message applied, and where.
@@ -167,6 +227,11 @@ class StreamState:
     #: Stream sequence and message id of the last message applied (0 / None: none yet).
     stream_seq: int = 0
     msg_id: str | None = None
+    #: The channels the publisher relays, as its last complete checkpoint listed them (None:
+    #: not known).
+    relayed: frozenset[str] | None = None
+    #: The channels of the checkpoint whose parts are being applied.
+    _parts: set[str] = field(default_factory=set)
 
     def copy(self) -> StreamState:
         return StreamState(
@@ -177,11 +242,15 @@ class StreamState:
             self.off,
             self.stream_seq,
             self.msg_id,
+            self.relayed,
         )
 
     @classmethod
     def from_checkpoint(cls, cp: Checkpoint, stream_seq: int, msg_id: str | None) -> StreamState:
-        return cls(cp.lineage, cp.generation, dict(cp.seqs), cp.mark, cp.off, stream_seq, msg_id)
+        relayed = frozenset(cp.seqs) if cp.complete else None
+        return cls(
+            cp.lineage, cp.generation, dict(cp.seqs), cp.mark, cp.off, stream_seq, msg_id, relayed
+        )
 
     def apply(self, message: AnyMessage, stream_seq: int, msg_id: str | None) -> list[str]:
         """Move past ``message``; returns what did not follow on (empty when all is as expected).
@@ -194,10 +263,7 @@ class StreamState:
         problems: list[str] = []
         same_lineage = message.lineage == self.lineage
         if isinstance(message, Checkpoint):
-            if message.lineage == self.lineage and _nonzero(message.seqs) != _nonzero(self.seqs):
-                problems.append("checkpoint disagrees with the seqs applied so far")
-            self.lineage = message.lineage
-            self.seqs = dict(message.seqs)
+            self._checkpoint(message, problems)
         else:
             if message.lineage != self.lineage:
                 problems.append(f"lineage {message.lineage} without a checkpoint")
@@ -215,6 +281,30 @@ class StreamState:
         self.mark, self.off = message.mark, message.off
         self.stream_seq, self.msg_id = stream_seq, msg_id
         return problems
+
+    def _checkpoint(self, cp: Checkpoint, problems: list[str]) -> None:
+        """A checkpoint (or one part of one) replaces the vector; one of the same lineage must
+        agree with it."""
+        same = cp.lineage == self.lineage
+        if cp.part == 0:
+            self._parts = set()
+            if not same:
+                self.seqs = {}
+        self.lineage = cp.lineage
+        seqs = self.seqs
+        for channel, seq in cp.seqs.items():
+            if same and seqs.get(channel, 0) != seq:
+                problems.append("checkpoint disagrees with the seqs applied so far")
+                same = False
+            seqs[channel] = seq
+        self._parts.update(cp.seqs)
+        if cp.part + 1 < cp.parts:
+            return
+        listed = self._parts
+        if same and any(seq and channel not in listed for channel, seq in seqs.items()):
+            problems.append("checkpoint disagrees with the seqs applied so far")
+        self.seqs = {channel: seq for channel, seq in seqs.items() if channel in listed}
+        self.relayed = frozenset(listed) if cp.complete else None
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -132,9 +132,11 @@ class Omitted(msgspec.Struct, kw_only=True):
     channels: int = 0
     #: Client entries left out (they still count in ``totals.clients``).
     clients: int = 0
+    #: Channel names left out of the fleet part's lists (its counts stay complete).
+    fleet_channels: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.subscriptions or self.channels or self.clients)
+        return bool(self.subscriptions or self.channels or self.clients or self.fleet_channels)
 
 
 class FleetLease(msgspec.Struct, kw_only=True):
@@ -186,6 +188,19 @@ class FleetStatus(msgspec.Struct, kw_only=True):
     state_file: str | None = None
     #: Why the role cannot go on (a stream this version cannot read), if so.
     failure: str | None = None
+    #: How many channels the stream carries, as its last checkpoint lists them (None: not
+    #: known yet, or written by an older bridge).
+    relayed: int | None = None
+    #: Host: its channels that no bridge relays (nothing arrives on them; a subscribe is
+    #: refused). Bridge: its channels the publishing bridge does not relay (a takeover by this
+    #: one steps once). Names may be left out (``omitted.fleet_channels``); the count is whole.
+    unrelayed: list[str] = msgspec.field(default_factory=list)
+    unrelayed_count: int = 0
+    #: Bridge (standby): channels the publishing bridge relays and this one does not.
+    not_here: list[str] = msgspec.field(default_factory=list)
+    not_here_count: int = 0
+    #: Host: times the stream no longer held its position (it went back, or was re-created).
+    lost_place: int = 0
 
 
 class Status(msgspec.Struct, kw_only=True):
@@ -269,6 +284,8 @@ def fit(status: Status, limit: int = p.MAX_SERVER_FRAME) -> Status:
         dsn=_clip(status.dsn),
         postgres=msgspec.structs.replace(pg, last_error=_clip(pg.last_error)),
     )
+    if status.fleet is not None and len(_encode(status)) > budget:
+        status = _trim_fleet(status)
     # Subscription lists first: each is kept whole or left out, the longest ones out first.
     listed = [len(_encode(c.subscriptions)) - 1 for c in status.clients]  # beyond an empty list
     bare = [msgspec.structs.replace(c, subscriptions=[]) for c in status.clients]
@@ -285,11 +302,34 @@ def fit(status: Status, limit: int = p.MAX_SERVER_FRAME) -> Status:
         room -= listed[i]
         clients[i] = status.clients[i]
     status = msgspec.structs.replace(
-        status, clients=clients, omitted=Omitted(subscriptions=dropped)
+        status,
+        clients=clients,
+        omitted=Omitted(subscriptions=dropped, fleet_channels=status.omitted.fleet_channels),
     )
     if len(_encode(status)) <= budget:
         return status
     return _trim_entries(msgspec.structs.replace(status, clients=bare), budget)
+
+
+#: Channel names the fleet part lists at most when the document is cut down.
+FLEET_NAMES: Final = 100
+
+
+def _trim_fleet(status: Status) -> Status:
+    """The fleet part's channel lists cut to :data:`FLEET_NAMES` names each (first, before
+    any channel or client entry: the counts say how many there are)."""
+    fleet = status.fleet
+    assert fleet is not None
+    left_out = max(0, len(fleet.unrelayed) - FLEET_NAMES) + max(
+        0, len(fleet.not_here) - FLEET_NAMES
+    )
+    if not left_out:
+        return status
+    fleet = msgspec.structs.replace(
+        fleet, unrelayed=fleet.unrelayed[:FLEET_NAMES], not_here=fleet.not_here[:FLEET_NAMES]
+    )
+    omitted = msgspec.structs.replace(status.omitted, fleet_channels=left_out)
+    return msgspec.structs.replace(status, fleet=fleet, omitted=omitted)
 
 
 def _trim_entries(status: Status, budget: int) -> Status:
@@ -298,6 +338,7 @@ def _trim_entries(status: Status, budget: int) -> Status:
         subscriptions=sum(c.subscribed for c in status.clients),
         channels=len(status.channels),
         clients=len(status.clients),
+        fleet_channels=status.omitted.fleet_channels,
     )
     empty = msgspec.structs.replace(status, channels={}, clients=[], omitted=omitted)
     # The map and array headers grow from 1 byte to at most 5 each once entries are back in.
@@ -336,6 +377,7 @@ def _trim_entries(status: Status, budget: int) -> Status:
             subscriptions=omitted.subscriptions,
             channels=len(channels) - len(kept_channels),
             clients=len(client_sizes) - len(kept),
+            fleet_channels=status.omitted.fleet_channels,
         ),
     )
 

@@ -67,7 +67,7 @@ class Server:
                 self.hub,
                 probes,
                 self._takeover,
-                hooks=self.fleet.hooks if self.fleet is not None else None,
+                tap=self.fleet.hooks if self.fleet is not None else None,
             )
         )
         self.channels = ChannelDirectory(

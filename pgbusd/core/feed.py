@@ -107,7 +107,9 @@ class Role(Protocol):
     reload_refusal: str
 
     async def run(self) -> None:
-        """The role's own work, until :meth:`stop` (returning early is a failure)."""
+        """The role's own work besides its feed's (a bridge's publishing), until :meth:`stop`;
+        returning before it is a failure. A role whose work is its feed (a host) waits for
+        :meth:`stop` here."""
         ...
 
     async def stop(self) -> None:

@@ -4,7 +4,7 @@ The server picks a role from the configuration (:func:`create`) and asks as litt
 can; everything fleet-specific lives here.
 
 **Bridge** (``--dsn ... --publish nats://...``): a normal daemon (its own clients, its own
-lineage) whose listener is *tapped* (:class:`~pgbusd.postgres.listener.ListenerHooks`): every
+lineage) whose listener is *tapped* (:class:`~pgbusd.postgres.listener.Tap`): every
 notification on a relayed channel, and every marker, also goes to a
 :class:`~pgbusd.fleet.bridge.Bridge`, which publishes into the stream while it holds the lease and
 stands by otherwise. The listener also LISTENs on the bridge marker channel, and tells the
@@ -43,7 +43,7 @@ from pgbusd.fleet.source import HostSource
 from pgbusd.handoff import HandoffError
 from pgbusd.ops.log import get_logger
 from pgbusd.ops.status import FleetLease, FleetStatus
-from pgbusd.postgres.listener import ListenerHooks
+from pgbusd.postgres.listener import Tap
 
 #: Why a reload is refused, per role.
 RELOAD_REFUSED = {
@@ -59,7 +59,7 @@ class FleetRole:
 
     role: str = ""
     #: The listener's hooks (a bridge), or None.
-    hooks: ListenerHooks | None = None
+    hooks: Tap | None = None
     #: What replaces the listener (a host), or None.
     feed: HostRole | None = None
 
@@ -162,9 +162,9 @@ class BridgeRole(FleetRole):
         self._relayed = frozenset((*config.channels, self.bridge.marker_channel))
         self._stopping = False
 
-    # ListenerHooks
+    # Tap
 
-    def tap(self, pid: int, channel: str, payload: str) -> None:
+    def notification(self, pid: int, channel: str, payload: str) -> None:
         if channel in self._relayed:
             self.bridge.notification(pid, channel, payload)
 

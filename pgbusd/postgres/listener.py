@@ -21,7 +21,7 @@ Notifications go from asyncpg's read callback straight to :meth:`Hub.publish` (t
 connection's :class:`~pgbusd.postgres.relay.Relay`, whose states say what is held back and what
 is relayed); anything that raises there is contained, logged, counted (``relay_errors``) and
 told to clients as a generation step. Health checks are :mod:`pgbusd.postgres.health`'s. In
-fleet mode a bridge's :class:`ListenerHooks` see every notification first.
+fleet mode a bridge's :class:`Tap` sees every notification first.
 """
 
 from __future__ import annotations
@@ -66,18 +66,16 @@ class FatalConfigError(Exception):
     """PostgreSQL connection settings that can never work (bad DSN and the like)."""
 
 
-class ListenerHooks(Protocol):
-    """Fleet mode (issue 17): a bridge watches the LISTEN connection (pgbusd/fleet/roles.py).
+class Tap(Protocol):
+    """What watches the LISTEN connection besides the hub (a fleet bridge, plugged in by the
+    composition root): every notification first, and each connection's start and end."""
 
-    Without hooks the listener hands notifications straight to the hub; with them, each one
-    also goes to :meth:`tap` first (every channel: the probe and hand-off channels too).
-    """
-
-    #: Channels LISTENed to besides the relayed ones (the bridge's marker channel).
+    #: Channels LISTENed to besides the hub's (a bridge's marker channel).
     extra_channels: tuple[str, ...]
 
-    def tap(self, pid: int, channel: str, payload: str) -> None:
-        """Every notification relayed, in delivery order, before the hub gets it."""
+    def notification(self, pid: int, channel: str, payload: str) -> None:
+        """Every notification, in delivery order (every channel: the probe's and the hand-off's
+        too), before the hub gets it. Synchronous; must not block."""
 
     def listening(self) -> None:
         """A connection listens on every channel; before anything it delivers is relayed."""
@@ -104,14 +102,14 @@ class Listener:
         probes: Probes,
         takeover: Takeover | None = None,
         *,
-        hooks: ListenerHooks | None = None,
+        tap: Tap | None = None,
     ) -> None:
         self.config = config
         self.hub = hub
-        #: Fleet mode (issue 17): what every notification goes to; the hub's own publish unless
-        #: a bridge taps the stream (no cost per notification otherwise).
-        self._hooks = hooks
-        self._publish: Sink = hub.publish if hooks is None else self._tapped
+        self._tap = tap
+        #: What every relayed notification goes to: the hub's publish, or the tap and then the
+        #: hub's publish (no cost per notification without a tap).
+        self._publish: Sink = hub.publish if tap is None else _tapped(tap.notification, hub.publish)
         self.probes = probes
         self._takeover = takeover
         #: One query at a time on the connection (health checks, LISTEN/UNLISTEN, the split).
@@ -175,8 +173,8 @@ class Listener:
             )
             terminated = self._lost.is_set() or conn.is_closed()
             self._conn = None
-            if self._hooks is not None:  # fleet mode (issue 17)
-                self._hooks.lost()
+            if self._tap is not None:
+                self._tap.lost()
             self.release_split()  # a reload under way is off; what its marker held goes out first
             if not conn.is_closed():
                 conn.terminate()
@@ -269,8 +267,8 @@ class Listener:
         relay = self._relay = Relay(conn, self._publish, self._relay_failed)
         takeover = self._takeover
         extra = {self.probe_channel}
-        if self._hooks is not None:  # fleet mode (issue 17)
-            extra.update(self._hooks.extra_channels)
+        if self._tap is not None:
+            extra.update(self._tap.extra_channels)
         if takeover is not None:
             extra.add(takeover.marker_channel)
         # Every channel the hub has (pinned, and on-demand ones with subscribers), checked
@@ -309,8 +307,8 @@ class Listener:
         self.state = "connected"
         self.connected_since = time.time()
         self.next_retry_at = None
-        if self._hooks is not None:  # fleet mode (issue 17)
-            self._hooks.listening()
+        if self._tap is not None:
+            self._tap.listening()
         if takeover is None:
             self.hub.tick(self.generation)
         self.log.info(
@@ -337,12 +335,6 @@ class Listener:
         task = asyncio.get_running_loop().create_task(unlisten())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    def _tapped(self, pid: int, channel: str, payload: str) -> None:
-        """Fleet mode (issue 17): the hooks' tap, then the hub."""
-        assert self._hooks is not None
-        self._hooks.tap(pid, channel, payload)
-        self.hub.publish(pid, channel, payload)
 
     # -- channels on demand ----------------------------------------------------------------
 
@@ -536,3 +528,13 @@ class Listener:
             "relay_errors": self.relay_errors,
             "listening_channels": self.health.listening_channels,
         }
+
+
+def _tapped(tap: Sink, publish: Sink) -> Sink:
+    """A sink that hands each notification to ``tap``, then to ``publish``."""
+
+    def sink(pid: int, channel: str, payload: str) -> None:
+        tap(pid, channel, payload)
+        publish(pid, channel, payload)
+
+    return sink

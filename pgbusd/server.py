@@ -1,15 +1,19 @@
-"""Lifecycle: bind the socket, serve, handle signals, shut down in order."""
+"""Lifecycle: bind the socket, serve, handle signals, hand over on a reload, shut down in order.
+
+The server is given its parts (:mod:`pgbusd.app` builds them): the hub, the feed, a fleet role
+if any, and the PostgreSQL listener when a reload can hand it over. It asks nothing of them
+beyond :mod:`pgbusd.core.feed`'s protocols and the hand-off's.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import secrets
 import signal
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
@@ -20,18 +24,14 @@ from pgbusd.clients.session import Session, SessionContext
 from pgbusd.clients.socket import AlreadyServingError, ClientSocket
 from pgbusd.config import Config
 from pgbusd.core.channels import ChannelDirectory
+from pgbusd.core.feed import FatalFeedError, Feed, Role
 from pgbusd.core.hub import Hub
-from pgbusd.handoff.predecessor import Inheritance, Predecessor
+from pgbusd.handoff.predecessor import Inheritance, Predecessor, Splittable
 from pgbusd.handoff.successor import Confirmation, Successor, Takeover
 from pgbusd.ops import sdnotify
 from pgbusd.ops import status as st
 from pgbusd.ops.log import get_logger
 from pgbusd.ops.metrics import MetricsServer
-from pgbusd.postgres.health import Probes
-from pgbusd.postgres.listener import FatalConfigError, Listener
-
-if TYPE_CHECKING:
-    from pgbusd.fleet.roles import FleetRole, HostRole
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -39,50 +39,40 @@ EXIT_CONFIG = 2
 
 
 class Server:
-    """Owns the runtime state of one daemon: the hub, the listener, the clients, the socket.
+    """Owns the runtime state of one daemon: the clients, the socket, its lifecycle.
 
-    ``inherited``: this daemon is the successor of a hand-off reload (see handoff.py); it takes
-    its predecessor's socket, lineage and stream before it serves.
+    ``feed``: where notifications come from; ``role``: what a fleet role adds (None: a plain
+    daemon); ``postgres``: the listener a reload hands over (None: a reload is refused);
+    ``inherited`` and ``takeover``: this daemon is the successor of a reload (see
+    :mod:`pgbusd.handoff`): it takes its predecessor's socket, lineage and stream before it
+    serves.
     """
 
-    def __init__(self, config: Config, inherited: handoff.Inherited | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        hub: Hub,
+        feed: Feed,
+        *,
+        role: Role | None = None,
+        postgres: Splittable | None = None,
+        inherited: handoff.Inherited | None = None,
+        takeover: Takeover | None = None,
+    ) -> None:
         self.config = config
+        self.hub = hub
+        self.feed = feed
+        self.role = role
+        self._postgres = postgres
         self._inherited = inherited
-        # The probe channel is this process's own, never shared with a predecessor or successor
-        # listening at the same time (their tokens would answer each other's probes).
-        probes = Probes(secrets.token_hex(8))
-        self.hub = Hub(config.channels, unrouted=probes.route, replay_bytes=config.replay_bytes)
-        self._takeover = Takeover(inherited.marker) if inherited is not None else None
-        # Fleet mode (issue 17): a bridge taps the listener, a host's stream replaces it.
-        self.fleet: FleetRole | None = None
-        if config.fleet_role is not None:
-            from pgbusd.fleet import roles  # imports nats, the optional fleet extra
-
-            self.fleet = roles.create(config, self.hub)
-        self.listener: Listener | HostRole = (
-            self.fleet.feed
-            if self.fleet is not None and self.fleet.feed is not None
-            else Listener(
-                config,
-                self.hub,
-                probes,
-                self._takeover,
-                tap=self.fleet.hooks if self.fleet is not None else None,
-            )
-        )
-        self.channels = ChannelDirectory(
-            config,
-            self.hub,
-            self.listener,
-            get_logger(),
-            upstream=self.fleet.refusal if self.fleet is not None else None,
-        )
+        self._takeover = takeover
+        self.channels = ChannelDirectory(config, hub, feed, get_logger())
         self.access = config.access_policy()
         self.started_at = time.time()
         self.counters = st.Counters()
         self._status_desk = st.StatusDesk(self._status_document, self.counters)
         self._session_context = SessionContext(
-            hub=self.hub,
+            hub=hub,
             access=self.access,
             counters=self.counters,
             status=self._status_desk,
@@ -92,7 +82,7 @@ class Server:
             reload=self.reload,
             channels=self.channels,
         )
-        self.log: Any = get_logger(daemon_id=self.hub.daemon_id)
+        self.log: Any = get_logger(daemon_id=hub.daemon_id)
         self.socket = ClientSocket(config, lambda: Session(self._session_context), self.log)
         self._stop = asyncio.Event()
         self._metrics: MetricsServer | None = None
@@ -141,11 +131,11 @@ class Server:
         if not await self._start_metrics():
             self.socket.close()
             return EXIT_FAILURE
-        listener = asyncio.create_task(self.listener.run(), name="pgbusd-listener")
+        listener = asyncio.create_task(self.feed.run(), name="pgbusd-feed")
         if self._inherited is not None and not await self._take_over(self._inherited, listener):
             await self._give_up(listener)
             return EXIT_FAILURE
-        fleet = await self._start_fleet(listener)  # fleet mode (issue 17)
+        fleet = await self._start_role(listener)
         self.log.info(
             "serving",
             socket=self.config.socket,
@@ -159,8 +149,8 @@ class Server:
 
         def systemd_status() -> str:
             return sdnotify.status_line(
-                connected=self.listener.connected,
-                generation=self.listener.generation,
+                connected=self.feed.connected,
+                generation=self.feed.generation,
                 clients=len(self.hub.sessions),
             )
 
@@ -186,14 +176,14 @@ class Server:
         code = EXIT_OK
         if listener.done() and not listener.cancelled():
             failure = listener.exception()
-            if isinstance(failure, FatalConfigError):
+            if isinstance(failure, FatalFeedError):
                 self.log.error("invalid PostgreSQL connection settings", error=str(failure))
                 code = EXIT_CONFIG
             elif failure is not None:
                 self.log.error("listener crashed", error=repr(failure))
                 code = EXIT_FAILURE
         if fleet is not None and fleet.done() and not fleet.cancelled():
-            self.log.error("fleet bridge crashed", error=repr(fleet.exception()))
+            self.log.error("fleet role crashed", error=repr(fleet.exception()))
             code = EXIT_FAILURE
         stopper.cancel()
         await self.shutdown(listener, fleet)
@@ -233,12 +223,12 @@ class Server:
         for session in list(self.hub.sessions):
             session.abort()
         self._status_desk.close()
-        if fleet is not None and self.fleet is not None:  # fleet mode (issue 17): the bridge
-            await self.fleet.stop()  # publishes what it has and hands the lease on
+        if fleet is not None and self.role is not None:
+            await self.role.stop()  # a bridge publishes what it has and hands the lease on
             fleet.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await fleet
-        await self.listener.stop()
+        await self.feed.stop()
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await listener
@@ -263,10 +253,11 @@ class Server:
         daemon's. HandoffError says why not, with this daemon serving on as before."""
         if self._reloading or self._successor is not None:
             raise handoff.HandoffError("a reload is already under way")
-        if self.fleet is not None:  # a role would have to be handed over too
-            self.log.error("reload refused", reason=self.fleet.reload_refusal)
-            raise handoff.HandoffError(self.fleet.reload_refusal)
-        if self.socket.server is None or self._takeover is not None:
+        if self.role is not None:  # the role would have to be handed over too
+            self.log.error("reload refused", reason=self.role.reload_refusal)
+            raise handoff.HandoffError(self.role.reload_refusal)
+        postgres = self._postgres
+        if postgres is None or self.socket.server is None or self._takeover is not None:
             raise handoff.HandoffError("this daemon is not serving yet")
         self._reloading = True
         if self._taking_over is not None:  # serving, but its predecessor has not handed over yet
@@ -278,7 +269,7 @@ class Server:
                     "this daemon is still taking over from its predecessor: reload once it has"
                 )
         log = self.log.bind(reload=True)
-        predecessor = Predecessor(self.config, self.hub, self.listener, self.channels, log)
+        predecessor = Predecessor(self.config, self.hub, postgres, self.channels, log)
         try:
             handed = await predecessor.reload(self._inheritance(), environment)
         except handoff.HandoffError:
@@ -323,18 +314,17 @@ class Server:
 
         asyncio.get_running_loop().create_task(tell())
 
-    # -- fleet mode (issue 17, pgbusd/fleet/roles.py) -----------------------------------------
+    # -- a fleet role -----------------------------------------------------------------------
 
-    async def _start_fleet(self, listener: asyncio.Task[None]) -> asyncio.Task[None] | None:
-        """A bridge: start it (its task). A host: serve clients once its stream caught up, or
-        after --source-timeout without it (they step once it catches up)."""
-        fleet = self.fleet
-        if fleet is None:
+    async def _start_role(self, feed: asyncio.Task[None]) -> asyncio.Task[None] | None:
+        """Start the role's own task, and serve clients once it is ready (a host: once its
+        stream caught up, or after --source-timeout without it: they step once it catches up)."""
+        role = self.role
+        if role is None:
             return None
-        if fleet.feed is None:
-            return asyncio.create_task(fleet.run(), name="pgbusd-fleet")
-        ready = asyncio.ensure_future(fleet.ready(self.config.source_timeout))
-        await asyncio.wait((ready, listener), return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.create_task(role.run(), name="pgbusd-role")
+        ready = asyncio.ensure_future(role.ready(self.config.source_timeout))
+        await asyncio.wait((ready, feed, task), return_when=asyncio.FIRST_COMPLETED)
         if not ready.done():
             ready.cancel()
         elif not ready.result():
@@ -343,20 +333,21 @@ class Server:
                 source_timeout=self.config.source_timeout,
             )
         self.log = get_logger(daemon_id=self.hub.daemon_id)  # the stream's lineage, if known
-        if not listener.done():
+        if not feed.done():
             await self.socket.start_serving()
-        return None
+        return task
 
     # -- a hand-off reload: the successor's side ------------------------------------------------
 
     async def _take_over(self, inherited: handoff.Inherited, listener: asyncio.Task[None]) -> bool:
         """Take the predecessor's stream and state, then serve; False (logged) if it failed."""
         assert self._takeover is not None
+        assert self._postgres is not None, "a successor is a plain daemon"
         successor = self._taking_over = Successor(
             inherited,
             self.config,
             self.hub,
-            self.listener,  # type: ignore[arg-type]  # a plain daemon's Listener
+            self._postgres,
             self._takeover,
             self.channels,
             lambda listen: self.socket.serve(listen, inherited.lock_fd),
@@ -402,7 +393,7 @@ class Server:
     async def _give_up(self, listener: asyncio.Task[None]) -> None:
         """A successor that could not take over: leave the socket file alone."""
         self.socket.disown()
-        await self.listener.stop()
+        await self.feed.stop()
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await listener
@@ -451,8 +442,8 @@ class Server:
             uptime=now - self.started_at,
             socket=self.config.socket,
             metrics_address=self._metrics.address if self._metrics is not None else None,
-            generation=self.listener.generation,
-            postgres=msgspec.convert(self.listener.summary(), st.PostgresStatus),
+            generation=self.feed.generation,
+            postgres=self.feed.summary(),
             channels={
                 name: msgspec.convert(state.summary(), st.ChannelStatus)
                 for name, state in self.hub.channels.items()
@@ -467,7 +458,7 @@ class Server:
                 clients=len(clients),
                 notifications_received=self.hub.received,
                 notifications_sent=self.hub.sent,
-                reconnects=self.listener.reconnects,
+                reconnects=self.feed.reconnects,
                 clients_refused=counters.clients_refused,
                 frames_rejected=counters.frames_rejected,
                 clients_cut_slow=counters.clients_cut_slow,
@@ -476,7 +467,7 @@ class Server:
                 status_documents=counters.status_documents,
             ),
             dsn=self.config.redacted_dsn(),
-            fleet=self.fleet.status() if self.fleet is not None else None,  # issue 17
+            fleet=self.role.status() if self.role is not None else None,
         )
 
     def _status_document(self) -> st.Document:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from pgbus import protocol as p
 from pgbus.errors import ProtocolError
 from pgbusd.clients.access import UNKNOWN_PEER, AccessPolicy, peer_of
-from pgbusd.core.channels import ChannelDirectory, Refusal
+from pgbusd.core.channels import ChannelDirectory
+from pgbusd.core.feed import Refusal
 from pgbusd.handoff import HandoffError
 from pgbusd.ops.log import get_logger
 from pgbusd.ops.status import MAX_RUN, Answer, ClientStatus, Counters, StatusDesk

@@ -22,25 +22,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pgbus import protocol as p
 from pgbusd.config import Config
+from pgbusd.core.feed import Feed, Refusal
 
 if TYPE_CHECKING:
     from pgbusd.core.hub import Hub
-    from pgbusd.fleet.roles import HostRole
-    from pgbusd.postgres.listener import Listener
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """Why a subscribe is refused: the Error frame's code and message."""
-
-    code: str
-    message: str
 
 
 class Freeze:
@@ -66,15 +56,11 @@ class ChannelDirectory:
         self,
         config: Config,
         hub: Hub,
-        listener: Listener | HostRole,  # fleet mode (issue 17): a host's stream
+        feed: Feed,
         log: Any,
-        upstream: Callable[[str], Refusal | None] | None = None,
     ) -> None:
         self.hub = hub
-        #: Why the feed cannot relay a channel, whatever the rules here (a fleet host: no
-        #: bridge relays it); asked before every subscribe, pinned channels included.
-        self._upstream = upstream
-        self.listener = listener
+        self.feed = feed
         self.patterns = config.channel_pattern
         self._pinned = frozenset(config.channels)
         self._matches = config.allowed_channels()
@@ -106,11 +92,10 @@ class ChannelDirectory:
         """A client wants to subscribe to ``channel``: None (subscribe now), a future that is
         done once the LISTEN is in effect (it fails with ListenRefused if PostgreSQL refuses
         it), or why not."""
-        if self._upstream is not None:
-            refusal = self._upstream(channel)
-            if refusal is not None:
-                self.refusals[refusal.code] += 1
-                return refusal
+        refusal = self.feed.refusal(channel)  # a fleet host: no bridge relays it
+        if refusal is not None:
+            self.refusals[refusal.code] += 1
+            return refusal
         if channel in self._leaving:
             if channel not in self._back:
                 self._back[channel] = asyncio.get_running_loop().create_future()
@@ -124,7 +109,7 @@ class ChannelDirectory:
             return refusal
         self.hub.add_channel(channel)
         self._idle_later(channel)  # if its subscriber is gone before it subscribes
-        if not self.listener.connected:
+        if not self.feed.connected:
             return None  # the next connection listens before its tick
         return self._listen(channel)
 
@@ -136,7 +121,7 @@ class ChannelDirectory:
             channel not in self.hub.channels
             and channel not in self._leaving
             and self._refusal(channel) is None
-            and (self._upstream is None or self._upstream(channel) is None)
+            and self.feed.refusal(channel) is None
         ):
             self.request(channel)
             return True
@@ -236,7 +221,7 @@ class ChannelDirectory:
                 self._to_unlisten.clear()
                 self._leaving |= unlisten
                 try:
-                    refused = await self.listener.apply(listen, sorted(unlisten))
+                    refused = await self.feed.apply(listen, sorted(unlisten))
                 finally:
                     self._leaving -= unlisten
                 self._settle(listen, refused, unlisten)

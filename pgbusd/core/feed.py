@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from pgbusd.ops.status import FleetStatus, PostgresStatus
 
 
+class FatalFeedError(Exception):
+    """The feed's settings can never work (a bad DSN and the like): the daemon exits (2)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """Why a subscribe is refused: the Error frame's code and message."""
@@ -103,8 +107,10 @@ class Subscriber(Protocol):
 class Role(Protocol):
     """What a fleet role adds to the daemon (nothing, for a plain daemon)."""
 
-    #: Why a hand-off reload is refused in this role.
-    reload_refusal: str
+    @property
+    def reload_refusal(self) -> str:
+        """Why a hand-off reload is refused in this role."""
+        ...
 
     async def run(self) -> None:
         """The role's own work besides its feed's (a bridge's publishing), until :meth:`stop`;

@@ -36,13 +36,13 @@ import asyncpg
 
 from pgbus import protocol as p
 from pgbusd.config import Config, redact
-from pgbusd.core.channels import Refusal
+from pgbusd.core.feed import Refusal
 from pgbusd.core.hub import Hub
 from pgbusd.fleet.bridge import PUBLISHING, STANDBY, Bridge
 from pgbusd.fleet.source import HostSource
 from pgbusd.handoff import HandoffError
 from pgbusd.ops.log import get_logger
-from pgbusd.ops.status import FleetLease, FleetStatus
+from pgbusd.ops.status import FleetLease, FleetStatus, PostgresStatus
 from pgbusd.postgres.listener import Tap
 
 #: Why a reload is refused, per role.
@@ -323,28 +323,26 @@ class HostRole(FleetRole):
         reader = self.source.reader
         return self.source.failure or (reader.last_error if reader is not None else None)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> PostgresStatus:
         connected = self.connected
         if connected and self.connected_since is None:
             self.connected_since = time.time()
         elif not connected:
             self.connected_since = None
-        return {
-            "state": "connected" if connected else "connecting",
-            "connected": connected,
-            "generation": self.generation,
-            "server": self.nats_shown,
-            "backend_pid": None,
-            "connected_since": self.connected_since,
-            "reconnects": self.reconnects,
-            "last_error": self.last_error,
-            "last_error_at": None,
-            "next_retry_at": None,
-            "last_health_ok": None,
-            "queue_usage": None,
-            "relay_errors": 0,
-            "listening_channels": None,
-        }
+        return PostgresStatus(
+            state="connected" if connected else "connecting",
+            connected=connected,
+            generation=self.generation,
+            server=self.nats_shown,
+            backend_pid=None,
+            connected_since=self.connected_since,
+            reconnects=self.reconnects,
+            last_error=self.last_error,
+            last_error_at=None,
+            next_retry_at=None,
+            last_health_ok=None,
+            queue_usage=None,
+        )
 
     async def apply(self, listen: list[str], unlisten: list[str]) -> dict[str, str]:
         """Channels on demand (issue 15) on a host: there is nothing to LISTEN (the stream

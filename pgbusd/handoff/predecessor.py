@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pgbusd.handoff import protocol as h
+from pgbusd.handoff.successor import Listens
 
 if TYPE_CHECKING:
     from pgbusd.config import Config
@@ -44,6 +45,10 @@ class Splitter(Protocol):
     async def split(self, marker_channel: str, token: str, timeout: float) -> None: ...
 
     def release_split(self) -> None: ...
+
+
+class Splittable(Splitter, Listens, Protocol):
+    """A feed a reload can hand over: the PostgreSQL listener (both sides of the split)."""
 
 
 @dataclass(frozen=True)

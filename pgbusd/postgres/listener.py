@@ -37,10 +37,12 @@ import asyncpg
 
 from pgbus.backoff import Backoff
 from pgbusd.config import Config
+from pgbusd.core.feed import FatalFeedError, Refusal
 from pgbusd.core.hub import Hub
 from pgbusd.handoff import HandoffError
 from pgbusd.handoff.successor import Takeover
 from pgbusd.ops.log import get_logger
+from pgbusd.ops.status import PostgresStatus
 from pgbusd.postgres.health import Health, Probes
 from pgbusd.postgres.relay import Mode, Relay, RelayConnection, Sink, quote
 
@@ -62,7 +64,7 @@ CONFIG_ERRORS: tuple[type[BaseException], ...] = (
 _BATCH = 500
 
 
-class FatalConfigError(Exception):
+class FatalConfigError(FatalFeedError):
     """PostgreSQL connection settings that can never work (bad DSN and the like)."""
 
 
@@ -511,23 +513,27 @@ class Listener:
         except Exception as exc:
             self.log.error("generation tick failed", generation=self.generation, exc_info=exc)
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "state": self.state,
-            "connected": self.connected,
-            "generation": self.generation,
-            "server": self.server_address,
-            "backend_pid": self.backend_pid,
-            "connected_since": self.connected_since,
-            "reconnects": self.reconnects,
-            "last_error": self.last_error,
-            "last_error_at": self.last_error_at,
-            "next_retry_at": self.next_retry_at,
-            "last_health_ok": self.health.last_ok,
-            "queue_usage": self.health.queue_usage,
-            "relay_errors": self.relay_errors,
-            "listening_channels": self.health.listening_channels,
-        }
+    def refusal(self, channel: str) -> Refusal | None:
+        """PostgreSQL can LISTEN on any channel the directory allows."""
+        return None
+
+    def summary(self) -> PostgresStatus:
+        return PostgresStatus(
+            state=self.state,
+            connected=self.connected,
+            generation=self.generation,
+            server=self.server_address,
+            backend_pid=self.backend_pid,
+            connected_since=self.connected_since,
+            reconnects=self.reconnects,
+            last_error=self.last_error,
+            last_error_at=self.last_error_at,
+            next_retry_at=self.next_retry_at,
+            last_health_ok=self.health.last_ok,
+            queue_usage=self.health.queue_usage,
+            relay_errors=self.relay_errors,
+            listening_channels=self.health.listening_channels,
+        )
 
 
 def _tapped(tap: Sink, publish: Sink) -> Sink:

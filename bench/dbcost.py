@@ -1,4 +1,4 @@
-"""5. Database cost: what idle listeners cost PostgreSQL's NOTIFY committers (issue 17).
+"""5. Database cost: what idle listeners cost PostgreSQL's NOTIFY committers.
 
 Up to PostgreSQL 18 every committing NOTIFY signals every listening backend of the database,
 whatever its channels, under one queue lock; so the listeners of a fleet slow down every

@@ -1,4 +1,4 @@
-"""7. Hand-off under load (issue 14): a reload while notifications flow, and the replay buffer.
+"""7. Hand-off under load: a reload while notifications flow, and the replay buffer.
 
 A paced sender (``--handoff-rate``, 1,000/s; each payload carries its commit time) feeds one
 channel, relayed by one daemon to ``--handoff-workers`` pgbus worker processes; one direct

@@ -1,4 +1,4 @@
-"""8. Channels on demand (issue 15): how long a subscribe to a new channel takes to be ready.
+"""8. Channels on demand: how long a subscribe to a new channel takes to be ready.
 
 One daemon with ``--channel-pattern`` (and ``--unlisten-delay 0``, so that channels a phase
 leaves are UNLISTENed before the next) and, in the orchestrator, one pgbus client and one

@@ -17,16 +17,16 @@ from bench.ondemand import OnDemandResult
 from bench.rustclient import RustClientResult
 from bench.scenarios import BurstResult, BurstRun, FanoutResult, LatencyResult, ScaleResult
 
-#: The targets of issue 6, compared within one run.
+#: The relay's targets, compared within one run.
 THROUGHPUT_RATIO = 0.8
 FANOUT_RATIO = 1.0
 ADDED_P50_MS = 0.2
 ADDED_P99_MS = 1.0
 IDLE_RSS_MIB = 64.0
-#: The targets of issue 17 for the fleet relay, against the single-host relay in the same run.
+#: The fleet relay's targets, against the single-host relay in the same run.
 FLEET_RATIO = 0.5
 FLEET_ADDED_P50_MS = 1.0
-#: The targets of issues 14 (hand-off) and 15 (channels on demand), compared within one run.
+#: The targets of the hand-off and of channels on demand, compared within one run.
 HANDOFF_SECONDS = 2.0
 HANDOFF_ADDED_P99_MS = 50.0
 SUBSCRIBE_RATIO = 1.5

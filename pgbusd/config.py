@@ -14,7 +14,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -323,7 +323,7 @@ class Config:
                 raise ConfigError("metrics_address", str(exc)) from None
         self._check_fleet()
 
-    # -- fleet mode (issue 17) ----------------------------------------------------------------
+    # -- fleet mode ---------------------------------------------------------------------------
 
     def _check_fleet(self) -> None:
         from pgbusd.fleet.subjects import validate_stream_name  # no NATS import
@@ -381,10 +381,6 @@ class Config:
         """The host's state file."""
         return self.state_file if self.state_file is not None else self.socket + ".state"
 
-    @property
-    def channels(self) -> tuple[str, ...]:
-        return self.channel
-
     def allowed_channels(self) -> Callable[[str], bool]:
         """Whether a channel name matches a --channel-pattern (not whether it is pinned)."""
         if not self.channel_pattern:
@@ -419,7 +415,7 @@ class Config:
             found += parse_qs(parts.query).get("password", [])
         if os.environ.get("PGPASSWORD"):
             found.append(os.environ["PGPASSWORD"])
-        for url in (self.publish, self.source):  # fleet mode (issue 17): NATS credentials
+        for url in (self.publish, self.source):  # fleet mode: NATS credentials
             for server in nats_servers(url) if url else []:
                 password = urlsplit(server).password
                 if password:
@@ -443,13 +439,6 @@ class Config:
 
     def redacted_dsn(self) -> str | None:
         return redact(self.dsn, self.secrets()) if self.dsn is not None else None
-
-    def public(self) -> dict[str, Any]:
-        """The configuration as shown in logs and status: the DSN without its password."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["dsn"] = self.redacted_dsn()
-        out["channel"] = list(self.channel)
-        return out
 
 
 _URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*):[^@\s]*@")

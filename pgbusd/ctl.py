@@ -243,7 +243,7 @@ def render(status: Status) -> str:
             f"on demand   listened {totals.listens}, unlistened {totals.unlistens}"
             + (f", refused: {refused}" if refused else "")
         )
-    if status.fleet is not None:  # fleet mode (issue 17)
+    if status.fleet is not None:
         lines += _fleet(status.fleet)
     if status.view == "restricted":
         lines.append(

@@ -139,12 +139,12 @@ class Server:
         self.log.info(
             "serving",
             socket=self.config.socket,
-            channels=list(self.config.channels),
+            channels=list(self.config.channel),
             dsn=self.config.redacted_dsn(),
             pid=os.getpid(),
             version=pgbusd.__version__,
         )
-        if not self.config.channels and not self.config.channel_pattern:
+        if not self.config.channel and not self.config.channel_pattern:
             self.log.warning("no channels registered; clients can subscribe to nothing")
 
         def systemd_status() -> str:

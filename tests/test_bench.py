@@ -1,6 +1,6 @@
 """The benchmark suite (make bench), run small: every section, the table, the JSON and the chart.
 
-This checks that ``make bench`` works and reports what issue 6 asks for, side by side; it asserts
+This checks that ``make bench`` works and reports its figures side by side; it asserts
 no speed (timings belong in the benchmark's own output, never in a test).
 """
 

@@ -1,4 +1,4 @@
-"""Channels on demand (issue 15): any channel --channel-pattern allows, LISTENed while someone
+"""Channels on demand: any channel --channel-pattern allows, LISTENed while someone
 subscribes; real PostgreSQL, real daemons, real clients."""
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def test_channel_name_with_nul_is_refused() -> None:
 
 @pytest.mark.parametrize("name", ["a" * 63, "é" * 31 + "x", "MiXeD_Case", 'x"; DROP TABLE t; --'])
 def test_valid_channel_names_are_accepted_exactly(name: str) -> None:
-    assert Config(channel=(name,)).channels == (name,)
+    assert Config(channel=(name,)).channel == (name,)
 
 
 def test_dsn_that_is_not_a_uri_is_refused(workdir: Path) -> None:

@@ -39,7 +39,7 @@ def fake_path(workdir: Path) -> str:
     return str(workdir / "fake.sock")
 
 
-# -- issue 12, item 1: one attachment per bus, nothing twice -------------------------------------
+# -- one attachment per bus, nothing twice --------------------------------------------------------
 
 
 async def test_a_daemon_that_says_hello_and_dies_never_leaves_two_attachments(
@@ -109,7 +109,7 @@ async def test_attaching_on_uvloop_never_waits_for_the_handshake_timeout(daemon:
     assert "no attach within the handshake timeout" not in daemon.log()
 
 
-# -- issue 12, item 5: concurrent subscribes all get the daemon's answer ---------------------------
+# -- concurrent subscribes all get the daemon's answer ----------------------------------------------
 
 
 async def test_concurrent_subscribes_to_a_refused_channel_all_raise(
@@ -145,7 +145,7 @@ async def test_concurrent_subscribes_to_a_refused_channel_all_raise(
         await fake.close()
 
 
-# -- issue 12, item 2: a payload that fails to decode in any way fails alone -----------------------
+# -- a payload that fails to decode in any way fails alone ------------------------------------------
 
 
 class Job(msgspec.Struct):
@@ -183,7 +183,7 @@ async def test_a_typed_payload_that_fails_oddly_raises_for_itself_alone(
     assert client.bus.attach_count == 1
 
 
-# -- issue 12, item 6 and the minor timeouts -------------------------------------------------------
+# -- timeouts --------------------------------------------------------------------------------------
 
 
 async def test_requests_to_a_stopped_daemon_time_out_and_work_once_it_resumes(
@@ -225,7 +225,7 @@ def test_blocking_waits_take_infinite_and_huge_timeouts(daemon: Daemon) -> None:
         assert bus.status(timeout=1e300)["generation"] >= 1
 
 
-# -- issue 13, item 2: a subscription the daemon refuses on re-attach ends loudly -----------------
+# -- a subscription the daemon refuses on re-attach ends loudly ------------------------------------
 
 
 async def test_a_resubscription_the_restarted_daemon_refuses_ends_loudly(

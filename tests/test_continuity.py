@@ -1,4 +1,4 @@
-"""Continuity (issue 14): a reload, an upgrade or a client's short absence loses nothing and
+"""Continuity: a reload, an upgrade or a client's short absence loses nothing and
 moves no generation; only a lost PostgreSQL connection or a crash may.
 
 Subscribers are real processes (tests/numbered_worker.py, asyncio and blocking alike) that check

@@ -112,7 +112,7 @@ def test_reattach_resubscribes_every_channel_and_is_attached_only_once_all_are_a
 
 
 def test_a_second_attachment_while_one_is_live_is_refused() -> None:
-    """One bus, one connection to the daemon, ever (the duplicates of issue 12, item 1)."""
+    """One bus, one connection to the daemon, ever (two would deliver everything twice)."""
     engine = Engine()
     att = engine.attach()
     with pytest.raises(RuntimeError):

@@ -38,8 +38,8 @@ async def running() -> AsyncIterator[tuple[Listener, Recorder, list[MutableMappi
     """A listener on a fresh channel with a FaultyHub, one subscriber, and its captured logs."""
     config = Config(dsn=DSN, channel=(unique_channel(),), health_interval=0.1, health_timeout=5)
     probes = Probes(secrets.token_hex(8))
-    hub = FaultyHub(config.channels, unrouted=probes.route)
-    recorder = Recorder(hub, *config.channels)
+    hub = FaultyHub(config.channel, unrouted=probes.route)
+    recorder = Recorder(hub, *config.channel)
     with structlog.testing.capture_logs() as logs:
         listener = Listener(config, hub, probes)
         task = asyncio.create_task(listener.run())
@@ -55,7 +55,7 @@ async def test_an_exception_in_the_fan_out_is_contained_and_the_link_stays_up(
     running: tuple[Listener, Recorder, list[MutableMapping[str, Any]]], pg: Any
 ) -> None:
     listener, recorder, _ = running
-    channel = listener.config.channels[0]
+    channel = listener.config.channel[0]
     backend = listener.backend_pid
     await notify(pg, channel, "before", "boom", "after")
     await notify(pg, channel, "later")
@@ -73,7 +73,7 @@ async def test_a_relay_error_is_logged_with_its_traceback(
     running: tuple[Listener, Recorder, list[MutableMapping[str, Any]]], pg: Any
 ) -> None:
     listener, _, logs = running
-    channel = listener.config.channels[0]
+    channel = listener.config.channel[0]
     await notify(pg, channel, "boom")
     await wait_until(lambda: _events(logs, "relay failed"), what="the relay error logged")
     (entry,) = _events(logs, "relay failed")
@@ -90,7 +90,7 @@ async def test_a_relay_error_steps_the_generation_so_subscribers_are_told(
     running: tuple[Listener, Recorder, list[MutableMapping[str, Any]]], pg: Any
 ) -> None:
     listener, recorder, _ = running
-    channel = listener.config.channels[0]
+    channel = listener.config.channel[0]
     await notify(pg, channel, "boom")
     await wait_until(lambda: listener.generation == 2, what="the generation step")
     await wait_until(lambda: p.Generation(2) in recorder.messages(), what="the tick")

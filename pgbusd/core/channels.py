@@ -62,7 +62,7 @@ class ChannelDirectory:
         self.hub = hub
         self.feed = feed
         self.patterns = config.channel_pattern
-        self._pinned = frozenset(config.channels)
+        self._pinned = frozenset(config.channel)
         self._matches = config.allowed_channels()
         self._max = config.max_channels
         self._delay = config.unlisten_delay

@@ -151,7 +151,7 @@ class Hub:
     def _end_of_turn(self) -> None:
         self._seal_handle = None
         self.seal_all()
-        self.seal_history()  # fleet mode (issue 17)
+        self.seal_history()  # a fleet host's refilled replay buffer
 
     def seal_all(self) -> None:
         """Write every open batch to its subscribers now (before anything else goes out)."""

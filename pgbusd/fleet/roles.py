@@ -151,7 +151,7 @@ class BridgeRole(FleetRole):
             config.publish,
             config.stream,
             self.markers.send,
-            channels=config.channels,
+            channels=config.channel,
             credentials=config.nats_credentials,
             lease_ttl=config.lease_ttl,
             publisher_timeout=config.publisher_timeout,
@@ -159,7 +159,7 @@ class BridgeRole(FleetRole):
         )
         self.extra_channels: tuple[str, ...] = (self.bridge.marker_channel,)
         #: What the stream carries: the relayed channels, and the markers that place it.
-        self._relayed = frozenset((*config.channels, self.bridge.marker_channel))
+        self._relayed = frozenset((*config.channel, self.bridge.marker_channel))
         self._stopping = False
 
     # Tap
@@ -273,7 +273,7 @@ class HostRole(FleetRole):
             config.stream,
             _HubSink(hub),
             state_file=config.state_path,
-            channels=config.channels,
+            channels=config.channel,
             credentials=config.nats_credentials,
             log=get_logger(component="source"),
         )

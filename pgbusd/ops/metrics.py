@@ -154,7 +154,7 @@ FAMILIES: Final[tuple[tuple[str, str, str], ...]] = (
         "Entries left out of the status document these metrics were rendered from, to keep it "
         "under the 1 MiB frame limit (their series are missing; totals are complete).",
     ),
-    # Fleet mode (issue 17): only a bridge or a host daemon has these.
+    # Fleet mode: only a bridge or a host daemon has these.
     (
         "pgbusd_fleet_info",
         "gauge",

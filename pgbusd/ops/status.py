@@ -140,7 +140,7 @@ class Omitted(msgspec.Struct, kw_only=True):
 
 
 class FleetLease(msgspec.Struct, kw_only=True):
-    """The publisher lease as a bridge last saw it (fleet mode, issue 17)."""
+    """The publisher lease as a bridge last saw it (fleet mode)."""
 
     #: Whether this bridge holds it (and it cannot have expired for others).
     held: bool

@@ -316,7 +316,7 @@ class Listener:
         self.log.info(
             "listening" if takeover is None else "listening, taken over",
             generation=self.generation,
-            channels=list(self.config.channels),
+            channels=list(self.config.channel),
             server=self.server_address,
             backend_pid=self.backend_pid,
         )

@@ -109,7 +109,7 @@ async def test_attaching_on_uvloop_never_waits_for_the_handshake_timeout(daemon:
     assert "no attach within the handshake timeout" not in daemon.log()
 
 
-# -- concurrent subscribes all get the daemon's answer ----------------------------------------------
+# -- concurrent subscribes all get the daemon's answer ---------------------------------------------
 
 
 async def test_concurrent_subscribes_to_a_refused_channel_all_raise(
@@ -145,7 +145,7 @@ async def test_concurrent_subscribes_to_a_refused_channel_all_raise(
         await fake.close()
 
 
-# -- a payload that fails to decode in any way fails alone ------------------------------------------
+# -- a payload that fails to decode in any way fails alone -----------------------------------------
 
 
 class Job(msgspec.Struct):

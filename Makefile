@@ -86,10 +86,14 @@ PGBUS_BENCH_RUST ?= $(if $(CARGO),1,)
 bench: $(BENCH_STAMP)
 	PGBUS_BENCH_RUST=$(PGBUS_BENCH_RUST) $(BIN)/python -m bench $(BENCH_ARGS)
 
+# ruff, mypy --strict, the import rules of pyproject.toml ([tool.importlinter]: the daemon's
+# layers, no cycles, the fleet a plug-in) and the shape of the code (scripts/lint_shape.py).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python scripts/lint_shape.py
 
 clean:
 	rm -rf $(VENV) .run .mypy_cache .pytest_cache .ruff_cache .hypothesis client/rust/target

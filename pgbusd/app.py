@@ -20,6 +20,7 @@ import secrets
 import uvloop
 
 from pgbusd import handoff
+from pgbusd.clients.session import Session
 from pgbusd.config import Config
 from pgbusd.core.feed import Feed, Role
 from pgbusd.core.hub import Hub
@@ -35,7 +36,7 @@ def build(config: Config, inherited: handoff.Inherited | None) -> Server:
     # The probe channel is this process's own, never shared with a predecessor or successor
     # listening at the same time (their tokens would answer each other's probes).
     probes = Probes(secrets.token_hex(8))
-    hub = Hub(config.channel, unrouted=probes.route, replay_bytes=config.replay_bytes)
+    hub: Hub[Session] = Hub(config.channel, unrouted=probes.route, replay_bytes=config.replay_bytes)
     takeover = Takeover(inherited.marker) if inherited is not None else None
     feed: Feed | None = None
     role: Role | None = None

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pgbus import DEFAULT_SOCKET, protocol
-from pgbusd.clients import access
+from pgbusd import access
 
 #: The longest any time option may be: a day. Longer is surely a mistake, and the values end in
 #: event-loop timers and kernel socket options (TCP_USER_TIMEOUT) that have limits of their own.
@@ -160,7 +160,7 @@ class Config:
         "a free one). Unset: no HTTP listener. No authentication: keep it on loopback.",
         metavar="HOST:PORT",
     )
-    # -- fleet mode (issue 17, docs/fleet.md); checked by _check_fleet ----------------------------
+    # -- fleet mode (docs/fleet.md); checked by _check_fleet ---------------------------------------
     publish: str | None = _opt(
         None,
         "Bridge role: also publish every notification into the fleet stream on this NATS "
@@ -326,8 +326,6 @@ class Config:
     # -- fleet mode ---------------------------------------------------------------------------
 
     def _check_fleet(self) -> None:
-        from pgbusd.fleet.subjects import validate_stream_name  # no NATS import
-
         if self.source is not None and self.dsn is not None:
             raise ConfigError(
                 "source",
@@ -493,6 +491,21 @@ def nats_credentials(path: str) -> tuple[str | None, str]:
     if not user or not password:
         raise ValueError(f"the NATS credentials file {path!r} must hold USER:PASSWORD")
     return user, password
+
+
+#: Stream names become the fleet's subject prefix: one plain token (JetStream also forbids '.',
+#: '*', '>', whitespace and path separators in them).
+_STREAM = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+def validate_stream_name(name: str) -> str:
+    """Return ``name`` if it can name the fleet stream (and prefix its subjects), else
+    ValueError."""
+    if not _STREAM.fullmatch(name):
+        raise ValueError(
+            f"stream name {name!r} must be 1 to 32 characters of A-Z, a-z, 0-9, '_' or '-'"
+        )
+    return name
 
 
 def split_host_port(address: str) -> tuple[str, int]:

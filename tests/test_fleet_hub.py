@@ -69,7 +69,7 @@ async def test_a_new_lineage_cuts_every_client() -> None:
         def abort(self) -> None:
             aborted.append("cut")
 
-    hub.add(Session())  # type: ignore[arg-type]
+    hub.add(Session())
     hub.reset_lineage("L", 1, {"a": 0})
     assert aborted == []
     hub.reset_lineage("M", 1, {})

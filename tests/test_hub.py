@@ -25,13 +25,13 @@ class Recorder:
         self.subscriptions: dict[str, None] = {}
         self.reserved: set[str] = set()
         self.written = asyncio.Event()
-        hub.add(self)  # type: ignore[arg-type]
+        hub.add(self)
         for channel in channels:
             self.subscribe(hub, channel)
 
     def subscribe(self, hub: Hub, channel: str) -> int | None:
         self.subscriptions[channel] = None
-        return hub.subscribe(self, channel)  # type: ignore[arg-type]
+        return hub.subscribe(self, channel)
 
     def send_batch(self, frame: bytearray, count: int) -> None:
         self.frames.append(frame)
@@ -157,7 +157,7 @@ async def test_unsubscribing_seals_first_and_stops_delivery() -> None:
     hub = Hub(("c",))
     rec = Recorder(hub, "c")
     hub.publish(1, "c", "kept")
-    hub.unsubscribe(rec, "c")  # type: ignore[arg-type]
+    hub.unsubscribe(rec, "c")
     hub.publish(2, "c", "not for rec")
     assert rec.messages() == [p.Notification("c", "kept", 1, 0, 1)]
     other = Recorder(hub, "c")

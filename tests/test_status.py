@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgbus import protocol as p
-from pgbusd.clients.access import AccessPolicy
+from pgbusd.access import AccessPolicy
 from pgbusd.clients.session import Session, SessionContext
 from pgbusd.config import Config
 from pgbusd.core.channels import ChannelDirectory

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from pgbus import protocol as p
 from pgbus.errors import ProtocolError
-from pgbusd.clients.access import UNKNOWN_PEER, AccessPolicy, peer_of
+from pgbusd.access import UNKNOWN_PEER, AccessPolicy, peer_of
+from pgbusd.clients.subscriptions import Subscriptions
 from pgbusd.core.channels import ChannelDirectory
-from pgbusd.core.feed import Refusal
 from pgbusd.handoff import HandoffError
 from pgbusd.ops.log import get_logger
 from pgbusd.ops.status import MAX_RUN, Answer, ClientStatus, Counters, StatusDesk
@@ -70,28 +70,21 @@ class Session(asyncio.Protocol):
     """
 
     def __init__(self, context: SessionContext) -> None:
-        self._ctx = context
+        self.context = self._ctx = context
         self._hub = context.hub
-        self._budget = context.write_budget
+        self.budget = context.write_budget
+        self.subs = Subscriptions(self, context.hub, context.access, context.channels)
         #: A catch-up writes while less than this waits: well within the write budget.
-        self._catch_up_high = min(CATCH_UP_HIGH_WATER, context.write_budget // 4)
+        self.subs.catch_up_high = min(CATCH_UP_HIGH_WATER, context.write_budget // 4)
         self._decoder = p.client_decoder()
         self._inbox: deque[p.ClientMessage] = deque()
         self._status_waiting = False
         #: A reload request is under way: what the client sent after it waits for its answer.
         self._reloading = False
-        #: A subscribe waits for its channel's LISTEN (and what came after it waits too).
-        self._listening: tuple[p.Subscribe, asyncio.Future[None]] | None = None
-        #: Channels this client is about to subscribe to (their LISTEN is under way): the
-        #: daemon must not UNLISTEN them meanwhile (see Hub.idle).
-        self.reserved: set[str] = set()
-        #: Channels this client catches up on from the replay buffer: the last seq it was sent.
-        self._catching_up: dict[str, int] = {}
         self._reading_paused = False
         #: The client has sent all it will (half-closed) while requests still wait for answers.
         self._eof = False
         self.transport: asyncio.Transport | None = None
-        self.subscriptions: dict[str, None] = {}
         self.attached = False
         self.closing = False
         self.peer = UNKNOWN_PEER
@@ -104,6 +97,16 @@ class Session(asyncio.Protocol):
         self.notifications_sent = 0
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.log: Any = get_logger()
+
+    @property
+    def subscriptions(self) -> dict[str, None]:
+        """The channels this client subscribes to."""
+        return self.subs.channels
+
+    @property
+    def reserved(self) -> set[str]:
+        """Channels this client is about to subscribe to (their LISTEN under way)."""
+        return self.subs.reserved
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -134,8 +137,8 @@ class Session(asyncio.Protocol):
         # bounded by it too (the kernel caps it at net.core.wmem_max).
         sock = transport.get_extra_info("socket")
         with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(4 << 20, self._budget // 2))
-        self.transport.set_write_buffer_limits(high=self._catch_up_high)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(4 << 20, self.budget // 2))
+        self.transport.set_write_buffer_limits(high=self.subs.catch_up_high)
         loop = asyncio.get_running_loop()
         self._handshake_timer = loop.call_later(ctx.handshake_timeout, self._handshake_expired)
         self._write_now(
@@ -157,7 +160,7 @@ class Session(asyncio.Protocol):
         except ProtocolError as exc:
             self._rejected(exc)
             return
-        self._work()
+        self.work()
 
     def eof_received(self) -> bool | None:
         if self._decoder.buffered and not self.closing:
@@ -175,12 +178,12 @@ class Session(asyncio.Protocol):
 
     def _busy(self) -> bool:
         """Whether a request is still being answered (what follows it waits)."""
-        return self._status_waiting or self._reloading or self._listening is not None
+        return self._status_waiting or self._reloading or self.subs.waiting is not None
 
     def resume_writing(self) -> None:
         """The transport drained below its low-water mark: feed a catch-up on."""
-        if self._catching_up:
-            self._catch_up()
+        if self.subs.catching_up:
+            self.subs.catch_up()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -188,15 +191,13 @@ class Session(asyncio.Protocol):
         self._ctx.status.discard(self)
         self._inbox.clear()
         self._hub.remove(self)
-        for channel in (*self.subscriptions, *self.reserved):
-            self._ctx.channels.released(channel)
-        self.reserved.clear()
+        self.subs.release()
         if self.attached:
             self.log.info("client detached", subscriptions=len(self.subscriptions))
 
     # -- requests ------------------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def work(self) -> None:
         """Handle what the client sent, in order, until a status request has to wait its turn."""
         inbox = self._inbox
         try:
@@ -236,7 +237,7 @@ class Session(asyncio.Protocol):
         finally:
             self._reloading = False
             if not self.closing:
-                self._work()
+                self.work()
 
     def _pace_reading(self) -> None:
         """Stop reading while more than MAX_INBOX messages wait; the kernel holds the rest."""
@@ -267,7 +268,7 @@ class Session(asyncio.Protocol):
             inbox.popleft()
             self.send_frame(frame)
             answered += 1
-        self._work()
+        self.work()
         return answered
 
     def _rejected(self, exc: ProtocolError) -> None:
@@ -292,105 +293,16 @@ class Session(asyncio.Protocol):
             self.log.info("client attached", claimed_pid=msg.pid)
             return
         if isinstance(msg, p.Subscribe):
-            refusal = self._ctx.access.refuse_subscribe(self.peer, msg.channel)
-            if refusal is not None:
-                self.log.warning("subscribe refused", channel=msg.channel, reason=refusal)
-                self.send(p.Error(p.E_FORBIDDEN, refusal, msg.channel))
-                return
-            outcome = self._ctx.channels.request(msg.channel)
-            if isinstance(outcome, Refusal):
-                self.log.info("subscribe refused", channel=msg.channel, reason=outcome.message)
-                self.send(p.Error(outcome.code, outcome.message, msg.channel))
-                return
-            if outcome is not None and not outcome.done():
-                # The daemon LISTENs on it first; this client's later requests wait (in order),
-                # and its further subscribes join the same round trip to PostgreSQL.
-                self._listening = (msg, outcome)
-                self.reserved.add(msg.channel)
-                self._prefetch()
-                outcome.add_done_callback(self._listened)
-                return
-            self._subscribe(msg, outcome)
+            self.subs.subscribe(msg, self._inbox)
         elif isinstance(msg, p.Unsubscribe):
-            self._catching_up.pop(msg.channel, None)
-            self._hub.unsubscribe(self, msg.channel)
-            self.subscriptions.pop(msg.channel, None)
-            self._ctx.channels.released(msg.channel)
-            self.send(p.Unsubscribed(msg.channel))
+            self.subs.unsubscribe(msg)
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} after attach")
-
-    def _listened(self, future: asyncio.Future[None]) -> None:
-        """The LISTEN a subscribe waited for is in effect (or refused): answer, and go on."""
-        waiting, self._listening = self._listening, None
-        if waiting is None or self.closing:
-            return
-        try:
-            self._subscribe(waiting[0], future)
-        except ProtocolError as exc:
-            self._rejected(exc)
-            return
-        self._work()
-
-    def _prefetch(self) -> None:
-        """Ask now for the LISTENs the subscribes waiting in the inbox will need."""
-        for msg in self._inbox:
-            if (
-                type(msg) is p.Subscribe
-                and self._ctx.access.refuse_subscribe(self.peer, msg.channel) is None
-                and self._ctx.channels.prefetch(msg.channel)
-            ):
-                self.reserved.add(msg.channel)
-
-    def _subscribe(self, msg: p.Subscribe, listened: asyncio.Future[None] | None) -> None:
-        """Subscribe now: the channel exists and is listened (or PostgreSQL is not connected)."""
-        self.reserved.discard(msg.channel)  # taken now, or never
-        if listened is not None and listened.exception() is not None:
-            error = str(listened.exception())
-            self.send(p.Error(p.E_LISTEN_REFUSED, f"PostgreSQL refused: {error}", msg.channel))
-            return
-        after = msg.after
-        if after is not None and self._hub.can_resume(msg.channel, after):
-            # Resume: confirm the seq the client holds, then feed it what followed.
-            self.subscriptions[msg.channel] = None
-            self._catching_up[msg.channel] = after
-            self.send(p.Subscribed(msg.channel, after))
-            self.log.debug("resumed", channel=msg.channel, after=after)
-            self._catch_up()
-            return
-        seq = self._hub.subscribe(self, msg.channel)
-        if seq is None:  # the channel went while it waited (cannot happen: a guard)
-            refusal = f"channel {msg.channel!r} is not relayed now"
-            self.send(p.Error(p.E_UNKNOWN_CHANNEL, refusal, msg.channel))
-            return
-        self.subscriptions[msg.channel] = None
-        self.send(p.Subscribed(msg.channel, seq))
-        self.log.debug("subscribed", channel=msg.channel)
-
-    def _catch_up(self) -> None:
-        """Feed catching-up channels from the replay buffer while the transport takes it; a
-        channel that is up to date joins the live stream in the same step (no gap, nothing
-        twice). Seqs the buffer dropped meanwhile show as a gap, which the client tells."""
-        transport = self.transport
-        catching_up = self._catching_up
-        while catching_up and not self.closing and transport is not None:
-            if transport.get_write_buffer_size() > self._catch_up_high:
-                return  # resume_writing() calls again
-            channel, after = next(iter(catching_up.items()))
-            room = self._budget - transport.get_write_buffer_size()
-            step = self._hub.replay_after(channel, after, max(room, p.MAX_ITEM))
-            if step is None:
-                del catching_up[channel]
-                self._hub.subscribe(self, channel)
-                continue
-            frame, last = step
-            catching_up[channel] = last
-            self.send_batch(frame, last - after)
 
     def send_tick(self, frame: bytes) -> None:
         """Write a Generation tick. A client still catching up would get it before older
         notifications: it is cut instead, and re-attaches with the generation step."""
-        if self._catching_up and not self.closing:
+        if self.subs.catching_up and not self.closing:
             self.log.info("client cut", reason="a reconnect to PostgreSQL while catching up")
             self.abort()
             return
@@ -430,7 +342,7 @@ class Session(asyncio.Protocol):
             return
         transport.write(frame)
         waiting = transport.get_write_buffer_size()
-        if waiting > self._budget and waiting > len(frame):
+        if waiting > self.budget and waiting > len(frame):
             self._cut_slow()
 
     def _write_now(self, *messages: p.Message) -> None:
@@ -443,7 +355,7 @@ class Session(asyncio.Protocol):
             "client cut",
             reason="slow consumer",
             bytes_waiting=self.write_buffer_size(),
-            budget=self._budget,
+            budget=self.budget,
         )
         self.abort()
 
@@ -500,7 +412,7 @@ class Session(asyncio.Protocol):
             name=self.name,
             attached=self.attached,
             subscriptions=list(self.subscriptions),
-            catching_up=len(self._catching_up),
+            catching_up=len(self.subs.catching_up),
             bytes_waiting=self.write_buffer_size(),
             messages_sent=self.sent,
             notifications_sent=self.notifications_sent,

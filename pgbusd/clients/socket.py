@@ -20,7 +20,7 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-from pgbusd.clients import access
+from pgbusd import access
 from pgbusd.config import Config
 from pgbusd.ops import sdnotify
 

@@ -20,14 +20,26 @@ import asyncio
 import secrets
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Generic
+
+import msgspec
 
 from pgbus import protocol as p
+from pgbusd.core.feed import Subscriber
 from pgbusd.core.replay import ChannelLog, Frame, ReplayExport, ReplayLog
-from pgbusd.handoff import ChannelSnapshot, State
 
 if TYPE_CHECKING:
-    from pgbusd.clients.session import Session
+    # A PEP 696 default, so that a bare ``Hub`` is one of any Subscriber. Only type checkers need
+    # typing_extensions.
+    from typing_extensions import TypeVar
+
+    #: The kind of subscriber a hub serves (the daemon's client sessions).
+    S = TypeVar("S", bound=Subscriber, default=Any)
+else:
+    from typing import TypeVar
+
+    S = TypeVar("S", bound=Subscriber)
 
 _NOTIFY_TAG: Final = p.NOTIFY_TAG
 _BATCH_LIMIT: Final = p.BATCH_LIMIT
@@ -36,6 +48,31 @@ _encode_into: Final = p.encode_into
 
 #: Called for notifications on channels that are not registered (the listener's probe channel).
 Unrouted = Callable[[int, str, str], None]
+
+
+class ChannelSnapshot(msgspec.Struct, array_like=True):
+    """A channel as a hand-off's successor takes it over."""
+
+    name: str
+    #: The seq the channel's next notification carries.
+    next_seq: int
+    last_received: float | None
+    #: A --channel, or a channel of --channel-pattern listened to on demand.
+    pinned: bool = True
+
+
+@dataclass(frozen=True)
+class HubSnapshot:
+    """The lineage, its generation, every channel's seq, the lineage's counters and the replay
+    buffer's frames kept since a point (:meth:`Hub.snapshot`), for a successor to continue."""
+
+    daemon_id: str
+    generation: int
+    channels: list[ChannelSnapshot]
+    #: The lineage's count of notifications received, and its seq floor (see Hub.seq_floor).
+    received: int
+    seq_floor: int
+    frames: ReplayExport
 
 
 class ChannelState:
@@ -62,7 +99,7 @@ class ChannelState:
         self.log = ChannelLog(seq + 1)
         #: When the latest loop turn that delivered notifications on this channel began to.
         self.last_received: float | None = None
-        self.subscribers: dict[Session, None] = {}
+        self.subscribers: dict[Subscriber, None] = {}
         #: The frame being built this loop turn (head space, then encoded items); empty when no
         #: batch is open. A sealed frame belongs to the transports and is never touched again.
         self.batch = bytearray()
@@ -78,7 +115,7 @@ class ChannelState:
         }
 
 
-class Hub:
+class Hub(Generic[S]):
     """Who listens to what, the lineage and its generation, the replay buffer, and the relay
     counters.
 
@@ -95,7 +132,7 @@ class Hub:
         daemon_id: str | None = None,
     ) -> None:
         self.channels: dict[str, ChannelState] = {name: ChannelState(name) for name in channels}
-        self.sessions: dict[Session, None] = {}
+        self.sessions: dict[S, None] = {}
         self.daemon_id = daemon_id or secrets.token_hex(8)
         self.generation = 0
         self.replay = ReplayLog(replay_bytes)
@@ -179,7 +216,7 @@ class Hub:
         for session in list(self.sessions):
             session.send_tick(frame)
 
-    # -- fleet mode (issue 17): a host daemon's hub, fed from the stream (pgbusd/fleet/roles.py) --
+    # -- a fleet host: the hub fed from the stream ----------------------------------------------
 
     def publish_stamped(
         self, pid: int, channel: str, payload: str, generation: int, seq: int
@@ -291,12 +328,12 @@ class Hub:
                 return bulk, since
             await asyncio.sleep(0)
 
-    def snapshot(self, since: int) -> State:
+    def snapshot(self, since: int) -> HubSnapshot:
         """The lineage, its generation, every channel's seq, and the replay buffer's frames
         kept from number ``since`` on (the bulk went before: :meth:`export_replay`)."""
         self.seal_all()
         frames = self.replay.export(self._log_names(), since)
-        return State(
+        return HubSnapshot(
             self.daemon_id,
             self.generation,
             [
@@ -316,7 +353,7 @@ class Hub:
                 self.add_channel(name)
         self.replay.restore(frames, {name: st.log for name, st in self.channels.items()})
 
-    def restore(self, state: State, allowed: Callable[[str], bool]) -> None:
+    def restore(self, state: HubSnapshot, allowed: Callable[[str], bool]) -> None:
         """Continue the predecessor's lineage: its id, generation, seqs and the rest of its
         replay buffer, for the channels this daemon relays or ``allowed``; the others are gone
         (their seqs raise the floor), and so are channels taken with the bulk that the
@@ -372,15 +409,15 @@ class Hub:
 
     # -- from the client side ------------------------------------------------------------------
 
-    def add(self, session: Session) -> None:
+    def add(self, session: S) -> None:
         self.sessions[session] = None
 
-    def remove(self, session: Session) -> None:
+    def remove(self, session: S) -> None:
         self.sessions.pop(session, None)
         for channel in session.subscriptions:
             self.channels[channel].subscribers.pop(session, None)
 
-    def subscribe(self, session: Session, channel: str) -> int | None:
+    def subscribe(self, session: S, channel: str) -> int | None:
         """Add ``session`` to ``channel``; returns the channel's current seq, None if unknown.
 
         Open batches are sealed first: the new subscriber gets exactly the notifications after
@@ -411,7 +448,7 @@ class Hub:
         self.seal_all()
         return self.channels[channel].log.next_frame(after, limit)
 
-    def unsubscribe(self, session: Session, channel: str) -> None:
+    def unsubscribe(self, session: S, channel: str) -> None:
         state = self.channels.get(channel)
         if state is not None:
             self.seal_all()

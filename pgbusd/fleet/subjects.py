@@ -15,22 +15,9 @@ busy stream, would be a new schema version).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Final
 
-#: Stream names become the subject prefix: one plain token (JetStream also forbids '.', '*',
-#: '>', whitespace and path separators in them).
-_STREAM: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
-
-
-def validate_stream_name(name: str) -> str:
-    """Return ``name`` if it can name the stream (and prefix its subjects), else ValueError."""
-    if not _STREAM.fullmatch(name):
-        raise ValueError(
-            f"stream name {name!r} must be 1 to 32 characters of A-Z, a-z, 0-9, '_' or '-'"
-        )
-    return name
+from pgbusd.config import validate_stream_name
 
 
 @dataclass(frozen=True)

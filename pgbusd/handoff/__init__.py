@@ -53,7 +53,6 @@ predecessor.
 from pgbusd.handoff.protocol import (
     PROTOCOL,
     Abort,
-    ChannelSnapshot,
     Control,
     ControlMessage,
     HandoffError,
@@ -73,7 +72,6 @@ from pgbusd.handoff.protocol import (
 __all__ = [
     "PROTOCOL",
     "Abort",
-    "ChannelSnapshot",
     "Control",
     "ControlMessage",
     "HandoffError",

@@ -163,7 +163,7 @@ class Predecessor:
                         await control.send(h.Split(token, list(self.hub.channels)))
                         await self._from(successor, control.expect(h.Ready, None))
                         await self.listener.split(marker, token, timeout)
-                        await control.send(self.hub.snapshot(since))
+                        await control.send(h.State.of(self.hub.snapshot(since)))
                     # The successor may serve from now on: its word decides.
                     refusal = await self._refusal(successor, control, deadline)
                     if refusal is not None:

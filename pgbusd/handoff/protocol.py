@@ -15,6 +15,7 @@ from typing import Final
 
 import msgspec
 
+from pgbusd.core.hub import ChannelSnapshot, HubSnapshot
 from pgbusd.core.replay import ReplayExport
 
 #: Environment of a successor: the control socket, the listening socket, the lock (or -1), the
@@ -101,15 +102,6 @@ class Ready(Message, tag="ready"):
     """Successor: LISTENing on every channel the Split named."""
 
 
-class ChannelSnapshot(msgspec.Struct, array_like=True):
-    name: str
-    #: The seq the channel's next notification carries.
-    next_seq: int
-    last_received: float | None
-    #: A --channel, or a channel of --channel-pattern listened to on demand.
-    pinned: bool = True
-
-
 class Replay(Message, tag="replay"):
     """Predecessor: its replay buffer as it is now (the bulk of it, shipped while it still
     relays, so that the successor takes it before the split costs anyone a wait)."""
@@ -128,6 +120,28 @@ class State(Message, tag="state"):
     received: int
     seq_floor: int
     frames: ReplayExport
+
+    @classmethod
+    def of(cls, snapshot: HubSnapshot) -> State:
+        return cls(
+            snapshot.daemon_id,
+            snapshot.generation,
+            snapshot.channels,
+            snapshot.received,
+            snapshot.seq_floor,
+            snapshot.frames,
+        )
+
+    def snapshot(self) -> HubSnapshot:
+        """What the hub continues from."""
+        return HubSnapshot(
+            self.daemon_id,
+            self.generation,
+            self.channels,
+            self.received,
+            self.seq_floor,
+            self.frames,
+        )
 
 
 class Serving(Message, tag="serving"):

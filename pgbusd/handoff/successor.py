@@ -132,7 +132,7 @@ class Successor:
                 assert isinstance(state, h.State)
                 if marker != split.token:
                     raise h.HandoffError("the marker notification is not the one announced")
-                self.hub.restore(state, allowed)
+                self.hub.restore(state.snapshot(), allowed)
                 # A channel the predecessor took on after the split (a subscribe it could not
                 # answer any more) is listened now, before anyone may subscribe to it here.
                 await unless_failed(

@@ -24,6 +24,7 @@ import socket
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
+from pgbusd.config import Config
 from pgbusd.ops.status import Status
 
 #: The content type of the text exposition format.
@@ -460,3 +461,30 @@ def _response(status: int, body: bytes, head_only: bool, extra: list[str]) -> by
 
 def _join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve_metrics(
+    config: Config,
+    status: Callable[[], Status],
+    inherited: socket.socket | None,
+    inherited_address: str | None,
+    log: Any,
+) -> MetricsServer | None:
+    """Serve /metrics at ``config.metrics_address`` (None if unset): on ``inherited``, the
+    listening socket a reload's predecessor served at ``inherited_address``, when that is the
+    same address (the endpoint goes on without a gap), else on a socket of its own. OSError
+    (logged) if the address cannot be bound."""
+    endpoint = config.metrics_endpoint
+    if inherited is not None and (endpoint is None or inherited_address != config.metrics_address):
+        inherited.close()  # the predecessor's, at an address this daemon does not serve
+        inherited = None
+    if endpoint is None:
+        return None
+    metrics = MetricsServer(status, *endpoint)
+    try:
+        await metrics.start(sock=inherited)
+    except OSError as exc:
+        log.error("cannot serve metrics", address=config.metrics_address, error=str(exc))
+        raise
+    log.info("serving metrics", url=f"http://{metrics.address}/metrics")
+    return metrics

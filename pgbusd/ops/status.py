@@ -152,7 +152,7 @@ class FleetLease(msgspec.Struct, kw_only=True):
 
 
 class FleetStatus(msgspec.Struct, kw_only=True):
-    """Fleet mode (issue 17, docs/fleet.md): the daemon's role in the stream.
+    """Fleet mode (docs/fleet.md): the daemon's role in the stream.
 
     A bridge (``--publish``) LISTENs and publishes into the stream while it holds the lease
     (``state`` "publishing"), or follows it as a standby; a host (``--source``) relays the

@@ -43,6 +43,7 @@ from pgbusd.handoff import HandoffError
 from pgbusd.handoff.successor import Takeover
 from pgbusd.ops.log import get_logger
 from pgbusd.ops.status import PostgresStatus
+from pgbusd.postgres import listenset
 from pgbusd.postgres.health import Health, Probes
 from pgbusd.postgres.relay import Mode, Relay, RelayConnection, Sink, quote
 
@@ -58,10 +59,6 @@ CONFIG_ERRORS: tuple[type[BaseException], ...] = (
     OverflowError,
     TypeError,
 )
-
-
-#: Channels per LISTEN/UNLISTEN statement batch (one round trip each).
-_BATCH = 500
 
 
 class FatalConfigError(FatalFeedError):
@@ -275,27 +272,9 @@ class Listener:
             extra.add(takeover.marker_channel)
         # Every channel the hub has (pinned, and on-demand ones with subscribers), checked
         # against pg_listening_channels(); channels that came or went meanwhile are done too.
-        listening: set[str] = set()
-        for _ in range(10):
-            wanted = {*self.hub.channels, *extra}
-            if listening == wanted:
-                break
-            await self._execute_batches(
-                conn, sorted(wanted - listening), sorted(listening - wanted)
-            )
-            listening = set(
-                await conn.fetchval(
-                    "SELECT array_agg(c) FROM pg_listening_channels() c",
-                    timeout=self.config.connect_timeout,
-                )
-                or ()
-            )
-        if listening != {*self.hub.channels, *extra}:
-            raise RuntimeError(
-                f"server listens on {len(listening)} channels, expected "
-                f"{len(self.hub.channels) + len(extra)}: "
-                f"{sorted(listening ^ {*self.hub.channels, *extra})[:5]} differ"
-            )
+        listening = await listenset.sync(
+            conn, lambda: {*self.hub.channels, *extra}, self.config.connect_timeout
+        )
         self.health.listening_channels = len(listening)
         self.backend_pid = conn.get_server_pid()
         self._conn = conn
@@ -332,20 +311,13 @@ class Listener:
             with contextlib.suppress(Exception):
                 async with self._query_lock:
                     if conn is self._conn:
-                        await self._execute_batches(conn, [], [channel])
+                        await listenset.execute(conn, [], [channel], self.config.connect_timeout)
 
         task = asyncio.get_running_loop().create_task(unlisten())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     # -- channels on demand ----------------------------------------------------------------
-
-    async def _execute_batches(self, conn: Any, listen: list[str], unlisten: list[str]) -> None:
-        statements = [f"LISTEN {quote(ch)}" for ch in listen]
-        statements += [f"UNLISTEN {quote(ch)}" for ch in unlisten]
-        for start in range(0, len(statements), _BATCH):
-            batch = ";".join(statements[start : start + _BATCH])
-            await asyncio.wait_for(conn.execute(batch), self.config.connect_timeout)
 
     async def apply(self, listen: list[str], unlisten: list[str]) -> dict[str, str]:
         """LISTEN and UNLISTEN on the current connection, in one round trip; returns the
@@ -358,28 +330,9 @@ class Listener:
         async with self._query_lock:
             if conn is not self._conn:
                 return {}
-            try:
-                await self._execute_batches(conn, listen, unlisten)
-                return {}
-            except asyncpg.PostgresError:
-                pass  # one refused statement undoes its batch: find which, one at a time
-            except Exception as exc:
-                self.log.warning("LISTEN/UNLISTEN failed: reconnecting", error=repr(exc))
-                conn.terminate()
-                return {}
-            refused: dict[str, str] = {}
-            for channel in listen:
-                try:
-                    await self._execute_batches(conn, [channel], [])
-                except asyncpg.PostgresError as exc:
-                    refused[channel] = str(exc)
-                except Exception:
-                    conn.terminate()
-                    return refused
-            if unlisten:
-                with contextlib.suppress(asyncpg.PostgresError):
-                    await self._execute_batches(conn, [], unlisten)
-            return refused
+            return await listenset.apply(
+                conn, listen, unlisten, self.config.connect_timeout, self.log
+            )
 
     async def _locked(self, awaitable: Awaitable[_T]) -> _T:
         async with self._query_lock:
@@ -396,15 +349,10 @@ class Listener:
         for channel in channels:
             if channel not in self.hub.channels:
                 self.hub.add_channel(channel)
+        timeout = self.config.connect_timeout
         async with self._query_lock:
-            listening = set(
-                await conn.fetchval(
-                    "SELECT array_agg(c) FROM pg_listening_channels() c",
-                    timeout=self.config.connect_timeout,
-                )
-                or ()
-            )
-            await self._execute_batches(conn, sorted(set(channels) - listening), [])
+            listening = await listenset.listening(conn, timeout)
+            await listenset.execute(conn, sorted(set(channels) - listening), [], timeout)
 
     async def _adopted(self, takeover: Takeover) -> int:
         """The successor waits for its predecessor's state; the connection must hold on."""

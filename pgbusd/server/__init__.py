@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-
 import pgbusd
 from pgbus import protocol as p
 from pgbusd import handoff
@@ -31,7 +29,8 @@ from pgbusd.handoff.successor import Confirmation, Successor, Takeover
 from pgbusd.ops import sdnotify
 from pgbusd.ops import status as st
 from pgbusd.ops.log import get_logger
-from pgbusd.ops.metrics import MetricsServer
+from pgbusd.ops.metrics import MetricsServer, serve_metrics
+from pgbusd.server.document import document
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -51,7 +50,7 @@ class Server:
     def __init__(
         self,
         config: Config,
-        hub: Hub,
+        hub: Hub[Session],
         feed: Feed,
         *,
         role: Role | None = None,
@@ -403,71 +402,33 @@ class Server:
 
     async def _start_metrics(self) -> bool:
         """Serve /metrics if ``metrics_address`` is set; False (logged) if it cannot be bound."""
-        endpoint = self.config.metrics_endpoint
-        inherited = self._inherited.metrics if self._inherited is not None else None
-        if inherited is not None and (
-            endpoint is None or self._inherited.metrics_address != self.config.metrics_address  # type: ignore[union-attr]
-        ):
-            inherited.close()  # the predecessor's, at an address this daemon does not serve
-            inherited = None
-        if endpoint is None:
-            return True
-        metrics = MetricsServer(self.status, *endpoint)
+        inherited = self._inherited
         try:
-            await metrics.start(sock=inherited)  # a reload serves the same socket on
-        except OSError as exc:
-            self.log.error(
-                "cannot serve metrics", address=self.config.metrics_address, error=str(exc)
+            self._metrics = await serve_metrics(
+                self.config,
+                self.status,
+                inherited.metrics if inherited is not None else None,
+                inherited.metrics_address if inherited is not None else None,
+                self.log,
             )
-            if self._inherited is not None:
-                self._inherited.refuse(f"--metrics-address {self.config.metrics_address}: {exc}")
+        except OSError as exc:
+            if inherited is not None:
+                inherited.refuse(f"--metrics-address {self.config.metrics_address}: {exc}")
             return False
-        self._metrics = metrics
-        self.log.info("serving metrics", url=f"http://{metrics.address}/metrics")
         return True
 
     def status(self) -> st.Status:
         """The whole status document (no secrets): what /metrics renders, and what a status
         request gets once :func:`pgbusd.ops.status.fit` has cut it to the frame limit."""
-        self.hub.seal_all()  # so that the counters include what this loop turn received
-        now = time.time()
-        clients = [session.summary() for session in self.hub.sessions]
-        counters = self.counters
-        return st.Status(
-            daemon_id=self.daemon_id,
-            pid=os.getpid(),
-            version=pgbusd.__version__,
-            protocol=p.PROTOCOL_VERSION,
+        return document(
+            self.config,
+            self.hub,
+            self.feed,
+            self.channels,
+            self.counters,
+            role=self.role,
             started_at=self.started_at,
-            uptime=now - self.started_at,
-            socket=self.config.socket,
             metrics_address=self._metrics.address if self._metrics is not None else None,
-            generation=self.feed.generation,
-            postgres=self.feed.summary(),
-            channels={
-                name: msgspec.convert(state.summary(), st.ChannelStatus)
-                for name, state in self.hub.channels.items()
-            },
-            clients=clients,
-            totals=st.Totals(
-                replay_bytes=self.hub.replay.size,
-                replay_limit=self.hub.replay.limit,
-                listens=self.channels.listens,
-                unlistens=self.channels.unlistens,
-                subscribes_refused=dict(self.channels.refusals),
-                clients=len(clients),
-                notifications_received=self.hub.received,
-                notifications_sent=self.hub.sent,
-                reconnects=self.feed.reconnects,
-                clients_refused=counters.clients_refused,
-                frames_rejected=counters.frames_rejected,
-                clients_cut_slow=counters.clients_cut_slow,
-                bytes_waiting=sum(c.bytes_waiting for c in clients),
-                status_requests=counters.status_requests,
-                status_documents=counters.status_documents,
-            ),
-            dsn=self.config.redacted_dsn(),
-            fleet=self.role.status() if self.role is not None else None,
         )
 
     def _status_document(self) -> st.Document:

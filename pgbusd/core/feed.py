@@ -114,8 +114,8 @@ class Role(Protocol):
 
     async def run(self) -> None:
         """The role's own work besides its feed's (a bridge's publishing), until :meth:`stop`;
-        returning before it is a failure. A role whose work is its feed (a host) waits for
-        :meth:`stop` here."""
+        returning before it is a failure. A role that is also the daemon's feed (a host) has no
+        work beside it: the server runs it once, as the feed."""
         ...
 
     async def stop(self) -> None:

@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pgbusd
 from pgbus import protocol as p
@@ -321,9 +321,10 @@ class Server:
         role = self.role
         if role is None:
             return None
-        task = asyncio.create_task(role.run(), name="pgbusd-role")
+        task = None if role is cast(object, self.feed) else asyncio.create_task(role.run())
         ready = asyncio.ensure_future(role.ready(self.config.source_timeout))
-        await asyncio.wait((ready, feed, task), return_when=asyncio.FIRST_COMPLETED)
+        waited = (ready, feed) if task is None else (ready, feed, task)
+        await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
         if not ready.done():
             ready.cancel()
         elif not ready.result():

@@ -38,3 +38,18 @@ async def test_readme_example_prints_hi(daemon_factory: DaemonFactory, pg: Any) 
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_every_option_of_pgbusd_help_is_in_a_table_of_the_docs() -> None:
+    """An operator finds each option, its variable and its default in a table (README.md, or
+    docs/*.md for fleet mode), not only in --help."""
+    from click.testing import CliRunner
+
+    from pgbusd.cli import main
+
+    help_text = CliRunner().invoke(main, ["--help"]).output
+    options = set(re.findall(r"^\s+(--[a-z][a-z-]+)", help_text, re.M)) - {"--help", "--version"}
+    docs = [README, *sorted((README.parent / "docs").glob("*.md"))]
+    rows = [line for path in docs for line in path.read_text().splitlines() if line.startswith("|")]
+    missing = sorted(o for o in options if not any(f"`{o}" in row for row in rows))
+    assert not missing, f"options in no table: {missing}"

@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 
 import pgbus
+from pgbusd.config import redact
 from pgbusd.ops.status import ClientStatus, Status, parse
 
 DSN = os.environ.get("PGBUSD_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -33,6 +34,43 @@ FAST = [
     "--shutdown-timeout", "2",
     "--log-format", "json",
 ]  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Before anything runs: what the selected tests need (their ``postgres``, ``nats`` and
+    ``root`` marks) must be there, or the run stops with one message that says what is missing
+    and how to get it (rather than hundreds of connection errors)."""
+    needs = {mark.name for item in items for mark in item.iter_markers()}
+    missing = []
+    if "postgres" in needs:
+        problem = _postgres_problem()
+        if problem is not None:
+            missing.append(
+                f"PostgreSQL is not reachable at {redact(DSN, [])}: {problem}. Start it "
+                "(pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start), "
+                "or point PGBUSD_TEST_DSN at one"
+            )
+    nats = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if "nats" in needs and not Path(nats).exists():
+        missing.append("nats-server is not installed (apt-get install nats-server)")
+    if "root" in needs and os.geteuid() != 0:
+        missing.append("some selected tests need root (select them out with -m 'not root')")
+    if missing:
+        pytest.exit("cannot run these tests: " + "; ".join(missing), returncode=4)
+
+
+def _postgres_problem() -> str | None:
+    """Why the test database cannot be reached, or None if it can."""
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(DSN, timeout=5)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 FAILPOINTS = str(Path(__file__).with_name("failpoints"))

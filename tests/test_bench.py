@@ -11,7 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import DSN
+
+pytestmark = pytest.mark.postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [

@@ -32,6 +32,8 @@ from tests.proxy import TcpProxy
 from tests.test_faults import RSS_GROWTH_BOUND_KIB
 from tests.test_security import NOBODY, run_as
 
+pytestmark = [pytest.mark.postgres, pytest.mark.root]
+
 
 def on_demand(
     daemon_factory: DaemonFactory, *args: str, pinned: list[str] | None = None, **kwargs: Any

@@ -28,6 +28,8 @@ from tests.conftest import (
     wait_until,
 )
 
+pytestmark = pytest.mark.postgres
+
 
 def run_pgbusd(
     *args: str, env: dict[str, str] | None = None, timeout: float = 30

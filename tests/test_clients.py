@@ -33,6 +33,8 @@ from tests.conftest import (
 )
 from tests.fakedaemon import FakeConnection, FakeDaemon
 
+pytestmark = pytest.mark.postgres
+
 
 @pytest.fixture
 def fake_path(workdir: Path) -> str:

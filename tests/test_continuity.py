@@ -34,6 +34,8 @@ from tests.conftest import (
     wait_until,
 )
 
+pytestmark = [pytest.mark.postgres, pytest.mark.root]
+
 WORKER = str(Path(__file__).with_name("numbered_worker.py"))
 PACKAGE = Path(__file__).resolve().parent.parent / "pgbusd"
 

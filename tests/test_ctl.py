@@ -29,7 +29,7 @@ from tests.conftest import (
     wait_until,
 )
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.postgres]
 
 #: Seconds any single line or exit of pgbusctl may take before the test fails.
 DEADLINE = 15.0

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
 import pgbus
 from pgbus import protocol as p
@@ -35,6 +36,8 @@ from tests.conftest import (
     wait_until,
 )
 from tests.proxy import TcpProxy
+
+pytestmark = [pytest.mark.postgres, pytest.mark.root]
 
 #: The daemon may not grow by more than this while a test hammers it.
 RSS_GROWTH_BOUND_KIB = 32 * 1024

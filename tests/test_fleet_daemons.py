@@ -37,6 +37,8 @@ from tests.natsserver import NatsServer, freeze
 from tests.test_continuity import Sender, Worker, assert_complete, pgbusctl, workers
 from tests.test_systemd import PGBUSD, UNITS, NotifySocket, notify_socket, systemd_env
 
+pytestmark = [pytest.mark.postgres, pytest.mark.nats]
+
 __all__ = ["notify_socket"]  # a fixture, used by name
 
 

@@ -27,6 +27,8 @@ from tests.natsserver import NatsServer, freeze
 from tests.proxy import TcpProxy
 from tests.test_continuity import Sender, Worker, assert_complete, pgbusctl, workers
 
+pytestmark = [pytest.mark.postgres, pytest.mark.nats]
+
 #: Quick failure detection for the tests (the defaults are what the acceptance run measures).
 QUICK = ["--lease-ttl", "1", "--publisher-timeout", "0.4"]
 

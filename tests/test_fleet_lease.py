@@ -15,6 +15,8 @@ from pgbusd.fleet.subjects import StreamSubjects
 from tests.fleet_helpers import client, nats_server_fixture, unique_stream
 from tests.natsserver import NatsServer
 
+pytestmark = pytest.mark.nats
+
 
 @pytest.fixture(scope="module")
 def nats_server() -> Iterator[NatsServer]:

@@ -26,6 +26,8 @@ from tests.fleet_helpers import (
 from tests.natsserver import NatsServer
 from tests.test_fleet_source import Sink
 
+pytestmark = pytest.mark.nats
+
 
 @pytest.fixture(scope="module")
 def nats_server() -> Iterator[NatsServer]:

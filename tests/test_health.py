@@ -13,8 +13,12 @@ import json
 import os
 from typing import Any
 
+import pytest
+
 from tests.conftest import DaemonFactory, attached, status_of, terminate_backend, wait_until
 from tests.proxy import TcpProxy
+
+pytestmark = pytest.mark.postgres
 
 #: One transaction of this many 1 KiB notifications holds PostgreSQL's notify lock for about two
 #: seconds while it writes them to the queue (PostgreSQL 15, this 2-core VM), then streams 0.5 GB

@@ -23,6 +23,8 @@ from pgbusd.postgres.listener import Listener
 from tests.conftest import DSN, notify, unique_channel, wait_until
 from tests.test_hub import Recorder
 
+pytestmark = pytest.mark.postgres
+
 
 class FaultyHub(Hub):
     """Fan-out with a bug: relaying the payload ``boom`` raises."""

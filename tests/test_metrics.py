@@ -25,6 +25,8 @@ from pgbusd.ops.status import parse as parse_status
 from tests.conftest import Daemon, DaemonFactory, attached, notify, unique_channel, wait_until
 from tests.test_ctl import closed_port, run_ctl
 
+pytestmark = pytest.mark.postgres
+
 Parsed = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
 

@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import DaemonFactory
+
+pytestmark = pytest.mark.postgres
 
 README = Path(__file__).parent.parent / "README.md"
 

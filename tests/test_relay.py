@@ -28,6 +28,8 @@ from tests.conftest import (
     wait_until,
 )
 
+pytestmark = pytest.mark.postgres
+
 
 async def test_notification_reaches_two_processes_and_not_a_third_on_another_channel(
     daemon: Daemon, pg: Any, client_processes: list[ClientProcess]

@@ -43,6 +43,8 @@ from tests.test_continuity import (
 )
 from tests.unixrelay import UnixRelay
 
+pytestmark = [pytest.mark.postgres, pytest.mark.root]
+
 
 async def stopped_child(daemon: Daemon) -> int:
     """The pid of the daemon's successor once a failpoint stopped it."""

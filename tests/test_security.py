@@ -30,6 +30,8 @@ from tests.conftest import (
     wait_until,
 )
 
+pytestmark = [pytest.mark.postgres, pytest.mark.root]
+
 NOBODY = 65534
 
 

@@ -20,7 +20,7 @@ from tests.conftest import (
 )
 from tests.proxy import TcpProxy
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.postgres]
 
 
 async def test_subscribe_returns_receiver_for_registered_channel(

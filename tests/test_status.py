@@ -52,6 +52,8 @@ from tests.fakedaemon import FakeConnection, FakeDaemon
 from tests.test_ctl import run_ctl
 from tests.test_metrics import status_doc
 
+pytestmark = pytest.mark.postgres
+
 # -- the schema ------------------------------------------------------------------------------------
 
 

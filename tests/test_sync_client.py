@@ -30,6 +30,8 @@ from tests.conftest import (
 )
 from tests.proxy import TcpProxy
 
+pytestmark = pytest.mark.postgres
+
 T = TypeVar("T")
 
 

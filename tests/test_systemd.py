@@ -31,6 +31,8 @@ from tests.conftest import (
     wait_until,
 )
 
+pytestmark = pytest.mark.postgres
+
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 UNIT_FILES = ("pgbusd.service", "pgbusd@.service", "pgbusd.socket", "pgbusd@.socket")
 #: The pgbusd of this checkout's environment, for ExecStart= in the verified copies.

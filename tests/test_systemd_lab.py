@@ -26,7 +26,7 @@ from tests import systemd_lab
 from tests.conftest import ClientProcess, unique_channel
 from tests.systemd_lab import LAB_ENV, VENV, LabHome, SystemdLab
 
-pytestmark = pytest.mark.systemd_lab
+pytestmark = [pytest.mark.systemd_lab, pytest.mark.postgres, pytest.mark.root]
 
 TESTS = Path(__file__).resolve().parent
 README = systemd_lab.REPO / "README.md"

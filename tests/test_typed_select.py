@@ -13,6 +13,8 @@ import pgbus.sync
 from tests.conftest import Daemon, attached, notify, terminate_backend, wait_until_sync
 from tests.test_sync_client import SyncPg, backend_pid, sync_attached
 
+pytestmark = pytest.mark.postgres
+
 
 class Job(msgspec.Struct):
     id: int

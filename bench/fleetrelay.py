@@ -1,4 +1,4 @@
-"""6. Fleet relay: bridge -> JetStream -> host daemon -> client, against one daemon (issue 17).
+"""6. Fleet relay: bridge -> JetStream -> host daemon -> client, against one daemon.
 
 Two paths measured side by side in one run, on separate channels, their runs alternating so
 that both see the same noise:

@@ -1,4 +1,4 @@
-"""Fleet mode end to end (issue 17): real daemons in both roles, real clients, private NATS.
+"""Fleet mode end to end: real daemons in both roles, real clients, a private NATS server.
 
 Bridges are ``pgbusd --dsn ... --publish nats://...``, hosts ``pgbusd --source nats://...``
 (no PostgreSQL); subscribers are tests/numbered_worker.py processes (asyncio and blocking)

@@ -75,7 +75,6 @@ class StreamReader:
         on_lost: OnLost | None = None,
         position: Position | None = None,
         heartbeat: float = 1.0,
-        filter_subject: str | None = None,
         log: Any = None,
     ) -> None:
         self.nc = nc
@@ -84,16 +83,13 @@ class StreamReader:
         self.on_gap = on_gap
         self.on_lost = on_lost
         self.position = position
-        self.lost = 0
         self.heartbeat = heartbeat
-        self.filter_subject = filter_subject
         self.log = log
         #: The next stream sequence this reader wants.
         self.next_seq = max(1, start_seq)
         #: The stream's last sequence as last reported (next_seq - 1 + pending).
         self.head_seq = 0
         self.resets = 0
-        self.delivered = 0
         self.connected = False
         self.last_error: str | None = None
         self._incarnation = 0
@@ -172,7 +168,6 @@ class StreamReader:
                 if found != msg_id:
                     reason = f"the stream's message {seq} is {found}, not {msg_id}"
         if reason is not None:
-            self.lost += 1
             restart = await self.on_lost(reason)
             if restart is not None:
                 self.next_seq = max(1, restart)
@@ -202,7 +197,6 @@ class StreamReader:
             mem_storage=True,
             num_replicas=1,
             inactive_threshold=max(30.0, 10 * self.heartbeat),
-            filter_subject=self.filter_subject,
         )
         info = await self.nc.jetstream().add_consumer(self.stream, config, timeout=5)
         self._consumer = info.name
@@ -245,7 +239,6 @@ class StreamReader:
                 self.on_gap(self.next_seq, sseq)
             self.next_seq = sseq + 1
             self.head_seq = sseq + pending
-            self.delivered += 1
             self.deliver(sseq, msg)
         except BaseException as exc:
             self._failure = exc

@@ -131,10 +131,8 @@ class Bridge:
         self.marker_channel = self.subjects.marker_channel
         #: What the listener LISTENs on besides the relayed channels (a Tap's).
         self.extra_channels: tuple[str, ...] = (self.marker_channel,)
-        #: The channels this bridge relays into the stream.
-        self.channels = frozenset(channels)
-        #: What the stream carries: the relayed channels, and the markers that place it.
-        self._relayed = self.channels | {self.marker_channel}
+        #: The channels this bridge relays into the stream (the marker channel is not one).
+        self.channels = frozenset(channels) - {self.marker_channel}
         self.credentials = credentials
         self.bridge_id = secrets.token_hex(4)
         self.lease_ttl = lease_ttl
@@ -161,28 +159,34 @@ class Bridge:
         #: still come and place it.
         self._gate: str | None = None
         self._placeable = False
-        # The hot path: held.note, and while publishing ungated, the term log's submit and
-        # the publisher's poke (see notification()).
+        # The hot path (see notification() and _route()): while publishing ungated, the term
+        # log's submit and the publisher's poke; the held buffer's note before them unless it
+        # is suspended (_direct: the submit that goes without it).
         self._hold = self.held.note
         self._submit: Callable[[int, str, str], bool] | None = None
+        self._direct: Callable[[int, str, str], bool] | None = None
         self._poke: Callable[[], None] = _nothing
 
     # -- the listener's tap (synchronous, in delivery order, never blocking) -----------------------
 
     def notification(self, pid: int, channel: str, payload: str) -> None:
-        """Every notification the LISTEN connection delivers (the hub gets it next)."""
-        if channel not in self._relayed:
-            return
-        if channel == self.marker_channel:
+        """Every notification the LISTEN connection delivers (the hub gets it next): a relayed
+        channel's goes into the stream, a marker places it; the others are not the stream's."""
+        if channel in self.channels:
+            direct = self._direct
+            if direct is not None:
+                if direct(pid, channel, payload):
+                    self._poke()
+            elif self._hold(pid, channel, payload):
+                submit = self._submit
+                if submit is not None and submit(pid, channel, payload):
+                    self._poke()
+        elif channel == self.marker_channel:
             self._marker(payload)
-            return
-        if self._hold(pid, channel, payload):
-            submit = self._submit
-            if submit is not None and submit(pid, channel, payload):
-                self._poke()
 
     def _marker(self, payload: str) -> None:
-        self.held.marker(payload)
+        if self._direct is None:
+            self.held.marker(payload)
         publisher = self._publisher()
         if publisher is not None:
             if self._gate is None or payload == self._gate:
@@ -191,6 +195,8 @@ class Bridge:
                 publisher.poke()
             elif self._placeable and self.held.placed:
                 self._open_gate()  # the frontier is placed: the buffer skips up to it
+            elif self._direct is None:
+                self._route()  # the buffer may be done skipping up to the frontier
         self.markers.arrived(payload)
 
     def listening(self) -> None:
@@ -225,13 +231,18 @@ class Bridge:
         self._route()
 
     def _route(self) -> None:
-        """Where notifications go besides the held buffer: the term log, while publishing
-        and not gated."""
+        """Where notifications go: while publishing and not gated, to the term log, past the
+        held buffer (suspended) once it no longer drops what the stream holds; else to the
+        held buffer only."""
         publisher = self._publisher()
         if publisher is not None and self._gate is None:
             self._submit, self._poke = publisher.termlog.submit, publisher.poke
+            if not self.held.skipping:
+                self.held.suspend()
+                self._direct = self._submit
         else:
-            self._submit, self._poke = None, _nothing
+            self._submit, self._poke, self._direct = None, _nothing, None
+            self.held.resume()
 
     def _publisher(self) -> Publisher | None:
         term = self.term
@@ -407,24 +418,9 @@ class Bridge:
             on_deposed=self._deposed,
         )
         self._gate, self._placeable = first.gate, first.placeable
-        if first.gate is not None:
-            self.log.warning(
-                "takeover: nothing is published until this connection reaches the "
-                "takeover point (what it delivers before may be stored already)"
-            )
         self._enter(Phase.PUBLISHING)
         self.takeovers += 1
         self.exact_takeovers += first.exact
-        self.log.info(
-            "publishing",
-            term=term.name,
-            exact=first.exact,
-            fresh=opened.fresh,
-            same_channels=opened.comparable or opened.fresh,
-            generation=publisher.termlog.stamp.generation,
-            after_stream_seq=opened.state.stream_seq,
-            republished=sum(1 for e in first.republish if e.channel is not None),
-        )
         return publisher
 
     def _stored(self, stored: Stored) -> None:

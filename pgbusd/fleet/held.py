@@ -21,6 +21,10 @@ whose publisher has stalled cannot grow without bound. Whether a takeover can co
 
 Per notification, :meth:`HeldBuffer.note` appends one tuple (it runs for every notification of
 a busy bridge); trimming to a frontier is O(1) (each entry carries the bytes counted up to it).
+While its bridge publishes, what the buffer would keep is what the publisher keeps until it is
+stored: the buffer is then *suspended* (:meth:`HeldBuffer.suspend`), and nothing passes
+through it. It *resumes* as if everything before had been lost: no marker received before
+can be placed any more, so a frontier never lands on a count that missed notifications.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ _OVERHEAD = 128
 #: Entries gone from the head are let go of in one go once there are this many (and more than
 #: those kept): amortised O(1).
 _COMPACT = 4096
+#: Past the byte bound, the oldest entries go until the buffer holds this part of it (not one
+#: entry per notification: the bound is met rarely, and then in one step).
+_SHED_TO = 0.75
 
 
 class Held(NamedTuple):
@@ -58,6 +65,27 @@ _counted = itemgetter(3)
 
 
 class HeldBuffer:
+    __slots__ = (
+        "_entries",
+        "_first",
+        "_head",
+        "_limit",
+        "_lost_upto",
+        "_mark",
+        "_mark_at",
+        "_markers",
+        "_skip_until",
+        "_skipping",
+        "_start",
+        "_suspended",
+        "_target",
+        "_total",
+        "connection",
+        "dropped",
+        "frontier",
+        "max_bytes",
+    )
+
     def __init__(self, max_bytes: int = 64 << 20) -> None:
         self.max_bytes = max_bytes
         #: Incremented by every new connection (:meth:`reset`).
@@ -70,9 +98,10 @@ class HeldBuffer:
         self._entries: list[_Entry] = []
         self._head = 0
         self._first = 0
-        #: Bytes counted over every entry appended, and over those gone.
+        #: Bytes counted over every entry appended; past _limit, the buffer holds more than
+        #: max_bytes (the bytes counted over the entries gone, and max_bytes).
         self._total = 0
-        self._gone = 0
+        self._limit = max_bytes
         #: Index of each marker received on this connection (pruned as frontiers pass them).
         self._markers: dict[str, int] = {}
         #: The last marker on this connection and its index (None, and the index before the
@@ -88,6 +117,7 @@ class HeldBuffer:
         self._lost_upto = -1
         #: The frontier's index here (None: it cannot be placed yet).
         self._target: int | None = None
+        self._suspended = False
 
     @property
     def _next(self) -> int:
@@ -97,21 +127,44 @@ class HeldBuffer:
     def reset(self) -> None:
         """A new PostgreSQL connection: nothing held so far can be placed in it."""
         self.connection += 1
+        self._forget()
+        self._start = self._first
+        self._lost_upto = -1
+
+    def suspend(self) -> None:
+        """The publisher keeps what arrives from now on (nothing is given to this buffer)."""
+        self._suspended = True
+
+    def resume(self) -> None:
+        """Events are given to this buffer again. Those that were not are lost to it: what it
+        held is forgotten, and positions count from now (a marker received before cannot be
+        placed, whatever a frontier says)."""
+        if self._suspended:
+            self._suspended = False
+            self._forget()
+            self._lost_upto = self._first - 1
+
+    def _forget(self) -> None:
+        """Nothing held, no marker known, positions counted from the next event."""
         self._clear()
         self._markers.clear()
         self._mark, self._mark_at = None, self._first - 1
-        self._start = self._first
         self._skipping = False
         self._skip_until = self._first - 1
-        self._lost_upto = -1
         self._target = None
+        self._suspended = False
+
+    @property
+    def skipping(self) -> bool:
+        """Whether what arrives up to the frontier is still dropped on arrival."""
+        return self._skipping
 
     def _clear(self) -> None:
         """Let go of every entry (the indexes go on)."""
         self._first = self._next
         self._entries = []
         self._head = 0
-        self._gone = self._total
+        self._limit = self._total + self.max_bytes
 
     # -- from PostgreSQL ---------------------------------------------------------------------------
 
@@ -125,7 +178,8 @@ class HeldBuffer:
             self._skipping = False
             self._total += len(payload) + _OVERHEAD
             self._entries.append((None, 0, payload, self._total))
-            self._shed()
+            if self._total > self._limit:
+                self._shed()
         if self._target is None and self.frontier[0] == payload:
             self._place(index + self.frontier[1])
 
@@ -136,7 +190,7 @@ class HeldBuffer:
             return self._skip(pid, channel, payload)
         self._total = total = self._total + len(payload) + _OVERHEAD
         self._entries.append((channel, pid, payload, total))
-        if total - self._gone > self.max_bytes:
+        if total > self._limit:
             self._shed()
         return True
 
@@ -153,10 +207,9 @@ class HeldBuffer:
 
     def _shed(self) -> None:
         """Past the byte bound: the oldest entries go (counted)."""
-        if self._total - self._gone <= self.max_bytes:
-            return
         entries = self._entries
-        last = bisect.bisect_left(entries, self._total - self.max_bytes, self._head, key=_counted)
+        keep = int(self.max_bytes * _SHED_TO)
+        last = bisect.bisect_left(entries, self._total - keep, self._head, key=_counted)
         last = min(last, len(entries) - 1)
         self.dropped += last + 1 - self._head
         self._lost_upto = self._first + last
@@ -167,7 +220,7 @@ class HeldBuffer:
         entries = self._entries
         if upto <= self._head:
             return
-        self._gone = entries[upto - 1][3]
+        self._limit = entries[upto - 1][3] + self.max_bytes
         self._head = upto
         if upto >= _COMPACT and upto * 2 > len(entries):
             del entries[:upto]
@@ -179,6 +232,8 @@ class HeldBuffer:
     def stored(self, mark: str | None, off: int) -> None:
         """The stream now holds everything up to position (``mark``, ``off``)."""
         self.frontier = (mark, off)
+        if self._suspended:
+            return
         index = self._markers.get(mark) if mark is not None else None
         if index is None:
             self._target = None

@@ -117,6 +117,21 @@ class Term:
         self.publisher = Publisher(
             nc, termlog, on_stored=on_stored, on_deposed=on_deposed, log=self.log
         )
+        if first.gate is not None:
+            self.log.warning(
+                "takeover: nothing is published until this connection reaches the "
+                "takeover point (what it delivers before may be stored already)"
+            )
+        self.log.info(
+            "publishing",
+            term=self.name,
+            exact=first.exact,
+            fresh=opened.fresh,
+            same_channels=opened.comparable or opened.fresh,
+            generation=termlog.stamp.generation,
+            after_stream_seq=opened.state.stream_seq,
+            republished=sum(1 for e in first.republish if e.channel is not None),
+        )
         return self.publisher
 
     async def publish(self, publisher: Publisher) -> None:

@@ -73,6 +73,7 @@ class StreamReader:
         start_seq: int = 1,
         on_gap: OnGap | None = None,
         on_lost: OnLost | None = None,
+        on_open: Callable[[], None] | None = None,
         position: Position | None = None,
         heartbeat: float = 1.0,
         log: Any = None,
@@ -82,6 +83,8 @@ class StreamReader:
         self.deliver = deliver
         self.on_gap = on_gap
         self.on_lost = on_lost
+        #: Called each time a consumer is open (the reader reads from then on).
+        self.on_open = on_open
         self.position = position
         self.heartbeat = heartbeat
         self.log = log
@@ -125,6 +128,8 @@ class StreamReader:
                 await self._pause(self._backoff.next_delay())
                 continue
             self.connected = True
+            if self.on_open is not None:
+                self.on_open()
             while not (self._stopping or self._reset.is_set()):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._reset.wait(), self.heartbeat)

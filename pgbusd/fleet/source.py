@@ -273,6 +273,7 @@ class HostSource:
             start_seq=start,
             on_gap=view.gap,
             on_lost=self._lost,
+            on_open=self._caught_up,
             position=lambda: (view.state.stream_seq, view.state.msg_id),
             heartbeat=self.heartbeat,
             log=self.log,
@@ -320,7 +321,6 @@ class HostSource:
             self.view.begin(found, saved if lost is not None else None, lost or "")
         start = self.view.start(head)
         self._saved_seq = self.view.base_seq
-        self._caught_up()
         return start
 
     async def _saved_place_lost(
@@ -361,7 +361,9 @@ class HostSource:
             self._caught_up()
 
     def _caught_up(self) -> None:
-        if self.view.caught_up:
+        """Caught up (its clients may be served) once the view is, and the stream is read."""
+        reader = self.reader
+        if self.view.caught_up and reader is not None and reader.connected:
             self.caught_up.set()
 
     # -- the state file ----------------------------------------------------------------------------

@@ -88,6 +88,9 @@ _RUN_OVERHEAD: Final = 32
 #: A run whose room left is under this many bytes per channel is sealed when one of its
 #: channels used its share of the room (instead of sharing out what is left).
 _SHARE_FLOOR: Final = 4096
+#: Buffers of sealed runs kept for the next runs (a buffer that grows anew for every run costs
+#: its reallocations again each time).
+_SPARES: Final = 4
 
 
 class Phase(enum.Enum):
@@ -135,10 +138,10 @@ class _Group:
 
     __slots__ = ("first", "items", "limit", "overhead", "seq")
 
-    def __init__(self, first: int, overhead: int) -> None:
+    def __init__(self, first: int, overhead: int, items: bytearray) -> None:
         self.first = first
         self.seq = first - 1
-        self.items = bytearray()
+        self.items = items
         self.limit = 0
         self.overhead = overhead
 
@@ -411,6 +414,7 @@ class TermLog:
             notices=self.notices,
         )
         self._groups: dict[str, _Group] = {}
+        self._spares: list[bytearray] = []
         self._held_open = False
         self._dropping = False
         self._gap_pos: tuple[str | None, int] = (None, 0)
@@ -504,13 +508,15 @@ class TermLog:
                 self._drop()
                 return False
             self._gap_tick()
+        items = self._spares.pop() if self._spares else bytearray()
         group = self._groups[channel] = _Group(
-            self.stamp.seqs.get(channel, 0) + 1, _utf8(channel) + _RUN_OVERHEAD
+            self.stamp.seqs.get(channel, 0) + 1, _utf8(channel) + _RUN_OVERHEAD, items
         )
-        self._share()
         group.seq = seq = group.first
-        _encode_into((_NOTIFY_TAG, channel, payload, pid, self._generation, seq), group.items, -1)
-        if len(group.items) > group.limit:
+        # At offset 0: a spare buffer is written over (and keeps its size: no regrowing).
+        _encode_into((_NOTIFY_TAG, channel, payload, pid, self._generation, seq), items, 0)
+        self._share()
+        if len(items) > group.limit:
             self._over(group, pid, channel, payload)
         return True
 
@@ -587,6 +593,10 @@ class TermLog:
             s.Runs(self.lineage, self._generation, st.mark, st.off, runs),
             count,
         )
+        spares = self._spares  # encoded: the buffers are free again
+        for group in groups.values():
+            if len(spares) < _SPARES:
+                spares.append(group.items)
         return True
 
     def _oversize(self, channel: str, size: int) -> None:

@@ -103,7 +103,6 @@ class HostSource:
         self.connected_since: float | None = None
         self._saved_seq = -1
         self._stopping = asyncio.Event()
-        self._running = False
         self._done = asyncio.Event()
 
     # -- the feed ----------------------------------------------------------------------------------
@@ -143,14 +142,8 @@ class HostSource:
         return "reading"
 
     async def run(self) -> None:
-        """Read until :meth:`stop` (IncompatibleStreamError: a stream it cannot read).
-
-        The source is the host's feed and its role: the first call reads; a later one (the
-        role's, whose work is its feed's) waits for :meth:`stop`."""
-        if self._running:
-            await self._stopping.wait()
-            return
-        self._running = True
+        """Read until :meth:`stop` (IncompatibleStreamError: a stream it cannot read). The
+        source is the host's feed and its role: the server runs it once, as the feed."""
         try:
             await self._read()
         finally:

@@ -6,7 +6,7 @@ its *role* (:class:`pgbusd.core.feed.Role`: readiness, its part of the status). 
 stream (:class:`~pgbusd.fleet.reader.StreamReader`) and hands each message to its
 :class:`~pgbusd.fleet.hostview.HostView`, which says what the hub gets of it; it keeps the
 host's position in a state file (:mod:`pgbusd.fleet.statefile`), written at most every
-``save_interval`` seconds while messages flow and on stop, off the event loop.
+:data:`SAVE_INTERVAL` seconds while messages flow and on stop, off the event loop.
 
 The daemon serves clients once the source caught up (its replay buffer full, its lineage,
 generation and seqs restored: :meth:`HostSource.ready`), so that clients of a restarted host
@@ -42,6 +42,12 @@ from pgbusd.fleet.statefile import HostState, StateFile
 from pgbusd.fleet.subjects import StreamSubjects
 from pgbusd.ops.status import FleetStatus, PostgresStatus
 
+#: Seconds without a stored message after which a host that reads says it is stalled (a live
+#: publisher stores a checkpoint every 5 s even when idle).
+STALE_AFTER = 15.0
+#: Seconds between two writes of the state file while messages flow (and one on stop).
+SAVE_INTERVAL = 0.5
+
 #: Why a hand-off reload is refused in this role.
 RELOAD_REFUSAL = (
     "a host (--source) cannot be reloaded yet: restart it instead; its clients resume "
@@ -72,9 +78,6 @@ class HostSource:
         channels: Iterable[str] = (),
         credentials: str | None = None,
         nats_shown: str | None = None,
-        stale_after: float = 15.0,
-        replay_window: int = 1000,
-        save_interval: float = 0.5,
         heartbeat: float = 1.0,
         log: Any = None,
     ) -> None:
@@ -85,13 +88,9 @@ class HostSource:
         self.subjects = StreamSubjects(stream)
         self.sink = sink
         self.log: Any = log or get_logger(component="source")
-        self.view = HostView(
-            sink, channels=frozenset(channels), replay_window=replay_window, log=self.log
-        )
+        self.view = HostView(sink, channels=frozenset(channels), log=self.log)
         self.state_file = StateFile(state_file) if state_file is not None else None
-        self.stale_after = stale_after
         self.credentials = credentials
-        self.save_interval = save_interval
         self.heartbeat = heartbeat
         self.caught_up = asyncio.Event()
         self.nc: NATS | None = None
@@ -137,7 +136,7 @@ class HostSource:
         if reader is None or not reader.connected:
             return "no stream" if reader is not None and reader.last_error else "connecting"
         last = self.last_message_at
-        if last is not None and time.monotonic() - last > self.stale_after:
+        if last is not None and time.monotonic() - last > STALE_AFTER:
             return "stalled (nothing stored: no publishing bridge?)"
         return "reading"
 
@@ -371,7 +370,7 @@ class HostSource:
 
     async def _save_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.save_interval)
+            await asyncio.sleep(SAVE_INTERVAL)
             try:
                 await self._save()
             except OSError as exc:

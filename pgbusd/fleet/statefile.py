@@ -3,7 +3,7 @@
 It holds, after the last message the host applied, the stream sequence and message id,
 lineage, generation, local steps, position and the per-channel seq vector
 (:class:`HostState`, JSON). It is written atomically (a temporary file, fsync, rename, fsync of
-the directory) by :mod:`pgbusd.fleet.source`, at most every ``save_interval`` seconds while
+the directory) by :mod:`pgbusd.fleet.source`, at most every half second while
 messages flow, and on stop. Losing the last writes (a crash, a power loss) only makes the next
 start read a little more; a state file that is gone makes the host start as a new one (its
 clients step once). A state file that cannot be (it does not decode, or holds impossible

@@ -1,4 +1,4 @@
-"""6. Fleet relay: bridge -> JetStream -> host daemon -> client, against one daemon (issue 17).
+"""6. Fleet relay: bridge -> JetStream -> host daemon -> client, against one daemon.
 
 Two paths measured side by side in one run, on separate channels, their runs alternating so
 that both see the same noise:
@@ -41,6 +41,8 @@ from bench.worker import Spec
 
 SIZE = 64
 STREAM = "BENCHFLEET"
+#: The fleet path's processes whose CPU per notification the log shows.
+ROLES = ("bridge", "nats", "host", "client")
 
 
 class FleetBurst(msgspec.Struct):
@@ -113,9 +115,11 @@ async def fleet_relay(
             s = median([r.rate for r in runs["single"]])
             f = median([r.rate for r in runs["fleet"]])
             bursts.append(FleetBurst(shape, n, s, f, f / s, runs["single"], runs["fleet"]))
+            cpu = {role: median([r.cpu_us[role] for r in runs["fleet"]]) for role in ROLES}
             log(
                 f"fleet   {SIZE} B {shape:<16} single host {s:>9,.0f}/s  "
-                f"fleet {f:>9,.0f}/s  ratio {f / s:.2f}"
+                f"fleet {f:>9,.0f}/s  ratio {f / s:.2f}  CPU us/notification "
+                + "  ".join(f"{role} {cpu[role]:.2f}" for role in ROLES)
             )
         rate = settings.rates[0]
         n = max(100, int(rate * settings.latency_seconds))

@@ -44,8 +44,10 @@ def build(config: Config, inherited: handoff.Inherited | None) -> Server:
     if config.fleet_role is not None:
         from pgbusd.fleet import roles  # imports nats, the optional fleet extra
 
-        fleet = roles.create(config, hub)
-        role, tap, feed = fleet, fleet.hooks, fleet.feed
+        if config.fleet_role == "bridge":
+            role = tap = roles.bridge(config)
+        else:
+            role = feed = roles.host(config, hub)
     listener: Listener | None = None
     if feed is None:
         feed = listener = Listener(config, hub, probes, takeover, tap=tap)

@@ -1,4 +1,4 @@
-"""Fleet mode end to end (issue 17): real daemons in both roles, real clients, private NATS.
+"""Fleet mode end to end: real daemons in both roles, real clients, a private NATS server.
 
 Bridges are ``pgbusd --dsn ... --publish nats://...``, hosts ``pgbusd --source nats://...``
 (no PostgreSQL); subscribers are tests/numbered_worker.py processes (asyncio and blocking)
@@ -340,7 +340,7 @@ async def test_a_host_tells_systemd_it_is_ready_once_its_stream_caught_up(
     await fleet_state(bridge, "publishing")
     await notify_socket.expect_line("READY=1", timeout=30)
     status = await notify_socket.expect(lambda line: line.startswith("STATUS="), "STATUS=")
-    assert status == "STATUS=PostgreSQL connected, generation 1, 0 clients"  # its stream, read
+    assert status == "STATUS=PostgreSQL connected, generation 1, 0 clients", status  # its stream
     assert (await host.wait_generation(1)).fleet is not None
 
 

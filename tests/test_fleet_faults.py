@@ -320,6 +320,20 @@ async def _took_over(bridge: Daemon) -> bool:
     return bool(st and st.fleet and st.fleet.state == "publishing" and st.fleet.takeovers >= 2)
 
 
+async def _last_seq(nats: NatsServer, stream: str) -> int:
+    nc = await client(nats.url)
+    try:
+        return int((await nc.jetstream().stream_info(stream)).state.last_seq)
+    finally:
+        await nc.close()
+
+
+async def _read_past(host: Daemon, seq: int) -> bool:
+    st = await host.status()
+    last = st.fleet.last_stream_seq if st is not None and st.fleet is not None else None
+    return last is not None and last > seq
+
+
 async def _not_reading(host: Daemon) -> Any:
     st = await host.status()
     return st if st is not None and st.fleet is not None and st.fleet.state != "reading" else None
@@ -347,7 +361,11 @@ async def test_a_host_past_the_end_of_a_restored_stream_steps_and_reads_on(
             await asyncio.to_thread(nats.stop)
             shutil.copytree(nats.store, backup)  # a backup, taken while the server was down
             await asyncio.to_thread(nats.start)
-            await sender.wait_sent(80)  # the host reads past the backup's end
+            backup_end = await _last_seq(nats, fleet.stream)  # at least where the backup ends
+            await sender.wait_sent(80)
+            await wait_until(
+                lambda: _read_past(host, backup_end), 30, what="the host past the backup's end"
+            )
             await asyncio.to_thread(nats.stop)
             shutil.rmtree(nats.store)
             shutil.copytree(backup, nats.store)  # restored

@@ -1,4 +1,8 @@
-"""StreamPublisher against a real nats-server: order, pipelining, retries, gaps, fencing."""
+"""A publisher term against a real nats-server: order, pipelining, retries, gaps, fencing.
+
+What the term decides is tested without a server (tests/test_fleet_termlog.py); these check
+that the publisher's I/O carries it out against JetStream.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,8 @@ import pytest
 
 from pgbusd.fleet import natsconn
 from pgbusd.fleet import schema as s
-from pgbusd.fleet.publisher import StreamPublisher
+from pgbusd.fleet.publisher import Publisher
 from pgbusd.fleet.source import HostSource
-from pgbusd.fleet.subjects import StreamSubjects
 from tests.fleet_helpers import (
     check_contiguous,
     client,
@@ -20,7 +23,9 @@ from tests.fleet_helpers import (
     eventually,
     nats_server_fixture,
     notes_of,
+    publisher,
     read_stream,
+    submit,
     unique_stream,
 )
 from tests.natsserver import NatsServer
@@ -34,9 +39,11 @@ def nats_server() -> Iterator[NatsServer]:
     yield from nats_server_fixture()
 
 
-def new_publisher(nc: object, subjects: StreamSubjects, **kwargs: object) -> StreamPublisher:
-    state = s.StreamState(lineage=s.new_lineage())
-    return StreamPublisher(nc, subjects, state, term="t1", **kwargs)  # type: ignore[arg-type]
+def per_channel(notes: list[tuple[str, int, str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for channel, _seq, payload in notes:
+        out.setdefault(channel, []).append(payload)
+    return out
 
 
 async def test_pipelined_batches_land_in_order_with_contiguous_seqs(
@@ -44,50 +51,51 @@ async def test_pipelined_batches_land_in_order_with_contiguous_seqs(
 ) -> None:
     nc = await client(nats_server.url)
     subjects = await ensure(nc, unique_stream())
-    publisher = new_publisher(nc, subjects, max_in_flight=8, max_batch_bytes=2000)
-    await publisher.start()
-    sent = []
+    term = publisher(nc, subjects, max_in_flight=8, max_batch_bytes=2000)
+    await term.start()
+    sent: list[tuple[str, int, str]] = []
     for i in range(3000):
         channel = ("a", "b.c", "d e")[i % 7 % 3]
-        publisher.submit(1, channel, f"{i}", None, 0)
-        sent.append(f"{i}")
+        submit(term, 1, channel, f"{i}")
+        sent.append((channel, 0, f"{i}"))
         if i % 97 == 0:
             await asyncio.sleep(0)
         if i % 1000 == 500:
-            publisher.reconnected()  # resync with messages in flight: nothing lost or doubled
-    await eventually(lambda: publisher.stored_notes == 3000 and not publisher.pending)
+            term.reconnected()  # resync with messages in flight: nothing lost or doubled
+    await eventually(lambda: term.termlog.stored_notes == 3000 and not term.termlog.pending)
     messages = await read_stream(nc, subjects.stream)
     check_contiguous(messages)
-    assert [payload for _, _, payload in notes_of(messages)] == sent
+    # Per channel in order (a message holds its notifications channel by channel).
+    assert per_channel(notes_of(messages)) == per_channel(sent)
     assert isinstance(messages[0][1], s.Checkpoint)
-    assert publisher.statistics()["dropped"] == 0
-    await publisher.close()
+    assert term.termlog.dropped == 0
+    await term.close()
     await nc.close()
 
 
 async def test_a_nats_restart_loses_nothing_and_repeats_nothing(nats_server: NatsServer) -> None:
-    publisher: StreamPublisher | None = None
+    term: Publisher | None = None
 
     async def reconnected() -> None:
-        if publisher is not None:
-            publisher.reconnected()
+        if term is not None:
+            term.reconnected()
 
     nc = await natsconn.connect(nats_server.url, name="t", on_reconnected=reconnected)
     subjects = await ensure(nc, unique_stream())
-    publisher = new_publisher(nc, subjects, ack_timeout=0.5)
-    await publisher.start()
+    term = publisher(nc, subjects, ack_timeout=0.5)
+    await term.start()
     for i in range(500):
-        publisher.submit(1, "a", f"{i}", None, 0)
+        submit(term, 1, "a", f"{i}")
     await asyncio.to_thread(nats_server.restart)
     for i in range(500, 1000):
-        publisher.submit(1, "a", f"{i}", None, 0)
+        submit(term, 1, "a", f"{i}")
         if i % 50 == 0:
             await asyncio.sleep(0.01)
-    await eventually(lambda: publisher.stored_notes == 1000, 30, "everything stored")
+    await eventually(lambda: term.termlog.stored_notes == 1000, 30, "everything stored")
     messages = await read_stream(nc, subjects.stream)
     check_contiguous(messages)
     assert [p for _, _, p in notes_of(messages)] == [f"{i}" for i in range(1000)]
-    await publisher.close()
+    await term.close()
     await nc.close()
 
 
@@ -96,22 +104,23 @@ async def test_past_the_buffer_bound_one_tick_marks_exactly_where_notifications_
 ) -> None:
     nc = await client(nats_server.url)
     subjects = await ensure(nc, unique_stream())
-    publisher = new_publisher(nc, subjects, max_buffer_bytes=20_000, ack_timeout=0.3)
-    await publisher.start()
-    await eventually(lambda: not publisher.pending)
+    term = publisher(nc, subjects, max_buffer_bytes=20_000, ack_timeout=0.3)
+    await term.start()
+    await eventually(lambda: not term.termlog.pending)
+    term.termlog.advance("m")  # a marker: the notifications after it are ("m", 1), ...
     nats_server.pause()  # unreachable: nothing is acknowledged
     try:
         for i in range(2000):
-            publisher.submit(1, "a", f"{i:04}" + "x" * 60, f"m{i}", i)
+            submit(term, 1, "a", f"{i:04}" + "x" * 60)
             if i % 100 == 0:
                 await asyncio.sleep(0)
-        assert publisher.dropped > 0
+        assert term.termlog.dropped > 0
     finally:
         nats_server.resume()
-    await eventually(lambda: not publisher.pending, 30, "the buffer drained")
+    await eventually(lambda: not term.termlog.pending, 30, "the buffer drained")
     for i in range(2000, 2010):
-        publisher.submit(1, "a", f"{i:04}", f"m{i}", i)
-    await eventually(lambda: not publisher.pending, 30, "the rest stored")
+        submit(term, 1, "a", f"{i:04}")
+    await eventually(lambda: not term.termlog.pending, 30, "the rest stored")
     messages = await read_stream(nc, subjects.stream)
     state = check_contiguous(messages)
     ticks = [(i, m) for i, (_, m, _) in enumerate(messages) if isinstance(m, s.Tick)]
@@ -124,10 +133,10 @@ async def test_past_the_buffer_bound_one_tick_marks_exactly_where_notifications_
     assert before == [f"{i:04}" for i in range(len(before))]  # the oldest kept, in order
     assert after == [f"{i:04}" for i in range(2000, 2010)]
     # The tick carries the position of the last dropped notification: a standby resumes there.
-    assert (tick.mark, tick.off) == ("m1999", 1999)
-    assert publisher.dropped == 2000 - len(before)
+    assert (tick.mark, tick.off) == ("m", 2000)
+    assert term.termlog.dropped == 2000 - len(before)
     assert state.seqs["a"] == len(before) + 10  # dropped notifications have no seq
-    await publisher.close()
+    await term.close()
     await nc.close()
 
 
@@ -137,16 +146,16 @@ async def test_a_deposed_publisher_stops_and_never_writes_after_its_rival(
     nc = await client(nats_server.url)
     subjects = await ensure(nc, unique_stream())
     deposed: list[str] = []
-    publisher = new_publisher(nc, subjects, on_deposed=deposed.append, ack_timeout=0.5)
-    await publisher.start()
+    term = publisher(nc, subjects, on_deposed=deposed.append, ack_timeout=0.5)
+    await term.start()
     for i in range(10):
-        publisher.submit(1, "a", f"{i}", None, 0)
-    await eventually(lambda: publisher.stored_notes == 10 and not publisher.pending)
+        submit(term, 1, "a", f"{i}")
+    await eventually(lambda: term.termlog.stored_notes == 10 and not term.termlog.pending)
     # A rival takes over: it writes right after the last message it read.
     js = nc.jetstream()
     last = (await read_stream(nc, subjects.stream))[-1][2]
     assert last is not None
-    rival = s.Tick(publisher.lineage, 2, None, 0, "takeover")
+    rival = s.Tick(term.termlog.lineage, 2, None, 0, "takeover")
     await js.publish(
         subjects.ticks,
         s.encode(rival),
@@ -157,25 +166,25 @@ async def test_a_deposed_publisher_stops_and_never_writes_after_its_rival(
         },
     )
     for i in range(10, 20):
-        publisher.submit(1, "a", f"{i}", None, 0)
-    await eventually(lambda: publisher.fenced, 10, "the publisher to find itself deposed")
+        submit(term, 1, "a", f"{i}")
+    await eventually(lambda: term.fenced, 10, "the publisher to find itself deposed")
     assert deposed
     messages = await read_stream(nc, subjects.stream)
     assert messages[-1][2] == "rival.0"
     assert [p for _, _, p in notes_of(messages)] == [f"{i}" for i in range(10)]
-    await publisher.close()
+    await term.close()
     await nc.close()
 
 
 async def test_submit_never_blocks_or_raises_while_nats_is_gone(nats_server: NatsServer) -> None:
     nc = await client(nats_server.url)
     subjects = await ensure(nc, unique_stream())
-    publisher = new_publisher(nc, subjects, max_buffer_bytes=5_000)
-    await publisher.start()
-    await publisher.close()  # closed and fenced: submit still only counts
+    term = publisher(nc, subjects, max_buffer_bytes=5_000)
+    await term.start()
+    await term.close()  # closed and fenced: submit still only counts
     for i in range(1000):
-        publisher.submit(1, "a", f"{i}", None, 0)
-    assert publisher.submitted == 1000
+        submit(term, 1, "a", f"{i}")
+    assert term.termlog.submitted == 1000
     await nc.close()
 
 
@@ -195,16 +204,16 @@ async def test_a_server_with_a_small_max_payload_gets_batches_sized_to_fit(
     nc = await client(small_nats.url)
     assert nc.max_payload == 65536
     subjects = await ensure(nc, unique_stream())
-    publisher = new_publisher(nc, subjects)
-    await publisher.start()
+    term = publisher(nc, subjects)
+    await term.start()
     big = [f"{i:04}" + "x" * 7995 for i in range(50)]
     for payload in big:
-        publisher.submit(1, "a", payload, None, 0)
-    await eventually(lambda: not publisher.pending, 20, "everything stored")
+        submit(term, 1, "a", payload)
+    await eventually(lambda: not term.termlog.pending, 20, "everything stored")
     messages = await read_stream(nc, subjects.stream)
     check_contiguous(messages)
     assert [p for _, _, p in notes_of(messages)] == big
-    await publisher.close()
+    await term.close()
     await nc.close()
 
 
@@ -213,24 +222,24 @@ async def test_a_checkpoint_larger_than_a_message_is_stored_in_parts_a_host_puts
 ) -> None:
     nc = await client(small_nats.url)
     subjects = await ensure(nc, unique_stream())
-    publisher = new_publisher(nc, subjects)
-    await publisher.start()
+    term = publisher(nc, subjects)
+    await term.start()
     channels = [f"channel_{i:05d}_{'x' * 30}" for i in range(4000)]  # 200 kB of checkpoint
     for i, channel in enumerate(channels):
-        publisher.submit(1, channel, str(i), None, 0)
-    publisher.checkpoint()
-    await eventually(lambda: not publisher.pending, 20, "everything stored")
+        submit(term, 1, channel, str(i))
+    term.termlog.checkpoint()
+    await eventually(lambda: not term.termlog.pending, 20, "everything stored")
     messages = await read_stream(nc, subjects.stream)
     state = check_contiguous(messages)
     assert state.seqs == dict.fromkeys(channels, 1)
     sink = Sink()
     source = HostSource(small_nats.url, subjects.stream, sink, state_file=tmp_path / "h.state")
     task = asyncio.create_task(source.run())
-    await eventually(lambda: source.base_seq > 0, 20, "the host placed on the checkpoint")
-    assert source.state.seqs == dict.fromkeys(channels, 1)
+    await eventually(lambda: source.view.base_seq > 0, 20, "the host placed on the checkpoint")
+    assert source.view.state.seqs == dict.fromkeys(channels, 1)
     await source.stop()
     await asyncio.wait_for(task, 10)
-    await publisher.close()
+    await term.close()
     await nc.close()
 
 
@@ -240,16 +249,16 @@ async def test_checkpoints_list_every_relayed_channel_and_split_ones_are_marked_
     nc = await client(small_nats.url)
     subjects = await ensure(nc, unique_stream())
     channels = frozenset(f"channel_{i:05d}_{'x' * 30}" for i in range(4000))
-    publisher = new_publisher(nc, subjects, channels=channels)
-    await publisher.start()  # its opening checkpoint: every channel, none with a seq yet
-    await eventually(lambda: not publisher.pending, 20, "everything stored")
+    term = publisher(nc, subjects, channels=channels)
+    await term.start()  # its opening checkpoint: every channel, none with a seq yet
+    await eventually(lambda: not term.termlog.pending, 20, "everything stored")
     js = nc.jetstream()
     first = await js.get_msg(subjects.stream, 1)
     assert (first.headers or {})[s.H_SCHEMA] == str(s.SCHEMA_PARTS)
     state = check_contiguous(await read_stream(nc, subjects.stream))
     assert state.relayed == channels
     assert state.seqs == dict.fromkeys(channels, 0)
-    await publisher.close()
+    await term.close()
     await nc.close()
 
 
@@ -262,16 +271,16 @@ async def test_a_notification_no_message_can_hold_is_replaced_by_a_tick(
     info = await js.stream_info(subjects.stream)
     info.config.max_msg_size = 4096  # the stream's own limit, below PostgreSQL's payloads
     await js.update_stream(info.config)
-    publisher = new_publisher(nc, subjects, max_msg_size=4096)
-    await publisher.start()
-    publisher.submit(1, "a", "before", None, 0)
-    publisher.submit(1, "a", "x" * 7999, None, 0)
-    publisher.submit(1, "a", "after", None, 0)
-    await eventually(lambda: not publisher.pending, 20, "everything stored")
+    term = publisher(nc, subjects, max_msg_size=4096)
+    await term.start()
+    submit(term, 1, "a", "before")
+    submit(term, 1, "a", "x" * 7999)
+    submit(term, 1, "a", "after")
+    await eventually(lambda: not term.termlog.pending, 20, "everything stored")
     messages = await read_stream(nc, subjects.stream)
     check_contiguous(messages)
     assert [p for _, _, p in notes_of(messages)] == ["before", "after"]
     ticks = [m for _, m, _ in messages if isinstance(m, s.Tick)]
     assert [t.reason for t in ticks] == ["oversize"]
-    await publisher.close()
+    await term.close()
     await nc.close()

@@ -12,11 +12,18 @@ import pytest
 import structlog
 
 from pgbusd.fleet import natsconn
-from pgbusd.fleet import schema as s
-from pgbusd.fleet.publisher import StreamPublisher
-from pgbusd.fleet.source import HostSource, StateFile
+from pgbusd.fleet.source import HostSource
+from pgbusd.fleet.statefile import StateFile
 from pgbusd.fleet.subjects import StreamSubjects
-from tests.fleet_helpers import client, eventually, nats_server_fixture, unique_stream
+from tests.fleet_helpers import (
+    client,
+    eventually,
+    nats_server_fixture,
+    publisher,
+    run_notes,
+    submit,
+    unique_stream,
+)
 from tests.natsserver import NatsServer
 
 pytestmark = pytest.mark.nats
@@ -28,21 +35,28 @@ def nats_server() -> Iterator[NatsServer]:
 
 
 class Sink:
-    """Records what a HostSource delivers, as a host daemon's hub would see it."""
+    """Records what a HostSource delivers, as a host daemon's hub would see it: one event per
+    notification (its runs decoded)."""
 
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
         self.resets: list[tuple[str, int, dict[str, int]]] = []
+        self.placed: dict[str, int] = {}
 
-    def history(self, pid: int, channel: str, payload: str, generation: int, seq: int) -> None:
-        self.events.append(("history", channel, payload, generation, seq))
+    def history(self, channel: str, first: int, count: int, items: bytes) -> None:
+        for n in run_notes((channel, first, count, items)):
+            self.events.append(("history", n.channel, n.payload, n.generation, n.seq))
+
+    def notify(self, channel: str, first: int, count: int, items: bytes) -> None:
+        for n in run_notes((channel, first, count, items)):
+            self.events.append(("notify", n.channel, n.payload, n.generation, n.seq))
+
+    def place(self, channel: str, seq: int) -> None:
+        self.placed[channel] = seq
 
     def reset(self, lineage: str, generation: int, seqs: dict[str, int]) -> None:
         self.resets.append((lineage, generation, dict(seqs)))
         self.events.append(("reset", lineage, generation))
-
-    def notify(self, pid: int, channel: str, payload: str, generation: int, seq: int) -> None:
-        self.events.append(("notify", channel, payload, generation, seq))
 
     def tick(self, generation: int) -> None:
         self.events.append(("tick", generation))
@@ -62,27 +76,22 @@ class Writer:
     """A publisher term writing numbered notifications."""
 
     def __init__(self, nc: Any, subjects: StreamSubjects) -> None:
-        self.publisher = StreamPublisher(
-            nc,
-            subjects,
-            s.StreamState(lineage=s.new_lineage()),
-            term="w",
-            ack_timeout=0.5,
-            coalesce=None,  # one stream message per loop turn (retention counts messages)
-        )
+        # One stream message per loop turn (retention counts messages).
+        self.publisher = publisher(nc, subjects, term="w", ack_timeout=0.5, coalesce=None)
         self.n = 0
 
     async def start(self) -> None:
         await self.publisher.start()
-        self.publisher.tick("start", None, 0)
+        self.publisher.termlog.tick("start", None, 0)
+        self.publisher.poke()
 
     async def write(self, count: int, channels: tuple[str, ...] = ("a", "b")) -> None:
         """``count`` notifications, one loop turn (so one stream message) each."""
         for _ in range(count):
-            self.publisher.submit(1, channels[self.n % len(channels)], str(self.n), None, 0)
+            submit(self.publisher, 1, channels[self.n % len(channels)], str(self.n))
             self.n += 1
             await asyncio.sleep(0)
-        await eventually(lambda: not self.publisher.pending, 30, "writes stored")
+        await eventually(lambda: not self.publisher.termlog.pending, 30, "writes stored")
 
 
 @pytest.fixture
@@ -168,7 +177,7 @@ async def test_messages_gone_past_retention_step_the_generation_once(
     await eventually(lambda: len(second.live()) == 4)
     (reset,) = second.resets
     assert reset[1] == generation + 1  # one local step, nothing silent
-    assert source.local_steps == 1
+    assert source.view.local_steps == 1
     assert [e for e in second.events if e[0] == "tick"] == []
     assert all(e[3] == generation + 1 for e in second.live())
     await stopped(source, task)
@@ -220,8 +229,8 @@ async def test_an_impossible_state_file_is_corrupt_and_the_host_starts_from_the_
         source = HostSource(nats_server.url, subjects.stream, second, state_file=state)
         task = await running(source)
     await stopped(source, task)
-    assert not source.resumed  # a new host: what its clients hold is only resumed if re-read
-    assert source.local_steps >= 0
-    assert source.generation >= first.resets[0][1]
+    assert not source.view.resumed  # a new host: what its clients hold is only resumed if re-read
+    assert source.view.local_steps >= 0
+    assert source.view.generation >= first.resets[0][1]
     (corrupt,) = [e for e in logs if e["event"].startswith("state file corrupt")]
     assert corrupt["reason"]

@@ -43,6 +43,8 @@ else:
 
 _NOTIFY_TAG: Final = p.NOTIFY_TAG
 _BATCH_LIMIT: Final = p.BATCH_LIMIT
+#: The most a batch may hold before a fleet host's run is appended to it (see publish_run).
+_RUN_ROOM: Final = p.BATCH_LIMIT + p.MAX_ITEM
 #: Appends a notification to a batch (see protocol.encode_into: the one encoding, written inline).
 _encode_into: Final = p.encode_into
 
@@ -148,7 +150,8 @@ class Hub(Generic[S]):
         #: Channels with an open batch, by name: the fast path of :meth:`publish`.
         self._open: dict[str, ChannelState] = {}
         self._seal_handle: asyncio.Handle | None = None
-        #: Fleet mode: what :meth:`remember` batches this turn, per channel: (frame, first, n).
+        #: A fleet host: what :meth:`remember_run` batches this turn, per channel: (frame,
+        #: first seq, count).
         self._history: dict[str, tuple[bytearray, int, int]] | None = None
 
     # -- from the PostgreSQL side ------------------------------------------------------------
@@ -218,33 +221,36 @@ class Hub(Generic[S]):
 
     # -- a fleet host: the hub fed from the stream ----------------------------------------------
 
-    def publish_stamped(
-        self, pid: int, channel: str, payload: str, generation: int, seq: int
-    ) -> None:
-        """Relay one notification the bridge already stamped (its generation and seq). A seq
-        that does not follow on (the stream says so with a tick first) leaves a hole that the
-        replay buffer does not bridge: a client that resumes across it steps."""
+    def publish_run(self, channel: str, first: int, count: int, items: bytes) -> None:
+        """Relay ``count`` notifications on ``channel`` that a fleet bridge stamped (seqs
+        ``first`` .. ``first + count - 1``, its generation) and encoded: ``items`` are their
+        protocol items one after the other, at most ``BATCH_LIMIT`` bytes, appended to the
+        channel's batch as they are (a run that would make the frame too large goes into the
+        next one). The order promises hold as for :meth:`publish`. A ``first`` that does not
+        follow on (the stream says so with a tick first) leaves a hole that the replay buffer
+        does not bridge: a client that resumes across it steps."""
         state = self._open.get(channel)
-        if state is None or seq != state.seq + 1:
+        if state is None or first != state.seq + 1 or len(state.batch) + len(items) > _RUN_ROOM:
             state = self.channels.get(channel)
             if state is None:
                 return  # a channel this host does not relay
             if state.name in self._open:
                 self._seal(state)
-            if seq != state.seq + 1:
+            if first != state.seq + 1:
                 self.replay.forget(state.log)
-                state.seq = seq - 1
-                state.log.next_seq = seq
+                state.seq = first - 1
+                state.log.next_seq = first
             self._open_batch(state)
-        state.seq = seq
+        state.seq = first + count - 1
         batch = state.batch
-        _encode_into((_NOTIFY_TAG, channel, payload, pid, generation, seq), batch, -1)
+        batch += items
         if len(batch) > _BATCH_LIMIT:
             self._seal(state)
 
-    def remember(self, pid: int, channel: str, payload: str, generation: int, seq: int) -> None:
-        """Put a notification from before the current position into the replay buffer only
-        (sent to nobody): a restarted host refills its buffer, so that its clients resume."""
+    def remember_run(self, channel: str, first: int, count: int, items: bytes) -> None:
+        """Put notifications from before the current position (a run, as :meth:`publish_run`
+        takes it) into the replay buffer only, sent to nobody: a restarted host refills its
+        buffer, so that its clients resume."""
         state = self.channels.get(channel)
         if state is None:
             return
@@ -253,24 +259,26 @@ class Hub(Generic[S]):
             if self._seal_handle is None:
                 self._seal_handle = asyncio.get_running_loop().call_soon(self._end_of_turn)
         open_batch = self._history.get(channel)
-        if open_batch is not None and seq != open_batch[1] + open_batch[2]:
+        if open_batch is not None and (
+            first != open_batch[1] + open_batch[2] or len(open_batch[0]) + len(items) > _RUN_ROOM
+        ):
             self._seal_remembered(state, *open_batch)
             open_batch = None
         if open_batch is None:
-            if seq != state.log.next_seq:  # not where the kept frames end: start afresh
+            if first != state.log.next_seq:  # not where the kept frames end: start afresh
                 self.replay.forget(state.log)
-                state.log.next_seq = seq
-            open_batch = (p.new_batch(), seq, 0)
-        frame, first, count = open_batch
-        _encode_into((_NOTIFY_TAG, channel, payload, pid, generation, seq), frame, -1)
+                state.log.next_seq = first
+            open_batch = (p.new_batch(), first, 0)
+        frame, start, n = open_batch
+        frame += items
         if len(frame) > _BATCH_LIMIT:
-            self._seal_remembered(state, frame, first, count + 1)
+            self._seal_remembered(state, frame, start, n + count)
             self._history.pop(channel, None)
         else:
-            self._history[channel] = (frame, first, count + 1)
+            self._history[channel] = (frame, start, n + count)
 
     def seal_history(self) -> None:
-        """Keep what :meth:`remember` batched in the replay buffer."""
+        """Keep what :meth:`remember_run` batched in the replay buffer."""
         history, self._history = self._history, None
         if history is None:
             return
@@ -298,7 +306,7 @@ class Hub(Generic[S]):
 
     def place(self, name: str, seq: int) -> None:
         """A host: ``name``'s last seq is the stream's ``seq``. What the replay buffer holds is
-        kept if it ends there (what remember() refilled; a new lineage starts its seqs anew, so
+        kept if it ends there (what remember_run() refilled; a new lineage starts its seqs anew, so
         its first reset never matches the old frames)."""
         state = self.channels.get(name)
         if state is None:

@@ -27,13 +27,18 @@ lease keeps bridges from fighting; correctness does not depend on it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+
+from pgbusd.fleet.natsconn import missing
+from pgbusd.ops.status import FleetLease
 
 KEY = "publisher"
 
@@ -69,8 +74,6 @@ class PublisherLease:
         self._valid_until = 0.0
         #: The holder as last read (this bridge or another), for status.
         self.holder: LeaseValue | None = None
-        self.acquired = 0
-        self.lost = 0
 
     @property
     def renew_interval(self) -> float:
@@ -108,7 +111,6 @@ class PublisherLease:
                 break
             self.revision, self.term, self.holder = revision, term, value
             self._valid_until = sent + self.ttl - self.margin
-            self.acquired += 1
             return True
         await self.read()
         return False
@@ -143,8 +145,6 @@ class PublisherLease:
 
     def forget(self) -> None:
         """Stop counting on the lease (lost, released, or expired)."""
-        if self.revision is not None:
-            self.lost += 1
         self.revision = None
         self.term = None
         self._valid_until = 0.0
@@ -166,14 +166,51 @@ class PublisherLease:
             self.holder = None
         return self.holder
 
-    def summary(self) -> dict[str, Any]:
+    def status(self, publishing: bool) -> FleetLease:
+        """The lease as the status shows it (``publishing``: this bridge publishes now)."""
         holder = self.holder
-        return {
-            "held": self.held,
-            "ttl": self.ttl,
-            "term": self.term,
-            "revision": self.revision,
-            "holder": None if holder is None else msgspec.structs.asdict(holder),
-            "acquired": self.acquired,
-            "lost": self.lost,
-        }
+        return FleetLease(
+            held=self.held and publishing,
+            holder=holder.bridge if holder else None,
+            term=holder.term if holder else None,
+            ttl=self.ttl,
+        )
+
+    async def watch(
+        self,
+        timeout: float,
+        listening: Callable[[], bool],
+        stopping: asyncio.Event,
+        log: Any,
+    ) -> int | None:
+        """A standby's watch: read the lease eight times per ``timeout`` until, while
+        ``listening()``, it is free (None) or its holder stopped beating, its revision unchanged
+        for ``timeout`` (that revision: take over with a compare-and-set on it); or until
+        ``stopping`` is set (None). A read that fails is logged and tried again, unless the
+        bucket is gone: that is raised (:func:`pgbusd.fleet.natsconn.missing`)."""
+        revision: int | None = None
+        changed_at = time.monotonic()
+        while not stopping.is_set():
+            try:
+                holder = await self.read()
+            except Exception as exc:
+                log.info("lease unreadable", error=repr(exc))
+                if missing(exc):
+                    raise
+            else:
+                now = time.monotonic()
+                if holder is None or self.seen_revision != revision:
+                    revision, changed_at = self.seen_revision, now
+                if listening():
+                    if holder is None:
+                        return None
+                    if now - changed_at >= timeout:
+                        log.warning(
+                            "the publishing bridge stopped beating: taking over",
+                            holder=holder.bridge,
+                            silent_for=round(now - changed_at, 3),
+                        )
+                        return revision
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout / 8)
+        return None

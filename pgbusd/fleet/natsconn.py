@@ -12,7 +12,13 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import api
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    BucketNotFoundError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 
 from pgbus.backoff import Backoff
@@ -27,7 +33,6 @@ async def connect(
     *,
     name: str,
     on_reconnected: Hook | None = None,
-    on_disconnected: Hook | None = None,
     log: Any = None,
     connect_timeout: float = 2.0,
     credentials: str | None = None,
@@ -63,7 +68,6 @@ async def connect(
                 name=name,
                 error_cb=error_cb,
                 reconnected_cb=on_reconnected or noop,
-                disconnected_cb=on_disconnected or noop,
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.1,
@@ -77,6 +81,15 @@ async def connect(
             if log is not None:
                 log.info("nats unreachable", url=url, error=repr(exc))
             await asyncio.sleep(backoff.next_delay())
+
+
+def missing(exc: BaseException) -> bool:
+    """Whether ``exc`` says the stream or the lease bucket is not there (deleted, or NATS
+    restarted without its store): they are created again."""
+    gone = NotFoundError | ServiceUnavailableError | NoStreamResponseError
+    return isinstance(exc, gone | nats.errors.NoRespondersError) or (
+        isinstance(exc, APIError) and exc.err_code == 10059
+    )
 
 
 class _CredentialsFile:
@@ -210,12 +223,10 @@ async def last_checkpoint(
         await asyncio.sleep(0.02)
 
 
-async def last_message(nc: NATS, stream: str, subject: str | None = None) -> Any:
-    """The stream's last message (on ``subject`` if given); None if there is none."""
+async def last_message(nc: NATS, stream: str) -> Any:
+    """The stream's last message; None if there is none."""
     js = nc.jetstream(timeout=5)
     try:
-        if subject is not None:
-            return await js.get_last_msg(stream, subject)
         info = await js.stream_info(stream)
         if info.state.last_seq == 0:
             return None

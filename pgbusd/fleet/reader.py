@@ -73,9 +73,9 @@ class StreamReader:
         start_seq: int = 1,
         on_gap: OnGap | None = None,
         on_lost: OnLost | None = None,
+        on_open: Callable[[], None] | None = None,
         position: Position | None = None,
         heartbeat: float = 1.0,
-        filter_subject: str | None = None,
         log: Any = None,
     ) -> None:
         self.nc = nc
@@ -83,17 +83,16 @@ class StreamReader:
         self.deliver = deliver
         self.on_gap = on_gap
         self.on_lost = on_lost
+        #: Called each time a consumer is open (the reader reads from then on).
+        self.on_open = on_open
         self.position = position
-        self.lost = 0
         self.heartbeat = heartbeat
-        self.filter_subject = filter_subject
         self.log = log
         #: The next stream sequence this reader wants.
         self.next_seq = max(1, start_seq)
         #: The stream's last sequence as last reported (next_seq - 1 + pending).
         self.head_seq = 0
         self.resets = 0
-        self.delivered = 0
         self.connected = False
         self.last_error: str | None = None
         self._incarnation = 0
@@ -129,6 +128,8 @@ class StreamReader:
                 await self._pause(self._backoff.next_delay())
                 continue
             self.connected = True
+            if self.on_open is not None:
+                self.on_open()
             while not (self._stopping or self._reset.is_set()):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._reset.wait(), self.heartbeat)
@@ -172,7 +173,6 @@ class StreamReader:
                 if found != msg_id:
                     reason = f"the stream's message {seq} is {found}, not {msg_id}"
         if reason is not None:
-            self.lost += 1
             restart = await self.on_lost(reason)
             if restart is not None:
                 self.next_seq = max(1, restart)
@@ -202,7 +202,6 @@ class StreamReader:
             mem_storage=True,
             num_replicas=1,
             inactive_threshold=max(30.0, 10 * self.heartbeat),
-            filter_subject=self.filter_subject,
         )
         info = await self.nc.jetstream().add_consumer(self.stream, config, timeout=5)
         self._consumer = info.name
@@ -245,7 +244,6 @@ class StreamReader:
                 self.on_gap(self.next_seq, sseq)
             self.next_seq = sseq + 1
             self.head_seq = sseq + pending
-            self.delivered += 1
             self.deliver(sseq, msg)
         except BaseException as exc:
             self._failure = exc

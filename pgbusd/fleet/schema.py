@@ -14,10 +14,18 @@ the tag. Every kind starts with the same four fields:
 
 Kinds (subjects in :mod:`pgbusd.fleet.subjects`):
 
-- :class:`Batch` (``n``), subject ``<STREAM>.n``: a run of consecutive notifications, all
-  channels mixed, exactly in the order PostgreSQL delivered them (channel, seq, pid, payload
-  each; one event-loop turn's worth at most, bounded in bytes). So the stream holds every
-  notification in delivery order across channels, in a few large messages.
+- :class:`Runs` (``r``), subject ``<STREAM>.n``: the notifications of one run of consecutive
+  deliveries (one event-loop turn's worth at most, bounded in bytes), per channel: the
+  channel's first seq, how many, and the notifications already encoded as the clients'
+  protocol encodes them (:class:`pgbus.protocol.Notification` items, with this message's
+  generation and the channel's seqs one after the other). A host hands those bytes to its
+  clients and its replay buffer as they are, without decoding a notification. The channels
+  come in the order of their first notification in the run; within a channel, in delivery
+  order (the order a client sees: per channel, see docs/protocol.md). The message's position
+  covers the whole run.
+- :class:`Batch` (``n``), subject ``<STREAM>.n``: the same run as (channel, seq, pid, payload)
+  per notification, all channels mixed in delivery order. Written by bridges of schema 1;
+  read, never written, by this version.
 - :class:`Tick` (``g``), subject ``<STREAM>.g``: the generation moves to ``generation`` here:
   notifications may be missing between the previous message and the next (a publisher
   reconnected to PostgreSQL, dropped notifications past its buffer, or took over without
@@ -35,15 +43,17 @@ Stamping
 --------
 The *publisher* stamps lineage, generation and seq; readers never compute them, they only
 verify. A host daemon relays ``seq`` and ``generation`` as stored (plus its own local gap steps,
-see :mod:`pgbusd.fleet.source`), so every host, a restarted one included, shows the same seq
+see :mod:`pgbusd.fleet.hostview`: a host that took one encodes the items again with its own
+generation, :func:`restamp`), so every host, a restarted one included, shows the same seq
 for the same notification, and a standby that takes over continues the vector it read from the
 stream (:class:`StreamState` applied to every stored message). Seq counts notifications that
 were *stored*: a notification a publisher had to drop is never given one (the Tick says so).
 
 Headers
 -------
-``Pgbus-Schema`` is the schema version (:data:`SCHEMA_VERSION`); ``Nats-Msg-Id`` is
-``<term>.<index>`` (a publisher term and its message counter, see :mod:`pgbusd.fleet.publisher`).
+``Pgbus-Schema`` is the schema version of the message (``version()``, see "Versioning");
+``Nats-Msg-Id`` is ``<term>.<index>`` (a publisher term and its message counter, see
+:mod:`pgbusd.fleet.termlog`).
 
 Versioning
 ----------
@@ -53,27 +63,37 @@ the only compatible change is an optional field appended at the end of a kind (r
 trailing fields they do not know). A new kind, or anything that changes what seq, generation or
 a position mean, is a new version: deploy readers that know it before writers that write it.
 
-- Version 1: the kinds above, a checkpoint in one message (``complete`` was appended within it).
+- Version 1: :class:`Batch`, :class:`Tick` and a checkpoint in one message (``complete``
+  was appended within it).
 - Version 2: a checkpoint in several parts. A version-1 reader would take one part for the whole
-  vector, so parts are marked 2; every other message, a checkpoint that fits in one message
-  included, is still written as 1. A fleet whose checkpoints fit goes on working with readers
-  that know only 1; one whose checkpoints no longer fit stops those readers loudly instead of
-  wedging its publisher. Readers of this version accept both.
+  vector, so parts are marked 2; a checkpoint that fits in one message is still written as 1.
+- Version 3: :class:`Runs`, the notifications encoded as the clients' protocol (version 1)
+  encodes them; bridges of this version write every run of notifications so, and ticks and
+  checkpoints as before (1, or 2 for parts). A reader that knows only 1 and 2 stops at the
+  first run, loudly: upgrade hosts and bridges (standbys too) before the publishing bridge.
+  A change of the clients' encoding of a notification is a new schema version too, since
+  hosts pass these bytes on unread.
+
+Readers of this version accept 1, 2 and 3.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import msgspec
+
+from pgbus import protocol as p
 
 SCHEMA_VERSION: Final = 1
 #: The version of a checkpoint part (see "Versioning").
 SCHEMA_PARTS: Final = 2
+#: The version of :class:`Runs` (see "Versioning").
+SCHEMA_RUNS: Final = 3
 #: Versions this reader knows.
-READABLE: Final = frozenset({str(SCHEMA_VERSION), str(SCHEMA_PARTS)})
+READABLE: Final = frozenset({str(SCHEMA_VERSION), str(SCHEMA_PARTS), str(SCHEMA_RUNS)})
 H_SCHEMA: Final = "Pgbus-Schema"
 H_MSG_ID: Final = "Nats-Msg-Id"
 H_EXPECTED_LAST_MSG_ID: Final = "Nats-Expected-Last-Msg-Id"
@@ -97,6 +117,25 @@ class StreamMessage(msgspec.Struct, tag_field="t", array_like=True):
     #: The position this message brings the stream to (see the module docstring).
     mark: str | None
     off: int
+
+    def version(self) -> int:
+        """The schema version its ``Pgbus-Schema`` header names (see "Versioning")."""
+        return SCHEMA_VERSION
+
+
+#: One channel's notifications in a :class:`Runs`: (channel, first seq, count, items), where
+#: ``items`` is ``count`` :class:`pgbus.protocol.Notification` items encoded one after the
+#: other (seqs ``first`` .. ``first + count - 1``, the message's generation).
+Run = tuple[str, int, int, bytes]
+
+
+class Runs(StreamMessage, tag="r"):
+    #: Per channel, in the order of each channel's first notification (see the module
+    #: docstring); a channel appears once.
+    runs: list[Run]
+
+    def version(self) -> int:
+        return SCHEMA_RUNS
 
 
 class Batch(StreamMessage, tag="n"):
@@ -131,10 +170,13 @@ class Checkpoint(StreamMessage, tag="k"):
         return SCHEMA_PARTS if self.parts > 1 else SCHEMA_VERSION
 
 
-AnyMessage = Batch | Tick | Checkpoint
+AnyMessage = Runs | Batch | Tick | Checkpoint
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(AnyMessage)
+_items: Final = msgspec.msgpack.Decoder(list[p.Notification])
+_encode_item: Final = p.encode_into
+_NOTIFY_TAG: Final = p.NOTIFY_TAG
 
 
 def encode(message: StreamMessage) -> bytes:
@@ -152,6 +194,54 @@ def decode(data: bytes, headers: dict[str, str] | None) -> AnyMessage:
         return _decoder.decode(data)
     except (msgspec.DecodeError, ValueError) as exc:
         raise IncompatibleStreamError(f"undecodable stream message: {exc}") from exc
+
+
+def batch_runs(batch: Batch, limit: int = p.BATCH_LIMIT) -> list[Run]:
+    """A schema-1 batch's notifications as runs (its channels in the order of their first
+    notification), each run's items at most ``limit`` bytes and more runs of a channel where
+    they would pass it; IncompatibleStreamError if a channel's seqs do not follow on."""
+    grouped: dict[str, list[tuple[str, int, int, str]]] = {}
+    for note in batch.notes:
+        grouped.setdefault(note[0], []).append(note)
+    runs: list[Run] = []
+    for channel, notes in grouped.items():
+        first = notes[0][1]
+        if any(note[1] != first + i for i, note in enumerate(notes)):
+            raise IncompatibleStreamError(f"a batch whose seqs on {channel!r} do not follow on")
+        runs += _encoded(channel, first, [(n[3], n[2]) for n in notes], batch.generation, limit)
+    return runs
+
+
+def restamp(run: Run, generation: int, limit: int = p.BATCH_LIMIT) -> list[Run]:
+    """``run`` with its items encoded again for ``generation`` (a host that took a local step
+    shows its own), in runs of at most ``limit`` bytes of items."""
+    channel, first, count, items = run
+    try:
+        # A msgpack array of ``count`` (array 32) around the items: a list of them.
+        notes = _items.decode(b"\xdd" + count.to_bytes(4, "big") + items)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise IncompatibleStreamError(f"undecodable notifications on {channel!r}: {exc}") from exc
+    return _encoded(channel, first, [(n.payload, n.pid) for n in notes], generation, limit)
+
+
+def _encoded(
+    channel: str, first: int, notes: list[tuple[str, int]], generation: int, limit: int
+) -> list[Run]:
+    """(payload, pid) of consecutive notifications on ``channel`` from seq ``first``, encoded
+    as protocol items, in runs of at most ``limit`` bytes (one notification at least)."""
+    runs: list[Run] = []
+    items = bytearray()
+    start = first
+    for seq, (payload, pid) in enumerate(notes, first):
+        size = len(items)
+        _encode_item((_NOTIFY_TAG, channel, payload, pid, generation, seq), items, -1)
+        if len(items) > limit and size:
+            runs.append((channel, start, seq - start, bytes(items[:size])))
+            del items[:size]
+            start = seq
+    if items:
+        runs.append((channel, start, first + len(notes) - start, bytes(items)))
+    return runs
 
 
 def split_checkpoint(cp: Checkpoint, limit: int) -> list[Checkpoint]:
@@ -215,8 +305,8 @@ class StreamState:
     """Lineage, generation and per-channel seqs after the last message applied, and where.
 
     Every reader applies stored messages in stream order and gets the same values; a publisher
-    stamps with the same rules (:meth:`stamp_batch`, :meth:`next_generation`), so the state it
-    holds after a message is the state any reader computes after that message.
+    stamps with the same rules (:mod:`pgbusd.fleet.termlog`), so the state it holds after a
+    message is the state any reader computes after that message.
     """
 
     lineage: str | None = None
@@ -268,7 +358,14 @@ class StreamState:
             if message.lineage != self.lineage:
                 problems.append(f"lineage {message.lineage} without a checkpoint")
                 self.lineage = message.lineage
-            if isinstance(message, Batch):
+            if isinstance(message, Runs):
+                seqs = self.seqs
+                for channel, first, count, _items in message.runs:
+                    expected = seqs.get(channel, 0) + 1
+                    if first != expected:
+                        problems.append(f"{channel!r} seq {first}, expected {expected}")
+                    seqs[channel] = first + count - 1
+            elif isinstance(message, Batch):
                 seqs = self.seqs
                 for channel, seq, _pid, _payload in message.notes:
                     expected = seqs.get(channel, 0) + 1
@@ -305,12 +402,3 @@ class StreamState:
             problems.append("checkpoint disagrees with the seqs applied so far")
         self.seqs = {channel: seq for channel, seq in seqs.items() if channel in listed}
         self.relayed = frozenset(listed) if cp.complete else None
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "lineage": self.lineage,
-            "generation": self.generation,
-            "stream_seq": self.stream_seq,
-            "position": [self.mark, self.off],
-            "channels": len(self.seqs),
-        }

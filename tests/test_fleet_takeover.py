@@ -1,0 +1,125 @@
+"""What a standby publishes first when it takes over, without NATS or PostgreSQL.
+
+plan() decides it from what the bridge holds (pgbusd/fleet/held.py) and whether its barrier
+marker came back; republish() writes it into the new term's log. The daemons' failover tests
+(tests/test_fleet_daemons.py, tests/test_fleet_faults.py) check the same end to end.
+"""
+
+from __future__ import annotations
+
+from pgbusd.fleet import schema as s
+from pgbusd.fleet.held import HeldBuffer
+from pgbusd.fleet.subjects import StreamSubjects
+from pgbusd.fleet.takeover import Plan, plan, republish
+from pgbusd.fleet.termlog import TermLog
+from tests.fleet_helpers import run_notes
+
+#: What the stream holds: the old publisher's last message covers up to ("m1", 2).
+STATE = s.StreamState("L", 3, {"c": 40}, "m1", 2, 99, "old.7")
+
+
+def held_after(*events: str) -> HeldBuffer:
+    """A buffer fed ``events``: "m..." a marker, anything else a notification on "c"."""
+    held = HeldBuffer()
+    held.reset()
+    for event in events:
+        if event.startswith("m"):
+            held.marker(event)
+        else:
+            held.note(1, "c", event)
+    return held
+
+
+def decide(held: HeldBuffer, **given: object) -> Plan:
+    options: dict[str, object] = {
+        "exact": False,
+        "fresh": False,
+        "comparable": True,
+        "barrier": None,
+        "arrived": False,
+        "newer_connection": False,
+    }
+    options.update(given)
+    return plan(held, STATE, **options)  # type: ignore[arg-type]
+
+
+def payloads(first: Plan) -> list[str]:
+    return [e.payload for e in first.republish]
+
+
+def test_exact_publishes_what_follows_the_frontier_without_a_tick() -> None:
+    held = held_after("m1", "1", "2", "3", "m2", "4")
+    held.stored("m1", 2)
+    first = decide(held, exact=held.exact())
+    assert (first.exact, first.tick, first.gate) == (True, None, None)
+    assert payloads(first) == ["3", "m2", "4"]
+
+
+def test_a_frontier_ahead_of_this_connection_ticks_and_publishes_only_what_passes_it() -> None:
+    held = held_after("m1", "1")
+    held.stored("m1", 2)  # the old publisher's connection ran ahead of this one
+    assert not held.exact()
+    first = decide(held)
+    assert (first.exact, first.tick, first.tick_at) == (False, "takeover", ("m1", 2))
+    assert payloads(first) == []
+    assert not held.note(1, "c", "2")  # the frontier's own notification: stored already
+    assert held.note(1, "c", "3")
+
+
+def test_a_connection_newer_than_the_fencing_publishes_all_it_delivered_after_a_tick() -> None:
+    held = held_after("1", "2")  # the frontier's marker never came on this connection
+    first = decide(held, newer_connection=True)
+    assert (first.tick, first.gate) == ("takeover", None)
+    assert payloads(first) == ["1", "2"]
+
+
+def test_with_the_barrier_back_what_follows_it_is_published_after_a_tick() -> None:
+    held = held_after("x", "mb", "y")
+    first = decide(held, barrier="mb", arrived=True)
+    assert (first.tick, first.gate) == ("takeover", None)
+    assert payloads(first) == ["y"]
+
+
+def test_without_the_barrier_nothing_is_published_until_a_marker_places_it() -> None:
+    held = held_after("x")
+    first = decide(held, barrier="mb")
+    assert (first.tick, first.gate, first.placeable, payloads(first)) == (
+        "takeover",
+        "mb",
+        True,
+        [],
+    )
+    other = decide(held, barrier="mb", comparable=False)
+    assert (other.tick_at, other.placeable) == ((None, 0), False)
+
+
+def test_a_new_lineage_starts_with_a_start_tick() -> None:
+    first = decide(held_after(), fresh=True, comparable=False, newer_connection=True)
+    assert (first.tick, first.tick_at) == ("start", (None, 0))
+
+
+def test_republished_notifications_keep_their_positions_and_what_follows_counts_on() -> None:
+    held = held_after("a", "b", "mx", "c")  # the frontier was never placed here
+    first = decide(held, newer_connection=True)
+    termlog = TermLog(StreamSubjects("T"), STATE, term="t", coalesce=None)
+    republish(termlog, first, held)
+    termlog.submit(1, "c", "d")  # the next notification the connection delivers
+    termlog.end_of_turn()
+    messages = []
+    while (entry := termlog.chain.next_to_send()) is not None:
+        termlog.chain.sent(entry, 0.0)
+        messages.append(s.decode(entry.data, {s.H_SCHEMA: str(entry.version)}))
+    tick, before, after = messages
+    assert isinstance(tick, s.Tick)
+    assert (tick.generation, tick.mark, tick.off) == (4, "m1", 2)
+    assert isinstance(before, s.Runs)
+    assert isinstance(after, s.Runs)
+    assert (before.mark, before.off) == (None, 2)  # a, b: the connection's first two
+    assert (after.mark, after.off) == ("mx", 2)  # c, d: after the marker
+    notes = [n for m in (before, after) for run in m.runs for n in run_notes(run)]
+    assert [(n.payload, n.seq, n.generation) for n in notes] == [
+        ("a", 41, 4),
+        ("b", 42, 4),
+        ("c", 43, 4),
+        ("d", 44, 4),
+    ]

@@ -73,12 +73,12 @@ def _postgres_problem() -> str | None:
     return None
 
 
-FAILPOINTS = str(Path(__file__).with_name("failpoints"))
+FAILPOINTS = str(Path(__file__).parent / "support" / "failpoints")
 
 
 def failpoint_env(spec: str) -> dict[str, str]:
     """The environment that arms test failpoints ``spec`` in a daemon (see
-    tests/failpoints/sitecustomize.py)."""
+    tests/support/failpoints/sitecustomize.py)."""
     path = os.pathsep.join(filter(None, (FAILPOINTS, os.environ.get("PYTHONPATH"))))
     return {"PYTHONPATH": path, "PGBUS_TEST_FAILPOINTS": spec}
 
@@ -373,7 +373,7 @@ async def attached(daemon: Daemon, **kwargs: Any) -> AsyncIterator[pgbus.Bus]:
 
 
 class ClientProcess:
-    """A separate worker process attached through pgbus (tests/clientproc.py)."""
+    """A separate worker process attached through pgbus (tests/support/clientproc.py)."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
@@ -382,7 +382,7 @@ class ClientProcess:
     async def start(cls, socket: str, channel: str) -> ClientProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            str(Path(__file__).with_name("clientproc.py")),
+            str(Path(__file__).parent / "support" / "clientproc.py"),
             socket,
             channel,
             stdout=asyncio.subprocess.PIPE,
@@ -419,7 +419,7 @@ async def client_processes() -> AsyncIterator[list[ClientProcess]]:
 @pytest.fixture(scope="session")
 def cluster_template() -> Iterator[Any]:
     """One initdb per test session (stopped); tests get copies of it."""
-    from tests.cluster import PrivateCluster
+    from tests.support.cluster import PrivateCluster
 
     template = PrivateCluster().init()
     yield template
@@ -445,7 +445,7 @@ def rss_kib(pid: int) -> int:
 @pytest.fixture(params=["asyncio", "sync"])
 async def open_client(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     """Opens clients of one kind (asyncio, then blocking), closed at the end of the test."""
-    from tests.bothclients import Client
+    from tests.support.bothclients import Client
 
     blocking = request.param == "sync"
     made: list[Client] = []

@@ -16,7 +16,6 @@ import pytest
 import pgbus
 import pgbus.sync
 from pgbus import protocol as p
-from tests import cluster
 from tests.conftest import (
     Daemon,
     DaemonFactory,
@@ -28,7 +27,8 @@ from tests.conftest import (
     unique_channel,
     wait_until,
 )
-from tests.proxy import TcpProxy
+from tests.support import cluster
+from tests.support.proxy import TcpProxy
 from tests.test_faults import RSS_GROWTH_BOUND_KIB
 from tests.test_security import NOBODY, run_as
 

@@ -2,7 +2,8 @@
 
 Every test takes ``open_client``, parametrised over the asyncio ``pgbus.Bus`` and the blocking
 ``pgbus.sync.SyncBus`` behind one awaitable interface (the blocking calls run in threads). Some
-scenarios use a real daemon and PostgreSQL, others a scripted daemon (tests/fakedaemon.py) for
+scenarios use a real daemon and PostgreSQL, others a scripted daemon
+(tests/support/fakedaemon.py) for
 the faults a real one shows only by chance: it says Hello and dies, it answers late, it refuses.
 """
 
@@ -22,7 +23,6 @@ import pytest
 import pgbus
 import pgbus.sync
 from pgbus import protocol as p
-from tests.bothclients import OpenClient
 from tests.conftest import (
     Daemon,
     DaemonFactory,
@@ -31,7 +31,8 @@ from tests.conftest import (
     unique_channel,
     wait_until,
 )
-from tests.fakedaemon import FakeConnection, FakeDaemon
+from tests.support.bothclients import OpenClient
+from tests.support.fakedaemon import FakeConnection, FakeDaemon
 
 pytestmark = pytest.mark.postgres
 

@@ -1,7 +1,8 @@
 """Continuity: a reload, an upgrade or a client's short absence loses nothing and
 moves no generation; only a lost PostgreSQL connection or a crash may.
 
-Subscribers are real processes (tests/numbered_worker.py, asyncio and blocking alike) that check
+Subscribers are real processes (tests/support/numbered_worker.py, asyncio and blocking alike)
+that check
 numbered payloads; the sender commits numbers at a steady rate while the daemon is reloaded,
 upgraded, or a subscriber is stopped past its write budget.
 """
@@ -36,7 +37,7 @@ from tests.conftest import (
 
 pytestmark = [pytest.mark.postgres, pytest.mark.root]
 
-WORKER = str(Path(__file__).with_name("numbered_worker.py"))
+WORKER = str(Path(__file__).parent / "support" / "numbered_worker.py")
 PACKAGE = Path(__file__).resolve().parent.parent / "pgbusd"
 
 

@@ -20,7 +20,6 @@ import pytest
 import pgbus
 from pgbus import protocol as p
 from pgbusd.ops.status import Status
-from tests.cluster import PrivateCluster, free_port
 from tests.conftest import (
     DSN,
     ClientProcess,
@@ -35,7 +34,8 @@ from tests.conftest import (
     unique_channel,
     wait_until,
 )
-from tests.proxy import TcpProxy
+from tests.support.cluster import PrivateCluster, free_port
+from tests.support.proxy import TcpProxy
 
 pytestmark = [pytest.mark.postgres, pytest.mark.root]
 

@@ -1,7 +1,7 @@
 """Fleet mode end to end: real daemons in both roles, real clients, a private NATS server.
 
 Bridges are ``pgbusd --dsn ... --publish nats://...``, hosts ``pgbusd --source nats://...``
-(no PostgreSQL); subscribers are tests/numbered_worker.py processes (asyncio and blocking)
+(no PostgreSQL); subscribers are tests/support/numbered_worker.py processes (asyncio and blocking)
 attached to the host daemons, checking numbered payloads that a sender commits at a steady
 rate: every number once, in order, and exactly the generation steps the fault allows.
 """
@@ -32,8 +32,8 @@ from tests.conftest import (
     unique_channel,
     wait_until,
 )
-from tests.fleet_helpers import nats_server_fixture, unique_stream
-from tests.natsserver import NatsServer, freeze
+from tests.support.fleet_helpers import nats_server_fixture, unique_stream
+from tests.support.natsserver import NatsServer, freeze
 from tests.test_continuity import Sender, Worker, assert_complete, pgbusctl, workers
 from tests.test_systemd import PGBUSD, UNITS, NotifySocket, notify_socket, systemd_env
 

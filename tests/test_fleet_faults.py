@@ -1,8 +1,9 @@
 """Fleet mode under real faults: bridge and host daemons, real workers, faults from outside.
 
 Each fault is made the way an operator meets it: a PostgreSQL link slowed down or cut (a TCP
-proxy, tests/proxy.py), a publisher killed or paused (SIGKILL, SIGSTOP), a NATS server restarted
-on an older copy of its store, a stream deleted. Subscribers are tests/numbered_worker.py
+proxy, tests/support/proxy.py), a publisher killed or paused (SIGKILL, SIGSTOP), a NATS server
+restarted
+on an older copy of its store, a stream deleted. Subscribers are tests/support/numbered_worker.py
 processes checking numbered payloads: every number once, in order, and exactly the generation
 steps the fault allows.
 """
@@ -22,9 +23,9 @@ import pytest
 import pgbus
 from pgbusd.config import Config, ConfigError
 from tests.conftest import DSN, Daemon, DaemonFactory, attached, unique_channel, wait_until
-from tests.fleet_helpers import client, nats_server_fixture, read_stream, unique_stream
-from tests.natsserver import NatsServer, freeze
-from tests.proxy import TcpProxy
+from tests.support.fleet_helpers import client, nats_server_fixture, read_stream, unique_stream
+from tests.support.natsserver import NatsServer, freeze
+from tests.support.proxy import TcpProxy
 from tests.test_continuity import Sender, Worker, assert_complete, pgbusctl, workers
 
 pytestmark = [pytest.mark.postgres, pytest.mark.nats]

@@ -12,8 +12,8 @@ from nats.aio.client import Client as NATS
 from pgbusd.fleet import natsconn
 from pgbusd.fleet.lease import PublisherLease
 from pgbusd.fleet.subjects import StreamSubjects
-from tests.fleet_helpers import client, nats_server_fixture, unique_stream
-from tests.natsserver import NatsServer
+from tests.support.fleet_helpers import client, nats_server_fixture, unique_stream
+from tests.support.natsserver import NatsServer
 
 pytestmark = pytest.mark.nats
 

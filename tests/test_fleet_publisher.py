@@ -16,7 +16,7 @@ from pgbusd.fleet import natsconn
 from pgbusd.fleet import schema as s
 from pgbusd.fleet.publisher import Publisher
 from pgbusd.fleet.source import HostSource
-from tests.fleet_helpers import (
+from tests.support.fleet_helpers import (
     check_contiguous,
     client,
     ensure,
@@ -28,7 +28,7 @@ from tests.fleet_helpers import (
     submit,
     unique_stream,
 )
-from tests.natsserver import NatsServer
+from tests.support.natsserver import NatsServer
 from tests.test_fleet_source import Sink
 
 pytestmark = pytest.mark.nats

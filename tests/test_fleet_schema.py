@@ -8,7 +8,7 @@ import pytest
 from pgbus import protocol as p
 from pgbusd.fleet import schema as s
 from pgbusd.fleet.held import HeldBuffer
-from tests.fleet_helpers import run_notes
+from tests.support.fleet_helpers import run_notes
 
 V1 = {s.H_SCHEMA: "1"}
 V3 = {s.H_SCHEMA: "3"}

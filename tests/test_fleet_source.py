@@ -15,7 +15,7 @@ from pgbusd.fleet import natsconn
 from pgbusd.fleet.source import HostSource
 from pgbusd.fleet.statefile import StateFile
 from pgbusd.fleet.subjects import StreamSubjects
-from tests.fleet_helpers import (
+from tests.support.fleet_helpers import (
     client,
     eventually,
     nats_server_fixture,
@@ -24,7 +24,7 @@ from tests.fleet_helpers import (
     submit,
     unique_stream,
 )
-from tests.natsserver import NatsServer
+from tests.support.natsserver import NatsServer
 
 pytestmark = pytest.mark.nats
 

@@ -12,7 +12,7 @@ from pgbusd.fleet.held import HeldBuffer
 from pgbusd.fleet.subjects import StreamSubjects
 from pgbusd.fleet.takeover import Plan, plan, republish
 from pgbusd.fleet.termlog import TermLog
-from tests.fleet_helpers import run_notes
+from tests.support.fleet_helpers import run_notes
 
 #: What the stream holds: the old publisher's last message covers up to ("m1", 2).
 STATE = s.StreamState("L", 3, {"c": 40}, "m1", 2, 99, "old.7")

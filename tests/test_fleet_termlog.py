@@ -14,7 +14,7 @@ from pgbus import protocol as p
 from pgbusd.fleet import schema as s
 from pgbusd.fleet.subjects import StreamSubjects
 from pgbusd.fleet.termlog import Entry, Phase, Stored, TermLog
-from tests.fleet_helpers import run_notes
+from tests.support.fleet_helpers import run_notes
 
 SUBJECTS = StreamSubjects("T")
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import DaemonFactory, attached, status_of, terminate_backend, wait_until
-from tests.proxy import TcpProxy
+from tests.support.proxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
 

@@ -2,8 +2,8 @@
 
 Each promise holds alone elsewhere (test_continuity, test_channels, test_faults); here two of
 them meet at a moment a test can force: a Unix-socket relay that holds what a client sends
-(tests/unixrelay.py), and failpoints that stop a daemon at a named phase of a hand-off
-(tests/failpoints). Client-side seams run against both clients.
+(tests/support/unixrelay.py), and failpoints that stop a daemon at a named phase of a hand-off
+(tests/support/failpoints). Client-side seams run against both clients.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 import pgbus
-from tests.bothclients import Client, OpenClient
 from tests.conftest import (
     DSN,
     Daemon,
@@ -33,6 +32,8 @@ from tests.conftest import (
     unique_channel,
     wait_until,
 )
+from tests.support.bothclients import Client, OpenClient
+from tests.support.unixrelay import UnixRelay
 from tests.test_continuity import (
     Sender,
     assert_a_failed_reload_changes_nothing,
@@ -41,7 +42,6 @@ from tests.test_continuity import (
     serving,
     workers,
 )
-from tests.unixrelay import UnixRelay
 
 pytestmark = [pytest.mark.postgres, pytest.mark.root]
 
@@ -294,7 +294,7 @@ async def test_a_reload_never_runs_code_from_the_daemons_working_directory(
 async def test_a_reload_during_a_postgres_outage_is_refused_at_once_saying_why(
     daemon_factory: DaemonFactory,
 ) -> None:
-    from tests.proxy import TcpProxy
+    from tests.support.proxy import TcpProxy
 
     proxy = await TcpProxy().start()
     try:
@@ -372,7 +372,7 @@ async def test_a_daemon_that_answers_a_resume_with_an_empty_frame_costs_one_step
     open_client: OpenClient, workdir: Path
 ) -> None:
     from pgbus import protocol as p
-    from tests.fakedaemon import FakeConnection, FakeDaemon
+    from tests.support.fakedaemon import FakeConnection, FakeDaemon
 
     async def script(conn: FakeConnection) -> None:
         await conn.handshake(["a"])

@@ -18,7 +18,6 @@ import pytest
 
 import pgbus
 from pgbus import protocol as p
-from tests.cluster import PrivateCluster
 from tests.conftest import (
     Daemon,
     DaemonFactory,
@@ -29,6 +28,7 @@ from tests.conftest import (
     unique_channel,
     wait_until,
 )
+from tests.support.cluster import PrivateCluster
 
 pytestmark = [pytest.mark.postgres, pytest.mark.root]
 

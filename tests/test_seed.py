@@ -8,7 +8,6 @@ import pytest
 
 import pgbus
 from pgbusd.ops.status import Status
-from tests.cluster import free_port
 from tests.conftest import (
     Daemon,
     DaemonFactory,
@@ -18,7 +17,8 @@ from tests.conftest import (
     unique_channel,
     wait_until,
 )
-from tests.proxy import TcpProxy
+from tests.support.cluster import free_port
+from tests.support.proxy import TcpProxy
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.postgres]
 

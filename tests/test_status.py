@@ -1,8 +1,8 @@
 """The status document: its schema, its size limit, and what a flood of status requests costs.
 
 Unit tests build documents without sockets; the rest use a real daemon, real clients, pgbusctl as
-a subprocess, or a scripted daemon (tests/fakedaemon.py) that speaks the protocol over a real
-Unix socket.
+a subprocess, or a scripted daemon (tests/support/fakedaemon.py) that speaks the protocol over a
+real Unix socket.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from pgbusd.ops.status import (
 from pgbusd.postgres.health import Probes
 from pgbusd.postgres.listener import Listener
 from tests.conftest import Daemon, DaemonFactory, attached, notify, wait_until
-from tests.fakedaemon import FakeConnection, FakeDaemon
+from tests.support.fakedaemon import FakeConnection, FakeDaemon
 from tests.test_ctl import run_ctl
 from tests.test_metrics import status_doc
 

@@ -28,7 +28,7 @@ from tests.conftest import (
     wait_until,
     wait_until_sync,
 )
-from tests.proxy import TcpProxy
+from tests.support.proxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
 

@@ -1,5 +1,5 @@
-"""The units of systemd/ under a live systemd (tests/systemd_lab.py): installed the way the README
-and docs/systemd.md print it, then every promise they make, one test each.
+"""The units of systemd/ under a live systemd (tests/support/systemd_lab.py): installed the way
+the README and docs/systemd.md print it, then every promise they make, one test each.
 
 One lab, installed by the docs' procedure, serves every test but the README's (which boots a
 lab of its own); the ``lab`` fixture puts it back to the installed state before each test:
@@ -22,9 +22,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests import systemd_lab
 from tests.conftest import ClientProcess, unique_channel
-from tests.systemd_lab import LAB_ENV, VENV, LabHome, SystemdLab
+from tests.support import systemd_lab
+from tests.support.systemd_lab import LAB_ENV, VENV, LabHome, SystemdLab
 
 pytestmark = [pytest.mark.systemd_lab, pytest.mark.postgres, pytest.mark.root]
 
@@ -32,8 +32,8 @@ TESTS = Path(__file__).resolve().parent
 README = systemd_lab.REPO / "README.md"
 DOCS = systemd_lab.REPO / "docs" / "systemd.md"
 #: Clients run in the lab from source: its users need no access to the checkout.
-CLIENTPROC = (TESTS / "clientproc.py").read_text()
-LAB_CLIENTS = (TESTS / "lab_clients.py").read_text()
+CLIENTPROC = (TESTS / "support" / "clientproc.py").read_text()
+LAB_CLIENTS = (TESTS / "support" / "lab_clients.py").read_text()
 
 #: The host's PostgreSQL socket directory inside the lab (read-only), and a private cluster's.
 SHARED_PG = "/srv/pgsock"
@@ -187,7 +187,7 @@ async def start_client(
 async def subscriber(
     lab: SystemdLab, procs: list[ClientProcess], socket: str, channel: str, user: str = WORKER
 ) -> tuple[ClientProcess, int]:
-    """tests/clientproc.py as a worker in the lab, subscribed to ``channel`` once the daemon
+    """tests/support/clientproc.py as a worker in the lab, subscribed to ``channel`` once the daemon
     listens: the client and its generation (a NOTIFY sent now reaches it)."""
     client = await start_client(lab, procs, CLIENTPROC, socket, channel, user=user)
     generation: int = (await client.expect("ready", WAIT))["generation"]
@@ -215,7 +215,7 @@ async def payloads_until(client: ClientProcess, last: str) -> list[str]:
 
 
 def attach_once(lab: SystemdLab, user: str, socket: str | None = None) -> dict[str, Any]:
-    """tests/lab_clients.py ``attach`` as ``user``: its one event (attached or refused)."""
+    """tests/support/lab_clients.py ``attach`` as ``user``: its one event (attached or refused)."""
     args = ["attach"] if socket is None else ["attach", socket]
     out = lab.run(f"{VENV}/bin/python", "-c", LAB_CLIENTS, *args, user=user).stdout
     event: dict[str, Any] = json.loads(out.splitlines()[-1])

@@ -11,7 +11,7 @@ Usage:
                    {"event": "Hello"}, {"event": "Goodbye", "reason": "..."}, ..., then
                    {"event": "eof"} when the daemon closes the connection
 
-For a subscriber that prints what it receives, the lab uses ``tests/clientproc.py``.
+For a subscriber that prints what it receives, the lab uses ``tests/support/clientproc.py``.
 """
 
 from __future__ import annotations

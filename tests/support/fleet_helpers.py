@@ -16,7 +16,7 @@ from pgbusd.fleet import schema as s
 from pgbusd.fleet.publisher import OnDeposed, OnStored, Publisher, message_limit
 from pgbusd.fleet.subjects import StreamSubjects
 from pgbusd.fleet.termlog import TermLog
-from tests.natsserver import NatsServer
+from tests.support.natsserver import NatsServer
 
 _notifications = msgspec.msgpack.Decoder(list[p.Notification])
 

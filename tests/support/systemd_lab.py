@@ -55,7 +55,7 @@ from typing import IO, Any
 
 from tests.conftest import wait_until
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = "/lib/systemd/systemd"
 #: Where the README and the units put the daemon's virtualenv.
 VENV = "/opt/pgbusd"

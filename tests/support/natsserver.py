@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.cluster import free_port
+from tests.support.cluster import free_port
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 

@@ -104,6 +104,8 @@ class Bus(BusBase):
     at any time.
     """
 
+    _room: Room
+
     def __init__(
         self, path: str, *, on_notification: NotificationHook | None = None, **settings: Any
     ) -> None:
@@ -164,16 +166,17 @@ class Bus(BusBase):
                 await self._wait_reply(request, timeout)
         return sub
 
-    _watch_class = GenerationWatch
-    _selector_class = Selector
+    def subscribe_reconnects(self) -> GenerationWatch:
+        """A watch on the reconnect generation, seeded with its current value."""
+        return GenerationWatch(self, self._room)
 
-    if TYPE_CHECKING:  # BusBase makes them; these are their types for this client
-
-        def subscribe_reconnects(self) -> GenerationWatch: ...
-
-        def select(
-            self, *subscriptions: Subscription[T], watch: GenerationWatch | None = None
-        ) -> Selector[T]: ...
+    def select(
+        self, *subscriptions: Subscription[T], watch: GenerationWatch | None = None
+    ) -> Selector[T]:
+        """Wait on several subscriptions of this bus, and on ``watch``, at once (see
+        :class:`~pgbus.Selector` for the events and their order). The subscriptions stay usable
+        on their own."""
+        return Selector(self, subscriptions, watch, self._room)
 
     async def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The daemon's status document (what ``pgbusctl status --json`` prints).

@@ -82,6 +82,8 @@ class SyncBus(BusBase):
     :class:`~pgbus.Bus`); subscriptions stay usable throughout.
     """
 
+    _room: SyncRoom
+
     def __init__(
         self, path: str, *, on_notification: NotificationHook | None = None, **settings: Any
     ) -> None:
@@ -135,16 +137,17 @@ class SyncBus(BusBase):
                     self._wait_reply(request, timeout)
         return sub
 
-    _watch_class = SyncGenerationWatch
-    _selector_class = SyncSelector
+    def subscribe_reconnects(self) -> SyncGenerationWatch:
+        """A blocking watch on the reconnect generation, seeded with its current value."""
+        return SyncGenerationWatch(self, self._room)
 
-    if TYPE_CHECKING:  # BusBase makes them: blocking, ``for event in bus.select(...)``
-
-        def subscribe_reconnects(self) -> SyncGenerationWatch: ...
-
-        def select(
-            self, *subscriptions: SyncSubscription[T], watch: SyncGenerationWatch | None = None
-        ) -> SyncSelector[T]: ...
+    def select(
+        self, *subscriptions: SyncSubscription[T], watch: SyncGenerationWatch | None = None
+    ) -> SyncSelector[T]:
+        """Wait on several subscriptions of this bus, and on ``watch``, at once, blocking:
+        ``for event in bus.select(...)`` (see :class:`SyncSelector` for the events and their
+        order). The subscriptions stay usable on their own."""
+        return SyncSelector(self, subscriptions, watch, self._room)
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The daemon's status document (what ``pgbusctl status --json`` prints).

@@ -218,6 +218,28 @@ def test_a_receipt_after_the_unsubscribe_counts() -> None:
     assert check(run(extra=[unsub])) == []
 
 
+def test_a_tail_in_flight_at_an_unsubscribe_is_not_owed_but_a_gap_before_it_is() -> None:
+    # 10 committed just before the unsubscribe may still have been on its way: not owed. 5 was
+    # followed by deliveries: lost.
+    unsub = Unsubscribing(t=committed(10) + 0.01, p=CLIENT, ch=CH)
+    result = checker.analyze(run(skip=[5, 10], extra=[unsub]))
+    assert [(v.kind, v.n) for v in result.violations] == [("lost", 5)]
+    assert result.counts.unsettled == 1
+
+
+def test_a_tail_missing_from_a_killed_client_is_not_owed() -> None:
+    # Its last record (a receipt on another channel) comes after 9 and 10 committed.
+    last = Received(t=19.0, p=CLIENT, ch="b", n=1)
+    events = [
+        e
+        for e in run(skip=[9, 10], extra=[last, Committed(t=18.0, p="s2", ch="b", ns=[1], t0=0.1)])
+        if not (isinstance(e, Ended) and e.p == CLIENT)
+    ]
+    result = checker.analyze(events)
+    assert result.violations == []
+    assert result.counts.unsettled == 2
+
+
 def test_an_uncertain_notification_never_received_is_legal_and_one_received_is_no_phantom() -> None:
     maybe: list[AnyEvent] = [
         Uncertain(t=15.0, p=SENDER, ch=CH, ns=[11], t0=14.5),

@@ -9,7 +9,10 @@ The promises, per client process ``P`` and channel ``ch``:
   *covered* when ``P`` was told: a ``Generation`` step (any channel) or a ``Lagged`` on ``ch`` in
   ``(t0, t_next]``, ``t_next`` being when ``P`` received the first payload of ``ch`` numbered above
   ``n`` in that subscription (or the subscription's end). A step before the loss, or one after the
-  next delivery, tells nothing about it. Numbers only in ``Uncertain`` are never owed.
+  next delivery, tells nothing about it. Numbers only in ``Uncertain`` are never owed. A missing
+  *tail* (nothing later delivered in that subscription) is owed only when the subscription lasted
+  to its process's clean end (``Ended``, after the run's calm phase let every client catch up):
+  after an unsubscribe or a kill it may have been in flight (counted ``unsettled``).
 - **Nothing twice** (per process, whatever the subscriptions), **in order** (within one
   subscription, numbers strictly rise), **nothing invented** (every number received was committed
   or uncertain).
@@ -90,6 +93,8 @@ class ProcessCounts:
     covered_step: int = 0
     covered_lag: int = 0
     lost: int = 0
+    #: missing at the tail of a subscription unsubscribed or killed: in flight, not owed
+    unsettled: int = 0
     steps: int = 0
     lags: int = 0
     subscriptions: int = 0
@@ -107,6 +112,7 @@ class Counts:
     covered_step: int = 0
     covered_lag: int = 0
     lost: int = 0
+    unsettled: int = 0
     processes: dict[str, ProcessCounts] = field(default_factory=dict)
 
 
@@ -151,11 +157,15 @@ class _Period:
     """One subscription of a process to a channel: open at ``s``, owed until ``u``, and the
     payloads it received (times and numbers, in order)."""
 
-    __slots__ = ("rn", "rt", "s", "u")
+    __slots__ = ("rn", "rt", "s", "settled", "u")
 
     def __init__(self, s: float, u: float | None) -> None:
         self.s = s
         self.u = u
+        #: Closed by its process's clean end, after the run's calm phase let every client catch
+        #: up. Only then is a missing tail (nothing later delivered) a loss: a subscription
+        #: closed by an unsubscribe or a kill may have had it still in flight.
+        self.settled = False
         self.rt: list[float] = []
         self.rn: list[int] = []
 
@@ -275,6 +285,7 @@ class _Checker:
             for period in proc.current.values():
                 if period.u is None:
                     period.u = max(end, period.s)
+                    period.settled = proc.end is not None
         for chan in self.channels.values():
             chan.seal()
 
@@ -322,6 +333,7 @@ class _Checker:
             counts.covered_step += pc.covered_step
             counts.covered_lag += pc.covered_lag
             counts.lost += pc.lost
+            counts.unsettled += pc.unsettled
 
     def receipts(self, p: str, ch: str, periods: list[_Period], chan: _Channel) -> set[int]:
         """Duplicates, order and phantoms of ``p``'s receipts on ``ch``; returns what it got."""
@@ -409,6 +421,10 @@ class _Checker:
                 k = bisect_right(rt, t)
                 while k < len(rn) and rn[k] <= n:
                     k += 1
+            if k >= len(rn) and not period.settled:
+                pc.owed -= 1
+                pc.unsettled += 1
+                continue
             t_next = rt[k] if k < len(rn) else period.end()
             g = bisect_right(gens, t0)
             if g < len(gens) and gens[g] <= t_next:
@@ -675,6 +691,7 @@ def summarize(analysis: Analysis, schedule: Schedule) -> str:
         f"notifications committed: {c.committed} (and {c.uncertain} uncertain)",
         f"deliveries checked: {c.owed} owed, {c.received} received",
         f"lost but covered: {c.covered_step} by a generation step, {c.covered_lag} by a lag",
+        f"in flight at an unsubscribe or a kill (not owed): {c.unsettled}",
         f"faults: {len(analysis.faults)} applied, {len(schedule.faults)} planned",
         "violations: " + (", ".join(found) if found else "none"),
         "per process:",

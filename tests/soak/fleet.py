@@ -37,10 +37,10 @@ import asyncpg
 import nats.errors
 
 import pgbus
-from tests.natsserver import freeze
-from tests.proxy import TcpProxy
 from tests.soak.natscluster import NatsCluster, NatsNode, rss_kb
 from tests.soak.topology import SoakConfig
+from tests.support.natsserver import freeze
+from tests.support.proxy import TcpProxy
 
 #: Every daemon: fail fast, recover fast (the test suite's settings).
 QUICK = [

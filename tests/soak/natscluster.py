@@ -28,9 +28,9 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 
-from tests.cluster import free_port
-from tests.natsserver import NATS_SERVER, freeze
-from tests.proxy import TcpProxy
+from tests.support.cluster import free_port
+from tests.support.natsserver import NATS_SERVER, freeze
+from tests.support.proxy import TcpProxy
 
 #: Store copies kept per node (the oldest are dropped).
 SNAPSHOTS = 4

@@ -28,11 +28,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
 from tests.soak import history, schedule
+from tests.soak.checker import Result, check_run
 from tests.soak.clients import KINDS as CLIENT_KINDS
 from tests.soak.clients import Clients
 from tests.soak.senders import Sender
@@ -74,7 +74,7 @@ class Outcome:
     committed: int = 0
     uncertain: int = 0
     problems: list[str] = field(default_factory=list)
-    result: Any = None
+    result: Result | None = None
 
     @property
     def failed(self) -> bool:
@@ -163,7 +163,7 @@ async def run_mode(opts: Options, mode: str) -> Outcome:
             shutil.rmtree(workdir, ignore_errors=True)
         outcome.committed = sum(s.committed for s in senders)
         outcome.uncertain = sum(s.uncertain for s in senders)
-    outcome.result = await asyncio.to_thread(check, run_dir)
+    outcome.result = await asyncio.to_thread(check_run, run_dir)
     return outcome
 
 
@@ -174,6 +174,8 @@ async def nemesis(topology: Topology, clients: Clients, entries: list[schedule.E
     rec = history.Recorder(run_dir / "history" / "nemesis.jsonl", "nemesis")
     loop = asyncio.get_running_loop()
     begin = loop.time()
+    schedule.write(run_dir / "schedule.json", opts.seed, outcome.mode, opts.duration, entries,
+                   start=history.now())  # fmt: skip
 
     async def apply(entry: schedule.Entry) -> None:
         await asyncio.sleep(max(0.0, begin + entry.at - loop.time()))
@@ -254,31 +256,14 @@ class Tail:
             self.open.clear()
 
 
-def check(run_dir: Path) -> Any:
-    """The checker's verdict on a run (tests/soak/checker.py; while that module is missing, the
-    stand-in of tests/soak/quickcheck.py, said so)."""
-    if importlib.util.find_spec("tests.soak.checker") is not None:
-        from tests.soak.checker import check_run  # type: ignore[import-not-found,unused-ignore]
-    else:
-        print("tests/soak/checker.py is missing: tests/soak/quickcheck.py stands in")
-        from tests.soak.quickcheck import check_run
-    return check_run(run_dir)
-
-
 def summary(opts: Options, outcome: Outcome) -> str:
-    lines = [f"soak seed {opts.seed}, mode {outcome.mode}, {opts.duration:g}s"]
+    lines = [f"=== soak seed {opts.seed}, mode {outcome.mode}, {opts.duration:g} s of faults"]
     faults = ", ".join(f"{k} {n}" for k, n in sorted(outcome.faults.items()))
-    lines.append(f"  faults applied: {sum(outcome.faults.values())} ({faults})")
-    lines.append(f"  notifications committed: {outcome.committed} (uncertain {outcome.uncertain})")
+    lines.append(f"faults applied: {sum(outcome.faults.values())} ({faults})")
     if outcome.result is not None:
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(outcome.result.counts.items()))
-        lines.append(f"  checked: {counts}")
-        lines.append(f"  violations: {len(outcome.result.violations)}")
-        if outcome.result.violations:
-            lines.append(outcome.result.text())
-    for problem in outcome.problems:
-        lines.append(f"  problem: {problem}")
-    lines.append(f"  run dir: {opts.out / outcome.mode}")
+        lines.append(outcome.result.text())
+    lines += [f"problem: {problem}" for problem in outcome.problems]
+    lines.append(f"run dir: {opts.out / outcome.mode}")
     return "\n".join(lines)
 
 

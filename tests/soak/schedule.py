@@ -52,11 +52,14 @@ def covering_duration(kinds: list[str], pace: Pace) -> float:
     return (len(kinds) + 0.5) * 1.5 * pace.mean_gap
 
 
-def write(path: Path, seed: int, mode: str, duration: float, entries: list[Entry]) -> None:
+def write(path: Path, seed: int, mode: str, duration: float, entries: list[Entry],
+          start: float | None = None) -> None:  # fmt: skip
+    """``schedule.json``; ``start`` is the ``time.monotonic()`` of offset 0, once known."""
     doc = {
         "seed": seed,
         "mode": mode,
         "duration": duration,
+        "start": start,
         "faults": [asdict(e) for e in entries],
     }
     path.write_text(json.dumps(doc, indent=1) + "\n")

@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 import asyncpg
 
 import pgbus
-from tests.proxy import TcpProxy
 from tests.soak.topology import SoakConfig
+from tests.support.proxy import TcpProxy
 
 #: Memory a daemon may use beyond its replay buffer and its clients' write budgets.
 RSS_BASE = 200 * 1024 * 1024

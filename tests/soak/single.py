@@ -106,9 +106,7 @@ class SingleTopology:
             both = await asyncio.gather(self._ctl_reload(), asyncio.to_thread(self._sighup))
             return "; ".join(both)
         if kind == "reload-then-terminate":
-            done = self._sighup()
-            await asyncio.sleep(rng.uniform(0.0, 0.8))
-            return f"{done}; {await self._terminate()}"
+            return await self._reload_then_terminate(rng)
         if kind == "pg-terminate":
             return await self._terminate()
         if kind.startswith("relay-"):
@@ -318,6 +316,18 @@ class SingleTopology:
             return "pgbusctl reload: no answer in 30s"
         lines = out.decode(errors="replace").strip().splitlines()
         return f"pgbusctl reload: exit {proc.returncode}: {lines[-1] if lines else ''}"
+
+    async def _reload_then_terminate(self, rng: random.Random) -> str:
+        """A reload, then the backends terminated moments after the successor took over: while
+        its clients resume."""
+        old = self.main_pid()
+        done = self._sighup()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RELOAD_TIMEOUT + 2
+        while self.main_pid() in (old, 0) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(rng.uniform(0.0, 0.15))
+        return f"{done}; {self.main_pid()} serves; {await self._terminate()}"
 
     async def _terminate(self) -> str:
         assert self.pg is not None

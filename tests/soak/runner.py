@@ -137,7 +137,10 @@ async def run_mode(opts: Options, mode: str) -> Outcome:
         clients = Clients(config, run_dir, topology.sockets(), on_demand, opts.clients)
         await clients.start()
         await nemesis(topology, clients, entries, opts, run_dir, outcome)
-        await topology.heal()
+        try:
+            await topology.heal()
+        except Exception as exc:  # final_checks says what is wrong; the clients' story matters
+            outcome.problems.append(f"heal: {type(exc).__name__}: {exc}")
         await clients.heal()
         await asyncio.sleep(opts.calm)
         stop_senders.set()

@@ -85,8 +85,13 @@ class Clients:
         return Client(name, proc, log)
 
     def pick(self, rng: random.Random) -> Client | None:
-        running = [c for c in self.live if c.running]
+        """A running client that has recorded something (and so handles its signals)."""
+        running = [c for c in self.live if c.running and self._recording(c)]
         return rng.choice(running) if running else None
+
+    def _recording(self, client: Client) -> bool:
+        path = self.run_dir / "history" / f"{client.name}.jsonl"
+        return path.exists() and path.stat().st_size > 0
 
     async def inject(self, kind: str, rng: random.Random, duration: float) -> str:
         if kind == "status-flood":

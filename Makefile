@@ -13,7 +13,7 @@ CARGO     ?= $(shell command -v cargo 2>/dev/null || ls $$HOME/.cargo/bin/cargo 
 RUST_DEBS := librust-tokio-dev librust-serde-dev librust-serde-derive-dev librust-rmp-serde-dev \
              librust-serde-json-dev librust-log-dev
 
-.PHONY: install run test test-rust build-rust rust-deps test-systemd lint bench clean demo
+.PHONY: install run test test-rust build-rust rust-deps test-systemd lint bench clean demo soak
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,18 @@ test-systemd: $(STAMP)
 # reconnect; scripts/demo.py stops everything it started, also on failure or Ctrl-C.
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py --dsn '$(DSN)' --socket $(CURDIR)/.run/demo.sock
+
+# The nemesis soak (tests/soak/, docs/testing.md): seeded faults against a daemon (MODE=single),
+# a fleet (MODE=fleet) or both at once, a checker over every client's history; exits 1 on a
+# violation. SOAK_PYTHON=/other/checkout/.venv/bin/python runs that checkout's daemons and clients.
+SEED      ?= 1
+DURATION  ?= 120
+MODE      ?= both
+SOAK_ARGS ?=
+
+soak: $(STAMP)
+	SOAK_PYTHON=$${SOAK_PYTHON:-$(CURDIR)/$(BIN)/python} $(BIN)/python -m tests.soak \
+		--seed $(SEED) --duration $(DURATION) --mode $(MODE) --out .run/soak $(SOAK_ARGS)
 
 # The benchmark suite (bench/, docs/benchmarks.md): its own daemons, workers and PostgreSQL load.
 # `make bench BENCH_ARGS=--quick` for a smoke run; every option is also a PGBUS_BENCH_* variable.

@@ -297,7 +297,8 @@ class FleetTopology:
         await self.nats.stop()
         for proxy in self.proxies:
             await proxy.close()
-        await asyncio.to_thread(shutil.rmtree, self.root, True)
+        if self.config.extra.get("keep") != "1":  # --keep: logs and stores stay for a look
+            await asyncio.to_thread(shutil.rmtree, self.root, True)
         if self._socket_dir is not None:
             await asyncio.to_thread(shutil.rmtree, self._socket_dir, True)
 

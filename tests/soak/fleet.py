@@ -152,6 +152,7 @@ class FleetTopology:
     def __init__(self, config: SoakConfig) -> None:
         self.config = config
         self.root = config.workdir / "fleet"
+        self._options: set[str] | None = None
         self.variant = config.extra.get("nats") or ("cluster" if config.seed % 2 else "single")
         if self.variant not in ("single", "cluster"):
             raise ValueError(f"extra nats={self.variant!r}: single or cluster")
@@ -320,7 +321,19 @@ class FleetTopology:
     def _bridge_command(self, i: int, socket_dir: Path) -> list[str]:
         dsn = _via(self.config.dsn, self.proxies[i].port)
         command = self._daemon_command(f"b{i}", socket_dir)
-        return [*command, "--dsn", dsn, "--publish", self.nats.urls, *BRIDGE]
+        bridge = BRIDGE if self._knows("--publisher-timeout") else BRIDGE[:2]
+        return [*command, "--dsn", dsn, "--publish", self.nats.urls, *bridge]
+
+    def _knows(self, option: str) -> bool:
+        """Whether the daemon of ``config.python`` takes ``option`` (an older checkout's, run
+        to rediscover old defects, may not)."""
+        if self._options is None:
+            help_text = subprocess.run(
+                [self.config.python, "-m", "pgbusd", "--help"],
+                capture_output=True, text=True, cwd=self.root, check=False,
+            ).stdout  # fmt: skip
+            self._options = set(help_text.split())
+        return option in self._options
 
     def _host_command(self, name: str, socket_dir: Path) -> list[str]:
         state = str(self.root / f"{name}.state")

@@ -65,6 +65,7 @@ from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
 
+from pgbus.backoff import Backoff
 from pgbusd.fleet import natsconn
 from pgbusd.fleet.follower import Follower
 from pgbusd.fleet.held import HeldBuffer
@@ -143,6 +144,7 @@ class Bridge:
         self.held = HeldBuffer()
         self.phase = Phase.STANDBY
         self.nc: NATS | None = None
+        self.jetstream: natsconn.JetStreamWatch | None = None
         self.lease: PublisherLease | None = None
         self.follower: Follower | None = None
         self.term: Term | None = None
@@ -261,23 +263,22 @@ class Bridge:
             log=self.log,
             credentials=self.credentials,
         )
+        self.jetstream = jetstream = natsconn.JetStreamWatch(self.nc, log=self.log)
+        backoff = Backoff(0.2, 2.0, jitter=0.3)
         while not self._stopping.is_set():
             try:
-                await self._ensure()
-                break
-            except Exception as exc:
-                self.log.info("nats not ready", error=repr(exc))
-                await self._sleep(0.2)
-        while not self._stopping.is_set():
-            try:
+                if self.lease is None:  # at start: NATS may not be ready yet
+                    await self._ensure()
                 silent = await self._standby()
                 if self._stopping.is_set():
                     break
                 await self._take_over(silent)
+                backoff.reset()
             except Exception as exc:
                 self.log.error("bridge step failed", error=repr(exc), phase=self.phase.value)
+                await jetstream.failed(exc)
                 await self._demote(f"error: {exc!r}")
-                await self._sleep(0.2)
+                await self._sleep(backoff.next_delay())
                 if natsconn.missing(exc):
                     with contextlib.suppress(Exception):
                         await self._ensure()
@@ -312,6 +313,7 @@ class Bridge:
             self.lease = PublisherLease(
                 kv, self.bridge_id, ttl, heartbeat=self.publisher_timeout / 4
             )
+            self.lease.jetstream = self.jetstream
         self.lease.kv = kv
 
     async def _sleep(self, delay: float) -> None:
@@ -334,6 +336,7 @@ class Bridge:
         follower = Follower(
             self.nc, self.subjects, self.held, self.channels, self.last_stored.saw, self.log
         )
+        follower.watch = self.jetstream
         await follower.start()
         self.follower = follower
         return follower

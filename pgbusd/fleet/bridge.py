@@ -40,7 +40,8 @@ for ``publisher_timeout``: killed, paused, cut off; see :mod:`pgbusd.fleet.lease
    overflowed, or the barrier timed out behind a slow link), what follows the frontier (what
    arrives up to it is dropped); with a connection that listens since after step 3, all it
    delivered; with the barrier marker back, what follows it; else nothing until the barrier
-   marker (or the frontier's) arrives: the term is *gated* until then. The same when the last
+   marker (or a later marker of this bridge, or the frontier's) arrives: the term is *gated*
+   until then. The same when the last
    publisher relayed another channel set: its positions count other notifications and cannot
    be placed here.
 
@@ -191,7 +192,7 @@ class Bridge:
             self.held.marker(payload)
         publisher = self._publisher()
         if publisher is not None:
-            if self._gate is None or payload == self._gate:
+            if self._gate is None or self.markers.follows(payload, self._gate):
                 self._open_gate()  # a barrier marker: what follows was committed after it
                 publisher.termlog.advance(payload)
                 publisher.poke()

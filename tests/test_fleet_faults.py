@@ -11,18 +11,20 @@ steps the fault allows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 import pgbus
 from pgbusd.config import Config, ConfigError
 from tests.conftest import DSN, Daemon, DaemonFactory, attached, unique_channel, wait_until
+from tests.soak.natscluster import NatsCluster
 from tests.support.fleet_helpers import client, nats_server_fixture, read_stream, unique_stream
 from tests.support.natsserver import NatsServer, freeze
 from tests.support.proxy import TcpProxy
@@ -464,3 +466,99 @@ def test_a_channel_list_too_large_for_the_greeting_is_refused() -> None:
     with pytest.raises(ConfigError) as caught:
         Config(channel=names, max_channels=20_000)
     assert caught.value.option == "channel"
+
+
+# -- (11) a NATS node that holds its clients and never answers them -------------------------------
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsCluster]:
+    """Three clustered nats-servers, routes through proxies (so a node can be cut off)."""
+    cluster = NatsCluster(tmp_path_factory.mktemp("natscluster"), 3)
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        await cluster.stop()
+
+
+class ClusterUrls:
+    """What :class:`Fleet` needs of a NATS server: the cluster's client URLs."""
+
+    def __init__(self, cluster: NatsCluster) -> None:
+        self.url = cluster.urls
+
+
+async def cluster_fleet(factory: DaemonFactory, cluster: NatsCluster) -> Fleet:
+    """A fleet whose stream and lease bucket are replicated on every node (as production
+    runs it: one node lost leaves a quorum)."""
+    fleet = Fleet(factory, cast(NatsServer, ClusterUrls(cluster)))
+    await cluster.ensure_stream(fleet.stream, 1.0)
+    return fleet
+
+
+def nats_node_of(daemon: Daemon, cluster: NatsCluster) -> int:
+    """The node ``daemon``'s NATS connection is to (from its sockets in /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{daemon.pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = {node.port: i for i, node in enumerate(cluster.nodes)}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote_port, state, inode = int(fields[2].split(":")[1], 16), fields[3], fields[9]
+        if inode in inodes and state == "01" and remote_port in ports:
+            return ports[remote_port]
+    raise AssertionError(f"no NATS connection of pid {daemon.pid}")
+
+
+async def test_a_host_whose_nats_node_is_cut_off_from_its_cluster_reads_on_through_another(
+    daemon_factory: DaemonFactory, nats_cluster: NatsCluster
+) -> None:
+    """The node a host is connected to loses its routes for good: it keeps the host's
+    connection and never answers its JetStream requests. The host moves to another node and
+    resumes where it was: nothing twice, nothing missing."""
+    fleet = await cluster_fleet(daemon_factory, nats_cluster)
+    bridge = fleet.bridge("b", *QUICK)
+    await fleet_state(bridge, "publishing")
+    host = fleet.host("h")
+    await host.wait_generation(1)
+    async with workers(host.socket, fleet.channels, 2) as group, Sender(fleet.channels) as sender:
+        await sender.wait_sent(40)
+        cut = nats_node_of(host, nats_cluster)
+        nats_cluster.partition(cut)
+        try:
+            await wait_until(
+                lambda: nats_node_of(host, nats_cluster) != cut, 60, what="the host moved"
+            )
+            await sender.wait_sent(40)
+            last = await sender.stop()
+            for summary in await summaries(group, last):
+                assert summary["repeated"] == dict.fromkeys(last, 0), summary
+                assert summary["last"] == last, summary
+        finally:
+            nats_cluster.reconnect(cut)
+    assert "JetStream does not answer through this NATS server" in host.log()
+
+
+async def test_a_standby_whose_nats_node_is_cut_off_regains_the_lease_and_takes_over(
+    daemon_factory: DaemonFactory, nats_cluster: NatsCluster
+) -> None:
+    """The standby's node loses its routes for good, then the publisher dies: the standby's
+    reads of the lease never get an answer there; it moves to another node, sees the lease
+    free and takes over."""
+    fleet = await cluster_fleet(daemon_factory, nats_cluster)
+    a = fleet.bridge("ba", *QUICK)
+    await fleet_state(a, "publishing")
+    b = fleet.bridge("bb", *QUICK)
+    await fleet_state(b, "standby")
+    cut = nats_node_of(b, nats_cluster)
+    nats_cluster.partition(cut)
+    try:
+        a.kill()
+        await fleet_state(b, "publishing", timeout=60)
+        assert nats_node_of(b, nats_cluster) != cut
+    finally:
+        nats_cluster.reconnect(cut)

@@ -7,8 +7,11 @@ marker came back; republish() writes it into the new term's log. The daemons' fa
 
 from __future__ import annotations
 
+import structlog
+
 from pgbusd.fleet import schema as s
 from pgbusd.fleet.held import HeldBuffer
+from pgbusd.fleet.markers import Markers
 from pgbusd.fleet.subjects import StreamSubjects
 from pgbusd.fleet.takeover import Plan, plan, republish
 from pgbusd.fleet.termlog import TermLog
@@ -123,3 +126,23 @@ def test_republished_notifications_keep_their_positions_and_what_follows_counts_
         ("c", 43, 4),
         ("d", 44, 4),
     ]
+
+
+async def test_a_gate_opens_on_any_later_marker_of_this_bridge() -> None:
+    """A barrier whose commit failed never arrives: the term's next marker (committed after
+    the barrier was attempted, so after the fencing) must open the gate, or the term publishes
+    nothing for ever."""
+    sent: list[str] = []
+
+    async def refuse(channel: str, payload: str) -> None:
+        sent.append(payload)
+        raise ConnectionResetError("the marker connection is gone")
+
+    markers = Markers("pgbus.marker.S", refuse, "b1", structlog.get_logger())
+    barrier, back = await markers.barrier(1.0)
+    assert (sent, back) == ([barrier], False)
+    later, other = markers.new(), Markers("pgbus.marker.S", refuse, "b2", structlog.get_logger())
+    assert markers.follows(barrier, barrier)
+    assert markers.follows(later, barrier)
+    assert not markers.follows(other.new(), barrier)  # another bridge's counter is not ours
+    assert not markers.follows(barrier, later)  # an earlier marker does not open a later gate

@@ -40,7 +40,8 @@ for ``publisher_timeout``: killed, paused, cut off; see :mod:`pgbusd.fleet.lease
    overflowed, or the barrier timed out behind a slow link), what follows the frontier (what
    arrives up to it is dropped); with a connection that listens since after step 3, all it
    delivered; with the barrier marker back, what follows it; else nothing until the barrier
-   marker (or the frontier's) arrives: the term is *gated* until then. The same when the last
+   marker (or a later marker of this bridge, or the frontier's) arrives: the term is *gated*
+   until then. The same when the last
    publisher relayed another channel set: its positions count other notifications and cannot
    be placed here.
 
@@ -65,6 +66,7 @@ from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
 
+from pgbus.backoff import Backoff
 from pgbusd.fleet import natsconn
 from pgbusd.fleet.follower import Follower
 from pgbusd.fleet.held import HeldBuffer
@@ -143,6 +145,7 @@ class Bridge:
         self.held = HeldBuffer()
         self.phase = Phase.STANDBY
         self.nc: NATS | None = None
+        self.jetstream: natsconn.JetStreamWatch | None = None
         self.lease: PublisherLease | None = None
         self.follower: Follower | None = None
         self.term: Term | None = None
@@ -189,7 +192,7 @@ class Bridge:
             self.held.marker(payload)
         publisher = self._publisher()
         if publisher is not None:
-            if self._gate is None or payload == self._gate:
+            if self._gate is None or self.markers.follows(payload, self._gate):
                 self._open_gate()  # a barrier marker: what follows was committed after it
                 publisher.termlog.advance(payload)
                 publisher.poke()
@@ -261,23 +264,22 @@ class Bridge:
             log=self.log,
             credentials=self.credentials,
         )
+        self.jetstream = jetstream = natsconn.JetStreamWatch(self.nc, log=self.log)
+        backoff = Backoff(0.2, 2.0, jitter=0.3)
         while not self._stopping.is_set():
             try:
-                await self._ensure()
-                break
-            except Exception as exc:
-                self.log.info("nats not ready", error=repr(exc))
-                await self._sleep(0.2)
-        while not self._stopping.is_set():
-            try:
+                if self.lease is None:  # at start: NATS may not be ready yet
+                    await self._ensure()
                 silent = await self._standby()
                 if self._stopping.is_set():
                     break
                 await self._take_over(silent)
+                backoff.reset()
             except Exception as exc:
                 self.log.error("bridge step failed", error=repr(exc), phase=self.phase.value)
+                await jetstream.failed(exc)
                 await self._demote(f"error: {exc!r}")
-                await self._sleep(0.2)
+                await self._sleep(backoff.next_delay())
                 if natsconn.missing(exc):
                     with contextlib.suppress(Exception):
                         await self._ensure()
@@ -312,6 +314,7 @@ class Bridge:
             self.lease = PublisherLease(
                 kv, self.bridge_id, ttl, heartbeat=self.publisher_timeout / 4
             )
+            self.lease.jetstream = self.jetstream
         self.lease.kv = kv
 
     async def _sleep(self, delay: float) -> None:
@@ -334,6 +337,7 @@ class Bridge:
         follower = Follower(
             self.nc, self.subjects, self.held, self.channels, self.last_stored.saw, self.log
         )
+        follower.watch = self.jetstream
         await follower.start()
         self.follower = follower
         return follower

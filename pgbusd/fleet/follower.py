@@ -40,8 +40,12 @@ class Follower:
         channels: frozenset[str],
         known: Known,
         log: Any,
+        watch: natsconn.JetStreamWatch | None = None,
     ) -> None:
         self.nc = nc
+        #: Told how the reader's requests went (see :class:`~pgbusd.fleet.natsconn.
+        #: JetStreamWatch`).
+        self.watch = watch
         self.subjects = subjects
         self.held = held
         self.channels = channels
@@ -82,6 +86,7 @@ class Follower:
             on_gap=self._gap,
             on_lost=self._lost,
             position=lambda: (self.state.stream_seq, self.state.msg_id),
+            watch=self.watch,
             log=self.log,
         )
         self._task = asyncio.create_task(self.reader.run(), name="fleet-follower")

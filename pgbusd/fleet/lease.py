@@ -37,7 +37,7 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from pgbusd.fleet.natsconn import missing
+from pgbusd.fleet.natsconn import JetStreamWatch, missing
 from pgbusd.ops.status import FleetLease
 
 KEY = "publisher"
@@ -74,6 +74,8 @@ class PublisherLease:
         self._valid_until = 0.0
         #: The holder as last read (this bridge or another), for status.
         self.holder: LeaseValue | None = None
+        #: Told how the standby's reads went (see :meth:`watch`).
+        self.jetstream: JetStreamWatch | None = None
 
     @property
     def renew_interval(self) -> float:
@@ -187,7 +189,10 @@ class PublisherLease:
         ``listening()``, it is free (None) or its holder stopped beating, its revision unchanged
         for ``timeout`` (that revision: take over with a compare-and-set on it); or until
         ``stopping`` is set (None). A read that fails is logged and tried again, unless the
-        bucket is gone: that is raised (:func:`pgbusd.fleet.natsconn.missing`)."""
+        bucket is gone: that is raised (:func:`pgbusd.fleet.natsconn.missing`). Its
+        :attr:`jetstream` watch is told how each read went (reads that never get an answer
+        move the connection to another server)."""
+        jetstream = self.jetstream
         revision: int | None = None
         changed_at = time.monotonic()
         while not stopping.is_set():
@@ -197,7 +202,11 @@ class PublisherLease:
                 log.info("lease unreadable", error=repr(exc))
                 if missing(exc):
                     raise
+                if jetstream is not None:
+                    await jetstream.failed(exc)
             else:
+                if jetstream is not None:
+                    jetstream.answered()
                 now = time.monotonic()
                 if holder is None or self.seen_revision != revision:
                     revision, changed_at = self.seen_revision, now

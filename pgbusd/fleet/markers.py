@@ -102,6 +102,17 @@ class Markers:
             self._barriers.pop(payload, None)
         return payload, True
 
+    def follows(self, payload: str, barrier: str) -> bool:
+        """Whether ``payload`` is ``barrier`` or a marker this bridge made after it: committed
+        after it was attempted (a barrier whose commit failed, or that came back before it was
+        waited for, never arrives again: a later marker of this bridge does as well)."""
+        mine, _, rest = payload.partition(".")
+        theirs, _, barrier_rest = barrier.partition(".")
+        if mine != self.bridge_id or theirs != self.bridge_id:
+            return payload == barrier
+        count, barrier_count = rest.partition(".")[0], barrier_rest.partition(".")[0]
+        return count.isdigit() and barrier_count.isdigit() and int(count) >= int(barrier_count)
+
     def arrived(self, payload: str) -> None:
         """A marker arrived on this bridge's LISTEN connection."""
         barrier = self._barriers.get(payload)

@@ -83,6 +83,67 @@ async def connect(
             await asyncio.sleep(backoff.next_delay())
 
 
+def unanswered(exc: BaseException) -> bool:
+    """Whether ``exc`` says JetStream did not answer through this connection: a request timed
+    out, JetStream is unavailable (no leader, no quorum), or nothing answered a publish."""
+    return isinstance(
+        exc,
+        TimeoutError
+        | ServiceUnavailableError
+        | NoStreamResponseError
+        | nats.errors.NoRespondersError,
+    )
+
+
+class JetStreamWatch:
+    """Whether JetStream answers through one NATS connection, and a move when it does not.
+
+    A server may hold its clients' connections and still never answer their JetStream
+    requests: cut off from its cluster's peers, or restarted on a store that does not rejoin
+    its cluster. Its clients would wait for as long as it stays so, while the other servers of
+    the cluster serve. So every JetStream user of a connection says how its requests went
+    (:meth:`answered`, :meth:`failed`): after ``patience`` seconds of failures that
+    :func:`unanswered` recognises, with no answer in between, the connection is moved to
+    another server of its pool (a client of one server reconnects to it), and its users
+    re-create their consumers as after any reconnect. At most one move per ``patience``.
+    """
+
+    def __init__(self, nc: NATS, patience: float = 5.0, log: Any = None) -> None:
+        self.nc = nc
+        self.patience = patience
+        self.log = log
+        #: Connections moved because JetStream did not answer.
+        self.moves = 0
+        self._failing_since: float | None = None
+
+    def answered(self) -> None:
+        """A JetStream request was answered."""
+        self._failing_since = None
+
+    async def failed(self, exc: BaseException) -> None:
+        """A JetStream request failed with ``exc``; move the connection once they have failed
+        for ``patience`` seconds."""
+        if not unanswered(exc) or not self.nc.is_connected:
+            return
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+            return
+        if now - self._failing_since < self.patience:
+            return
+        self._failing_since = now
+        self.moves += 1
+        if self.log is not None:
+            url = self.nc.connected_url
+            self.log.warning(
+                "JetStream does not answer through this NATS server: moving to another",
+                server=url.netloc if url is not None else None,
+                error=repr(exc),
+            )
+        with contextlib.suppress(Exception):
+            await self.nc.force_reconnect()
+
+
 def missing(exc: BaseException) -> bool:
     """Whether ``exc`` says the stream or the lease bucket is not there (deleted, or NATS
     restarted without its store): they are created again."""

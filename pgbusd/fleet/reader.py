@@ -20,11 +20,18 @@ and its client-side fetch logic has changed between nats-py releases. This reade
   gone (retention, a purge): reported once through ``on_gap(first_missing, next_present)``
   before the message is delivered. Nothing else ever skips a sequence;
 - before every consumer it creates, it checks that the stream still holds what was read: a
-  stream that ends before ``next_seq - 1``, or holds another message than the last one
-  applied (``position()``: its sequence and message id), went back (restored from an older
-  copy, or deleted and created anew). Waiting for ``next_seq`` would skip whatever is written
-  below it: ``on_lost(reason)`` says so, and returns the sequence to read from instead (None:
-  carry on).
+  stream that ends before ``next_seq - 1``, holds another message than the last one applied
+  (``position()``: its sequence and message id), or was created after the one it read from
+  (its creation time), went back (restored from an older copy, or deleted and created anew).
+  Waiting for ``next_seq`` would skip whatever is written below it: ``on_lost(reason)`` says
+  so, and returns the sequence to read from instead (None: carry on);
+- a consumer may also die quietly: its server cut off from its cluster, or its stream deleted
+  on a server that goes on sending its heartbeats. So whenever nothing came for
+  :data:`PROGRESS_HEARTBEATS` heartbeats, it asks the stream's state: a stream that holds
+  what this reader waits for, went back or was created anew drops the consumer too;
+- a consumer that cannot be opened is tried again with backoff, the failure logged; a
+  :class:`~pgbusd.fleet.natsconn.JetStreamWatch` is told how each JetStream request went, so
+  that a connection whose server never answers moves to another server.
 
 ``deliver(stream_seq, msg)`` is called for every message, in stream order, synchronously from
 the NATS client's dispatch; it must not block. An exception it raises stops the reader:
@@ -45,11 +52,19 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from pgbus.backoff import Backoff
+from pgbusd.fleet.natsconn import JetStreamWatch
 
 Deliver = Callable[[int, Msg], None]
 OnGap = Callable[[int, int], None]
 OnLost = Callable[[str], Awaitable["int | None"]]
 Position = Callable[[], "tuple[int, str | None]"]
+
+#: Heartbeats without a delivered message after which the reader asks the stream whether it
+#: holds what the consumer should have delivered.
+PROGRESS_HEARTBEATS = 3
+#: Consecutive failures to open a consumer between two log lines about them (the first is
+#: logged, and any of another kind).
+LOG_EVERY = 20
 
 
 def ack_fields(reply: str) -> tuple[int, int, int]:
@@ -76,6 +91,7 @@ class StreamReader:
         on_open: Callable[[], None] | None = None,
         position: Position | None = None,
         heartbeat: float = 1.0,
+        watch: JetStreamWatch | None = None,
         log: Any = None,
     ) -> None:
         self.nc = nc
@@ -87,6 +103,7 @@ class StreamReader:
         self.on_open = on_open
         self.position = position
         self.heartbeat = heartbeat
+        self.watch = watch
         self.log = log
         #: The next stream sequence this reader wants.
         self.next_seq = max(1, start_seq)
@@ -104,6 +121,11 @@ class StreamReader:
         self._failure: BaseException | None = None
         self._activity = time.monotonic()
         self._backoff = Backoff(0.05, 2.0, jitter=0.3)
+        #: Messages delivered (the progress check compares it between two looks).
+        self._delivered = 0
+        #: The creation time of the stream this reader read from (None: not known yet).
+        self._created: Any = None
+        self._failures = 0
 
     @property
     def lag(self) -> int:
@@ -123,18 +145,14 @@ class StreamReader:
             try:
                 await self._open()
             except Exception as exc:
-                self.last_error = repr(exc)
+                await self._failed(exc)
                 await self._close()
                 await self._pause(self._backoff.next_delay())
                 continue
             self.connected = True
             if self.on_open is not None:
                 self.on_open()
-            while not (self._stopping or self._reset.is_set()):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._reset.wait(), self.heartbeat)
-                if time.monotonic() - self._activity > 3 * self.heartbeat:
-                    self.reset("no heartbeat")
+            await self._watch()
             self.connected = False
             await self._close()
             if self._failure is not None:
@@ -147,6 +165,60 @@ class StreamReader:
         self._stopping = True
         self._reset.set()
 
+    async def _failed(self, exc: BaseException) -> None:
+        """Opening a consumer failed (it is tried again with backoff): logged, and told to the
+        connection's watch."""
+        error = repr(exc)
+        self._failures += 1
+        if self.log is not None and (error != self.last_error or self._failures % LOG_EVERY == 1):
+            self.log.info(
+                "stream not readable", error=error, next_seq=self.next_seq, failures=self._failures
+            )
+        self.last_error = error
+        if self.watch is not None:
+            await self.watch.failed(exc)
+
+    async def _watch(self) -> None:
+        """While the consumer is open: reset it when its heartbeats stop, or when it delivers
+        nothing although the stream holds more (see the module docstring)."""
+        delivered, quiet_since = self._delivered, time.monotonic()
+        while not (self._stopping or self._reset.is_set()):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reset.wait(), self.heartbeat)
+            now = time.monotonic()
+            if now - self._activity > 3 * self.heartbeat:
+                self.reset("no heartbeat")
+            elif self._delivered != delivered:
+                delivered, quiet_since = self._delivered, now
+            elif now - quiet_since >= PROGRESS_HEARTBEATS * self.heartbeat:
+                reason = await self._stalled()
+                if reason is not None and self._delivered == delivered:
+                    if self.log is not None:
+                        self.log.info("stream consumer stalled: opening another", reason=reason)
+                    self.reset(reason)
+                quiet_since = time.monotonic()
+
+    async def _stalled(self) -> str | None:
+        """Why the open consumer is of no use although its heartbeats come (None: it is)."""
+        try:
+            info = await self.nc.jetstream(timeout=5).stream_info(self.stream)
+        except NotFoundError:
+            return "the stream is gone"
+        except Exception as exc:
+            if self.watch is not None:
+                await self.watch.failed(exc)
+            return None
+        if self.watch is not None:
+            self.watch.answered()
+        state = info.state
+        if self._created is not None and info.created is not None and info.created != self._created:
+            return "the stream was created anew"
+        if state.last_seq < self.next_seq - 1:
+            return f"the stream ends at {state.last_seq}, before {self.next_seq - 1}"
+        if state.last_seq >= self.next_seq:
+            return f"nothing delivered from {self.next_seq} on, the stream ends at {state.last_seq}"
+        return None
+
     async def _pause(self, delay: float) -> None:
         if delay > 0 and not self._stopping:
             with contextlib.suppress(TimeoutError):
@@ -155,27 +227,37 @@ class StreamReader:
 
     async def _check_place(self) -> None:
         """Whether the stream still holds what this reader read (module docstring)."""
+        js = self.nc.jetstream(timeout=5)
+        info = await js.stream_info(self.stream)
+        created, was = info.created, self._created
+        self._created = created
         if self.on_lost is None or self.next_seq <= 1:
             return
-        js = self.nc.jetstream(timeout=5)
-        state = (await js.stream_info(self.stream)).state
-        reason = None
-        if state.last_seq < self.next_seq - 1:
-            reason = f"the stream ends at {state.last_seq}, before {self.next_seq - 1}"
-        elif self.position is not None:
-            seq, msg_id = self.position()
-            if msg_id is not None and state.first_seq <= seq <= state.last_seq and seq > 0:
-                try:
-                    raw = await js.get_msg(self.stream, seq)
-                except NotFoundError:
-                    return
-                found = (raw.headers or {}).get("Nats-Msg-Id")
-                if found != msg_id:
-                    reason = f"the stream's message {seq} is {found}, not {msg_id}"
+        reason = await self._went_back(
+            js, info.state, created != was and None not in (created, was)
+        )
         if reason is not None:
             restart = await self.on_lost(reason)
             if restart is not None:
                 self.next_seq = max(1, restart)
+
+    async def _went_back(self, js: Any, state: api.StreamState, anew: bool) -> str | None:
+        """Why the stream no longer holds what this reader read (None: it does)."""
+        if anew:
+            return "the stream was created anew"
+        if state.last_seq < self.next_seq - 1:
+            return f"the stream ends at {state.last_seq}, before {self.next_seq - 1}"
+        if self.position is None:
+            return None
+        seq, msg_id = self.position()
+        if msg_id is None or not (max(1, state.first_seq) <= seq <= state.last_seq):
+            return None
+        try:
+            raw = await js.get_msg(self.stream, seq)
+        except NotFoundError:
+            return None
+        found = (raw.headers or {}).get("Nats-Msg-Id")
+        return None if found == msg_id else f"the stream's message {seq} is {found}, not {msg_id}"
 
     async def _open(self) -> None:
         await self._check_place()
@@ -206,7 +288,10 @@ class StreamReader:
         info = await self.nc.jetstream().add_consumer(self.stream, config, timeout=5)
         self._consumer = info.name
         self.last_error = None
+        self._failures = 0
         self._backoff.reset()
+        if self.watch is not None:
+            self.watch.answered()
 
     async def _close(self) -> None:
         self._incarnation += 1
@@ -237,6 +322,7 @@ class StreamReader:
             self.reset(f"consumer sequence {cseq} after {self._cseq}")
             return
         self._cseq = cseq
+        self._delivered += 1
         if sseq < self.next_seq:
             return
         try:

@@ -33,6 +33,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from pgbus import protocol as p
+from pgbus.backoff import Backoff
 from pgbusd.core.feed import Refusal
 from pgbusd.fleet import natsconn
 from pgbusd.fleet import schema as s
@@ -94,6 +95,7 @@ class HostSource:
         self.heartbeat = heartbeat
         self.caught_up = asyncio.Event()
         self.nc: NATS | None = None
+        self.watch: natsconn.JetStreamWatch | None = None
         self.reader: StreamReader | None = None
         #: Why it cannot go on (a stream this version cannot read), if so.
         self.failure: str | None = None
@@ -246,15 +248,19 @@ class HostSource:
             log=self.log,
             credentials=self.credentials,
         )
+        self.watch = watch = natsconn.JetStreamWatch(nc, log=self.log)
         start = 1
+        backoff = Backoff(0.25, 2.0, jitter=0.3)
         while not self._stopping.is_set():
             try:
                 start = await self._start(nc)
                 break
             except Exception as exc:
                 self.log.info("stream not readable yet", error=repr(exc))
+                await watch.failed(exc)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), 0.25)
+                    await asyncio.wait_for(self._stopping.wait(), backoff.next_delay())
+        watch.answered()
         if self._stopping.is_set():
             return
         view = self.view
@@ -268,6 +274,7 @@ class HostSource:
             on_open=self._caught_up,
             position=lambda: (view.state.stream_seq, view.state.msg_id),
             heartbeat=self.heartbeat,
+            watch=watch,
             log=self.log,
         )
         saver = asyncio.create_task(self._save_loop(), name="fleet-state-file")

@@ -16,6 +16,7 @@ The steps (see :mod:`pgbusd.fleet.bridge` for the whole story):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.js.errors import APIError, NotFoundError
 
+from pgbus.backoff import Backoff
 from pgbusd.fleet import schema as s
 from pgbusd.fleet.follower import Follower
 from pgbusd.fleet.held import Held, HeldBuffer
@@ -31,6 +33,13 @@ from pgbusd.fleet.markers import Markers
 from pgbusd.fleet.publisher import message_limit
 from pgbusd.fleet.subjects import StreamSubjects
 from pgbusd.fleet.termlog import TermLog
+
+#: Seconds a takeover waits for its follower to read the stream to its end before it reads
+#: the stream again through a new one.
+CATCH_UP_TIMEOUT = 10.0
+#: Opening checkpoints refused in a row (the stream holds more than the follower read) before
+#: a takeover reads the stream again through a new follower.
+REFOLLOW_AFTER = 3
 
 
 class LastStored:
@@ -103,11 +112,21 @@ async def open_term(
 ) -> OpenedTerm | None:
     """Store the term's opening checkpoint right after the stream's last message (read to its
     end through ``follower``, or once through ``refollow()`` if it is not to be trusted: a gap
-    while following may be behind it). None if the lease was lost meanwhile."""
+    while following may be behind it). None if the lease was lost meanwhile.
+
+    A checkpoint refused because the stream holds more than the follower read (the old
+    publisher stored more) is tried again once the follower read on, with backoff; after
+    :data:`REFOLLOW_AFTER` refusals in a row, or a follower that does not catch up, through a
+    new follower from the stream's last checkpoint (the follower's view may be of a stream
+    that is no longer there)."""
     js = nc.jetstream(timeout=5)
     current, refollowed = follower, False
+    backoff, refused = Backoff(0.02, 1.0, jitter=0.3), 0
     while lease.held:
-        if not await current.caught_up(timeout=30):
+        if not await current.caught_up(timeout=CATCH_UP_TIMEOUT) or refused >= REFOLLOW_AFTER:
+            log.info("the stream read again from its last checkpoint", refused=refused)
+            await asyncio.sleep(backoff.next_delay())
+            current, refollowed, refused = await refollow(), True, 0
             continue
         if not current.trusted and not refollowed:
             current, refollowed = await refollow(), True
@@ -140,7 +159,9 @@ async def open_term(
             ack_seq = await _store_parts(js, subjects, term, parts, state)
         except APIError as exc:
             if exc.err_code in (s.ERR_WRONG_LAST_MSG_ID, s.ERR_WRONG_LAST_SEQ):
+                refused += 1
                 log.info("the old publisher stored more; reading on", error=str(exc))
+                await asyncio.sleep(backoff.next_delay())
                 continue
             raise
         state.stream_seq, state.msg_id = ack_seq, s.msg_id(term, len(parts) - 1)

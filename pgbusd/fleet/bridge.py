@@ -24,7 +24,7 @@ for ``publisher_timeout``: killed, paused, cut off; see :mod:`pgbusd.fleet.lease
    last message this bridge knew stored went back (restored from an older copy, re-created):
    it is taken over with a new lineage, as a new stream is;
 3. store the term's opening checkpoint (in parts if it is large) with
-   ``Nats-Expected-Last-Msg-Id`` = the last message read. If that fails, the old publisher
+   ``Nats-Expected-Last-Sequence`` = the last message read. If that fails, the old publisher
    stored more after all: back to 2. Once it is stored, the old publisher is fenced (its next
    message expects its own predecessor);
 4. if the frontier is placed in what this bridge holds (its marker was received on this

@@ -3,7 +3,7 @@
 The steps (see :mod:`pgbusd.fleet.bridge` for the whole story):
 
 - :func:`open_term` reads the stream to its end and stores the term's opening checkpoint right
-  after the last message read (``Nats-Expected-Last-Msg-Id``), which fences the old publisher:
+  after the last message read (``Nats-Expected-Last-Sequence``), which fences the old publisher:
   its next message expects its own predecessor. A stream that no longer holds the last message
   this bridge knew stored (:class:`LastStored`) went back, and is taken over with a new lineage,
   as a new stream is;
@@ -180,9 +180,10 @@ async def _store_parts(
         headers = {s.H_SCHEMA: str(part.version()), s.H_MSG_ID: s.msg_id(term, index)}
         if index > 0:
             headers[s.H_EXPECTED_LAST_MSG_ID] = s.msg_id(term, index - 1)
-        elif state.msg_id is not None:
-            headers[s.H_EXPECTED_LAST_MSG_ID] = state.msg_id
         else:
+            # The sequence of the last message read, not its id: a JetStream leader that
+            # caught up from a snapshot forgets the last id and would refuse every expected id
+            # ("wrong last msg ID: ''"), so that no bridge could ever open a term.
             headers[s.H_EXPECTED_LAST_SEQ] = str(state.stream_seq)
         ack = await js.publish(subjects.checkpoints, s.encode(part), headers=headers)
         seq = ack.seq

@@ -25,8 +25,10 @@ Ordering and fencing
 --------------------
 Message ``i`` of a term has ``Nats-Msg-Id: <term>.<i>`` and ``Nats-Expected-Last-Msg-Id:
 <term>.<i-1>``: JetStream stores it only if the stream's last message is exactly its
-predecessor. The term's first message expects the message the term started after
-(``Nats-Expected-Last-Sequence`` when there is none). So:
+predecessor. The first message after the term's anchor (the message it started after, or the
+last one a resync read) expects the anchor's stream sequence (``Nats-Expected-Last-Sequence``):
+as strict, and independent of the server remembering the last message id, which a JetStream
+leader that caught up from a snapshot does not. So:
 
 - up to ``max_in_flight`` messages are sent without waiting for acks, and yet the stream can
   only ever hold a *prefix* of the term's messages, contiguous and in order: a message lost on
@@ -223,9 +225,13 @@ class Chain:
         anchor_index, anchor_id, anchor_seq = self._anchor
         if index > anchor_index + 1:
             headers[s.H_EXPECTED_LAST_MSG_ID] = s.msg_id(self.term, index - 1)
-        elif anchor_id is not None:
+        elif anchor_id is not None and anchor_seq == 0:
             headers[s.H_EXPECTED_LAST_MSG_ID] = anchor_id
         else:
+            # The anchor was read from the stream (or acknowledged) just before: its sequence
+            # fences as well as its id, and does not depend on the server remembering the last
+            # id, which a JetStream leader that caught up from a snapshot does not (it refuses
+            # every expected id then, "wrong last msg ID: ''", and nothing could be written).
             headers[s.H_EXPECTED_LAST_SEQ] = str(anchor_seq)
         return headers
 

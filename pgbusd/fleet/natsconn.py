@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import nats
 import nats.errors
@@ -83,15 +83,49 @@ async def connect(
             await asyncio.sleep(backoff.next_delay())
 
 
+#: A stream leader that has heard from none of its replicas for this long is cut off from its
+#: cluster (the raft heartbeats keep a replica's ``active`` within milliseconds otherwise).
+CUT_OFF_AFTER: Final = 3.0
+
+
+class CutOffError(Exception):
+    """The stream's leader, as this connection's server sees it, hears from none of its
+    replicas: it answers, but with a state that will not move."""
+
+
+def cut_off(info: Any) -> CutOffError | None:
+    """Whether a ``stream_info`` answer comes from a server cut off from the stream's other
+    replicas. Both were found in a three-node cluster with one node's routes cut: a leader
+    partitioned away keeps answering as leader for many seconds, the stream's state frozen,
+    each replica's ``active`` growing or never set and none ``current``; a follower partitioned
+    away times out, then answers with no leader at all. A healthy leader's replicas are current
+    and heard from within milliseconds; both lagging at once only costs a move."""
+    cluster = getattr(info, "cluster", None)
+    replicas = getattr(cluster, "replicas", None)
+    if cluster is None or replicas is None:
+        return None  # a stream of one server: nothing to be cut off from
+    leader = getattr(cluster, "leader", None)
+    if not leader:
+        return CutOffError("the stream has no leader here")
+    silent = [
+        r for r in replicas if r.offline or not r.current or (r.active or 0) > CUT_OFF_AFTER * 1e9
+    ]
+    if replicas and len(silent) == len(replicas):
+        return CutOffError(f"stream leader {leader} hears from none of its replicas")
+    return None
+
+
 def unanswered(exc: BaseException) -> bool:
     """Whether ``exc`` says JetStream did not answer through this connection: a request timed
-    out, JetStream is unavailable (no leader, no quorum), or nothing answered a publish."""
+    out, JetStream is unavailable (no leader, no quorum), nothing answered a publish, or the
+    stream's leader there is cut off from its replicas."""
     return isinstance(
         exc,
         TimeoutError
         | ServiceUnavailableError
         | NoStreamResponseError
-        | nats.errors.NoRespondersError,
+        | nats.errors.NoRespondersError
+        | CutOffError,
     )
 
 
@@ -131,7 +165,9 @@ class JetStreamWatch:
             return
         if now - self._failing_since < self.patience:
             return
-        self._failing_since = now
+        # The next server's patience counts from its own first failure: one that is electing
+        # a leader when the connection arrives is not moved from at its first timeout.
+        self._failing_since = None
         self.moves += 1
         if self.log is not None:
             url = self.nc.connected_url

@@ -52,7 +52,7 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from pgbus.backoff import Backoff
-from pgbusd.fleet.natsconn import JetStreamWatch
+from pgbusd.fleet.natsconn import JetStreamWatch, cut_off
 
 Deliver = Callable[[int, Msg], None]
 OnGap = Callable[[int, int], None]
@@ -135,7 +135,7 @@ class StreamReader:
     def reset(self, reason: str = "requested") -> None:
         """Re-create the consumer from ``next_seq`` (call it when NATS reconnected)."""
         if self.log is not None and not self._reset.is_set():
-            self.log.debug("stream reader reset", reason=reason, next_seq=self.next_seq)
+            self.log.info("stream reader reset", reason=reason, next_seq=self.next_seq)
         self._reset.set()
 
     async def run(self) -> None:
@@ -209,6 +209,10 @@ class StreamReader:
                 await self.watch.failed(exc)
             return None
         if self.watch is not None:
+            cut = cut_off(info)
+            if cut is not None:
+                await self.watch.failed(cut)
+                return None
             self.watch.answered()
         state = info.state
         if self._created is not None and info.created is not None and info.created != self._created:

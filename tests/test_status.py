@@ -172,7 +172,7 @@ def test_the_longest_subscription_lists_are_left_out_first() -> None:
 
 def test_two_hundred_channels_and_ninety_clients_subscribed_to_all_fit_in_one_frame() -> None:
     st = _big(200, 90, 200)
-    assert len(msgspec.msgpack.encode(st)) > p.MAX_SERVER_FRAME, "the case of issue #12"
+    assert len(msgspec.msgpack.encode(st)) > p.MAX_SERVER_FRAME, "a status too big for one frame"
     cut = fit(st)
     assert _body_size(cut) <= p.MAX_SERVER_FRAME
     assert cut.channels == st.channels

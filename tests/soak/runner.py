@@ -23,6 +23,7 @@ import importlib.util
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -273,6 +274,13 @@ async def run(opts: Options) -> int:
         print("--mode fleet needs tests/soak/fleet.py (FleetTopology), which is not in this "
               "checkout; --mode single runs without it", file=sys.stderr)  # fmt: skip
         return 2
+    # SIGTERM, SIGHUP and SIGINT end the run early, as a failure, with everything it started
+    # stopped (run_mode's cleanup): a soak leaves nothing behind, also when it is interrupted.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        loop.add_signal_handler(sig, main_task.cancel)
     results = await asyncio.gather(*(run_mode(opts, m) for m in opts.modes()),
                                    return_exceptions=True)  # fmt: skip
     failed = False
@@ -310,4 +318,8 @@ def parse(argv: list[str] | None = None) -> Options:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return asyncio.run(run(parse(argv)))
+    try:
+        return asyncio.run(run(parse(argv)))
+    except asyncio.CancelledError:
+        print("soak interrupted: everything it started is stopped", file=sys.stderr)
+        return 130

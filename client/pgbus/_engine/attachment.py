@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Final
+from typing import Any, Final
 
 from pgbus import protocol as p
 from pgbus._engine.changes import NO_CHANGES, Changes, Request
+from pgbus._engine.queue import PayloadQueue
 from pgbus._engine.runs import runs
-from pgbus._engine.state import EngineState, refusal
+from pgbus._engine.state import EngineState, Held, refusal
 from pgbus.errors import (
     DaemonUnavailableError,
     PgbusError,
@@ -46,6 +47,12 @@ class Attachment:
     States: waiting for ``Hello``; handshake (``Attach`` and every re-subscription sent, replies
     outstanding); attached; ended. The engine publishes the re-attach step of the generation
     when the handshake ends, and treats every request still unanswered at the end as lost.
+
+    Notifications on a channel confirmed early in the handshake are held until it ends, then
+    delivered after the step it publishes: a subscriber learns of a gap before it sees anything
+    that came after it. A handshake cut short delivers what it held if it owes no step (a first
+    attach, a resume so far), and drops it if it does: the step the next attach publishes
+    covers it.
     """
 
     def __init__(self, engine: EngineState) -> None:
@@ -54,6 +61,8 @@ class Attachment:
         self._out = bytearray()
         self._pending: deque[Request] = deque()
         self._handshake: list[Request] = []
+        #: Runs of notifications received during the handshake, delivered when it ends.
+        self._held: list[Held] = []
         self.state = _HELLO
         #: Channels the daemon confirmed on this connection.
         self.subscribed: set[str] = set()
@@ -71,6 +80,10 @@ class Attachment:
     @property
     def attached(self) -> bool:
         return self.state == _ATTACHED
+
+    def held_for(self, queue: PayloadQueue[Any]) -> list[Any]:
+        """The payloads held for ``queue`` until the handshake ends."""
+        return [msg.payload for run, subs in self._held if queue in subs for msg in run]
 
     # -- bytes in, bytes out -----------------------------------------------------------------------
 
@@ -93,7 +106,10 @@ class Attachment:
                 if self.state == _HELLO:
                     self._drop(ProtocolError("expected hello, got Notification"))
                     break
-                engine._deliver(run)
+                if self.state == _HANDSHAKE:
+                    engine._hold(run, self._held)
+                else:
+                    engine._deliver(run)
             else:
                 self._control(run)  # type: ignore[arg-type]
             if self.state == _ENDED:
@@ -284,6 +300,8 @@ class Attachment:
             engine.attach_count += 1
             engine.clock.on_attached()
             engine._note_state()  # attached, and maybe a generation step
+            held, self._held = self._held, []
+            engine._release(held)  # after the step, if any
 
     # -- the end -----------------------------------------------------------------------------------
 
@@ -300,6 +318,9 @@ class Attachment:
             return
         engine = self._engine
         self.state = _ENDED
+        held, self._held = self._held, []
+        if held and not engine.clock.owed:
+            engine._release(held)
         self.failure = self.failure or failure
         engine.clock.on_detached()
         if engine._attachment is self:

@@ -49,11 +49,17 @@ def deliver(
 ) -> bool:
     """Hand a run of notifications on one channel to the channel's subscriptions; returns True if
     the clock moved (a seq gap)."""
-    channel = run[0].channel
-    subs = subscriptions.get(channel)
+    subs = subscriptions.get(run[0].channel)
     if not subs:
         return False  # in flight before an Unsubscribe took effect: nobody's
-    moved = clock.on_run(channel, list(map(_seq_of, run)))
+    return push(clock, subs, run)
+
+
+def push(
+    clock: GenerationClock, subs: Sequence[PayloadQueue[Any]], run: list[p.Notification]
+) -> bool:
+    """Hand a run to ``subs`` (subscriptions of its channel); returns True if the clock moved."""
+    moved = clock.on_run(run[0].channel, list(map(_seq_of, run)))
     payloads = list(map(_payload_of, run))
     for sub in subs:
         sub._push_many(payloads)

@@ -10,7 +10,7 @@ from pgbus import protocol as p
 from pgbus._engine.changes import NO_CHANGES, Changes, Request
 from pgbus._engine.clock import GenerationClock
 from pgbus._engine.queue import PayloadQueue
-from pgbus._engine.runs import deliver
+from pgbus._engine.runs import deliver, push
 from pgbus.errors import (
     BusClosedError,
     PgbusError,
@@ -20,6 +20,8 @@ from pgbus.errors import (
 )
 
 NotificationHook = Callable[[p.Notification], None]
+#: A run of notifications received during a handshake, and the subscriptions it was for.
+Held = tuple[list[p.Notification], list[PayloadQueue[Any]]]
 
 
 def refusal(reply: p.Error, channel: str) -> PgbusError:
@@ -112,6 +114,22 @@ class EngineState:
         if hook is not None:
             for msg in run:
                 hook(msg)
+
+    def _hold(self, run: list[p.Notification], held: list[Held]) -> None:
+        """Keep ``run`` for the subscriptions it is for now, to deliver later (:meth:`_release`)."""
+        subs = self.subscriptions.get(run[0].channel)
+        held.append((run, list(subs) if subs else []))
+
+    def _release(self, held: list[Held]) -> None:
+        """Deliver what :meth:`_hold` kept, to the subscriptions it was for (as if it had been
+        delivered when it came: one closed meanwhile holds it, as it would have)."""
+        for run, subs in held:
+            if subs and push(self.clock, subs, run):
+                self._note_state()  # a seq gap
+            hook = self.on_notification
+            if hook is not None:
+                for msg in run:
+                    hook(msg)
 
     def _forget(self, channel: str) -> None:
         """Nobody subscribes to ``channel`` any more (a later subscription starts afresh)."""

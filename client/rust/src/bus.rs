@@ -557,6 +557,9 @@ impl<'a> Link<'a> {
                 }
                 Event::Attached => {
                     attached = true;
+                    // The step (if any) before the payloads held during the handshake, which
+                    // follow this event.
+                    self.bus.publish(&*self.engine);
                     log::info!(
                         "pgbus: attached to pgbusd at {} (daemon {}, generation {})",
                         self.bus.path.display(),

@@ -28,6 +28,8 @@
 //!   unfinished handshake, a protocol error in a daemon frame (the next attach also sends no
 //!   `after`: a client never livelocks on a daemon's error).
 //! - A `seq` that skips on a channel within one attachment moves it by one at once.
+//! - Notifications received during a handshake are held until it ends and delivered after its
+//!   step: a subscriber learns of a gap before it sees anything that came after it.
 //!
 //! It never moves backwards.
 
@@ -210,6 +212,9 @@ struct Attachment {
     resuming: bool,
     /// Why this connection ended, or must end.
     failure: Option<String>,
+    /// Runs of notifications received during the handshake (channel, payloads, seqs),
+    /// delivered when it ends, after the step it publishes (see `Engine::end` for one cut short).
+    held: Vec<(String, Vec<String>, Vec<u64>)>,
 }
 
 /// The client's state across attachments, and the application's requests.
@@ -355,6 +360,7 @@ impl Engine {
             subscribing: HashMap::new(),
             resuming: false,
             failure: None,
+            held: Vec::new(),
         });
     }
 
@@ -578,6 +584,13 @@ impl Engine {
     // -- what the daemon says ---------------------------------------------------------------------
 
     fn deliver(&mut self, channel: String, payloads: Vec<String>, seqs: &[u64]) {
+        if let Some(att) = self.att.as_mut() {
+            if att.state == State::Handshake {
+                // A subscriber learns of a gap before it sees anything that came after it.
+                att.held.push((channel, payloads, seqs.to_vec()));
+                return;
+            }
+        }
         if let Some(last) = self.clock.last_seq.get_mut(&channel) {
             let mut gaps = 0;
             for &seq in seqs {
@@ -845,6 +858,7 @@ impl Engine {
         if att.handshake == 0 {
             att.state = State::Attached;
             let resumed = att.resuming;
+            let held = std::mem::take(&mut att.held);
             self.attach_count += 1;
             let clock = &mut self.clock;
             if !clock.ever_attached {
@@ -856,6 +870,9 @@ impl Engine {
                 clock.step();
             }
             self.events.push_back(Event::Attached);
+            for (channel, payloads, seqs) in held {
+                self.deliver(channel, payloads, &seqs);
+            }
         }
     }
 
@@ -894,6 +911,14 @@ impl Engine {
             None => return,
         };
         let reason = att.failure.clone().unwrap_or(reason);
+        // What a handshake cut short held: delivered if it owes no step (a first attach, a
+        // resume so far), dropped if it does (the step the next attach publishes covers it).
+        let mut att = att;
+        if !self.clock.owed {
+            for (channel, payloads, seqs) in std::mem::take(&mut att.held) {
+                self.deliver(channel, payloads, &seqs);
+            }
+        }
         // What was not written yet belongs to the dead connection.
         self.out.clear();
         for pending in att.pending {

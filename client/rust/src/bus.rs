@@ -383,16 +383,20 @@ impl PgNotifyBus {
     }
 
     fn publish(&self, engine: &Engine) {
-        let generation = engine.generation();
+        self.publish_generation(engine.generation());
+        self.attached.store(engine.attached(), Ordering::Release);
+    }
+
+    /// Publish `generation` if it moved on (it never goes back).
+    fn publish_generation(&self, generation: u64) {
         self.reconnect_tx.send_if_modified(|g| {
-            if *g != generation {
+            if *g < generation {
                 *g = generation;
                 true
             } else {
                 false
             }
         });
-        self.attached.store(engine.attached(), Ordering::Release);
     }
 }
 
@@ -522,7 +526,12 @@ impl<'a> Link<'a> {
         let mut attached = false;
         while let Some(event) = self.engine.poll_event() {
             match event {
-                Event::Deliver { channel, payloads } => {
+                Event::Deliver {
+                    channel,
+                    payloads,
+                    generation,
+                } => {
+                    self.bus.publish_generation(generation);
                     lock(&self.bus.router).deliver(&channel, payloads);
                 }
                 Event::Answered { id, answer } => {

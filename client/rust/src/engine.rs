@@ -105,9 +105,12 @@ pub enum Answer {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Payloads for the subscribers of `channel`, in the order PostgreSQL delivered them.
+    /// `generation` is the generation they belong to: a driver publishes it before handing them
+    /// on, so that a subscriber learns of a step before it sees what came after the gap.
     Deliver {
         channel: String,
         payloads: Vec<String>,
+        generation: u64,
     },
     /// A request got its answer.
     Answered { id: RequestId, answer: Answer },
@@ -602,7 +605,12 @@ impl Engine {
             self.clock.advance(gaps);
         }
         if self.wanted_set.contains(&channel) {
-            self.events.push_back(Event::Deliver { channel, payloads });
+            let generation = self.clock.generation;
+            self.events.push_back(Event::Deliver {
+                channel,
+                payloads,
+                generation,
+            });
         }
     }
 

@@ -129,7 +129,9 @@ impl Run {
     fn events(&mut self) {
         while let Some(ev) = self.engine.poll_event() {
             match ev {
-                Event::Deliver { channel, payloads } => self.router.deliver(&channel, payloads),
+                Event::Deliver {
+                    channel, payloads, ..
+                } => self.router.deliver(&channel, payloads),
                 Event::Answered { id, answer } => {
                     let text = match answer {
                         Answer::Subscribed { .. } => "subscribed".to_owned(),

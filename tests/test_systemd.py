@@ -197,6 +197,8 @@ async def test_heartbeat_stops_pinging_once_the_listener_is_not_alive(
     notify_socket: NotifySocket,
 ) -> None:
     notifier = sdnotify.Notifier(notify_socket.address, watchdog_usec=20_000)
+    notifier.ready("steady")
+    await notify_socket.expect_line("STATUS=steady")
     alive = True
     heartbeat = asyncio.create_task(
         notifier.run_heartbeat(alive=lambda: alive, status=lambda: "steady")
@@ -211,8 +213,28 @@ async def test_heartbeat_stops_pinging_once_the_listener_is_not_alive(
         notifier.close()
     notify_socket.drain()
     sent = notifier.sent
-    assert sent == len(notify_socket.lines)
-    assert "STATUS=steady" not in notify_socket.lines, "an unchanged status is not re-sent"
+    assert sent == len(notify_socket.lines) - 1  # READY=1 and its STATUS= are one datagram
+    assert notify_socket.lines.count("STATUS=steady") == 1, "an unchanged status is not re-sent"
+
+
+async def test_a_status_that_changed_before_the_heartbeat_began_is_sent(
+    notify_socket: NotifySocket,
+) -> None:
+    """A successor says READY=1 with the status of that moment; when its takeover completes
+    before the heartbeat's first turn, the heartbeat still sends the new status (it compared
+    with its own first look, and systemd kept "connecting" for good)."""
+    notifier = sdnotify.Notifier(notify_socket.address)
+    notifier.ready("PostgreSQL not connected (connecting), generation 0, 0 clients")
+    heartbeat = asyncio.create_task(
+        notifier.run_heartbeat(
+            alive=lambda: True, status=lambda: "PostgreSQL connected, generation 1, 1 client"
+        )
+    )
+    try:
+        await notify_socket.expect_line("STATUS=PostgreSQL connected, generation 1, 1 client")
+    finally:
+        heartbeat.cancel()
+        notifier.close()
 
 
 def test_notifier_reaches_an_abstract_namespace_socket() -> None:

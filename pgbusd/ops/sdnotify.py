@@ -71,6 +71,8 @@ class Notifier:
         self.watchdog_interval = watchdog_usec / 2e6 if watchdog_usec else None
         self.sent = 0
         self.failures = 0
+        #: The last ``STATUS=`` text sent (the heartbeat sends a status that differs from it).
+        self.last_status: str | None = None
         self._sock: socket.socket | None = None
         self._target = _socket_address(address) if address else None
         self.log: Any = get_logger(component="systemd")
@@ -102,6 +104,9 @@ class Notifier:
                 )
             return False
         self.sent += 1
+        for assignment in assignments:
+            if assignment.startswith("STATUS="):
+                self.last_status = assignment[len("STATUS=") :]
         return True
 
     def ready(self, status: str) -> None:
@@ -136,13 +141,13 @@ class Notifier:
             return
         loop = asyncio.get_running_loop()
         interval = self.watchdog_interval
-        last_status = status()
         next_ping = loop.time()
         while alive():
+            # Compared with what systemd last got, not with this loop's first look: the state
+            # may change between READY=1 and the first turn here (a successor's takeover).
             text = status()
-            if text != last_status:
+            if text != self.last_status:
                 self.status(text)
-                last_status = text
             if interval is not None and loop.time() >= next_ping:
                 self.watchdog()
                 next_ping = loop.time() + interval

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import typing
 from collections.abc import Callable
@@ -62,6 +63,10 @@ def main(**options: Any) -> None:
     reconnect-generation ticks to pgbus clients. Every option is also an
     environment variable (PGBUSD_DSN, PGBUSD_CHANNEL, PGBUSD_SOCKET, ...).
     """
+    # A SIGHUP asks a serving daemon to reload; one that comes while it is still starting (an
+    # operator's kill -HUP, a script) must not kill it: ignored until the server takes it over
+    # (an exec keeps it ignored: the re-exec below, whose process starts with it so).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         config = Config(**options)
     except ConfigError as exc:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -19,6 +21,7 @@ import pgbus
 from pgbusd.config import MAX_SECONDS, Config, ConfigError, redact
 from pgbusd.ops.status import Status
 from tests.conftest import (
+    DSN,
     FAST,
     Daemon,
     DaemonFactory,
@@ -226,3 +229,51 @@ def test_max_clients_is_bounded(workdir: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "--max-clients" in result.stderr
+
+
+def _signal_mask(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _start_and_hup_while_starting(socket: str) -> tuple[subprocess.Popen[str], bool]:
+    """Start a daemon (SIGHUP at its default, whatever this process does with it) and send it
+    SIGHUP in the window between the command's start and the server's own handler, seen in
+    /proc (SIGHUP ignored, not yet caught). Whether it was sent in that window."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgbusd", "--dsn", DSN, "--channel", "c", "--socket", socket],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+    )  # fmt: skip
+    hup = 1 << (signal.SIGHUP - 1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if _signal_mask(proc.pid, "SigCgt") & hup:
+                return proc, False  # the server's handler: past the window
+            if _signal_mask(proc.pid, "SigIgn") & hup:
+                proc.send_signal(signal.SIGHUP)
+                return proc, True
+        except OSError:
+            pass
+        time.sleep(0.0005)
+    return proc, False
+
+
+async def test_a_sighup_while_the_daemon_starts_is_ignored_not_fatal(workdir: Path) -> None:
+    """kill -HUP of a daemon still starting (before it can reload): it starts and serves."""
+    socket = str(workdir / "d.sock")
+    proc, sent = _start_and_hup_while_starting(socket)
+    try:
+        assert sent, "SIGHUP was never ignored before the server's handler took it"
+        await wait_until(
+            lambda: proc.poll() is None and Path(socket).exists(), 20, what="the daemon serving"
+        )
+        async with pgbus.connect(socket) as bus:
+            assert bus.channels() == ["c"]
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -10,7 +10,7 @@ from pgbus import protocol as p
 from pgbus._engine.changes import NO_CHANGES, Changes, Request
 from pgbus._engine.clock import GenerationClock
 from pgbus._engine.queue import PayloadQueue
-from pgbus._engine.runs import deliver, push
+from pgbus._engine.runs import push
 from pgbus.errors import (
     BusClosedError,
     PgbusError,
@@ -107,8 +107,13 @@ class EngineState:
         changes, self._changes = self._changes, None
         return changes if changes is not None else NO_CHANGES
 
-    def _deliver(self, run: list[p.Notification]) -> None:
-        if deliver(self.clock, self.subscriptions, run):
+    def _deliver(
+        self, run: list[p.Notification], subs: list[PayloadQueue[Any]] | None = None
+    ) -> None:
+        """Hand ``run`` to ``subs`` (by default its channel's subscriptions now)."""
+        if subs is None:
+            subs = self.subscriptions.get(run[0].channel)
+        if subs and push(self.clock, subs, run):
             self._note_state()  # a seq gap
         hook = self.on_notification
         if hook is not None:
@@ -124,12 +129,7 @@ class EngineState:
         """Deliver what :meth:`_hold` kept, to the subscriptions it was for (as if it had been
         delivered when it came: one closed meanwhile holds it, as it would have)."""
         for run, subs in held:
-            if subs and push(self.clock, subs, run):
-                self._note_state()  # a seq gap
-            hook = self.on_notification
-            if hook is not None:
-                for msg in run:
-                    hook(msg)
+            self._deliver(run, subs)
 
     def _forget(self, channel: str) -> None:
         """Nobody subscribes to ``channel`` any more (a later subscription starts afresh)."""

@@ -23,7 +23,15 @@ import pytest
 
 import pgbus
 from pgbusd.config import Config, ConfigError
-from tests.conftest import DSN, Daemon, DaemonFactory, attached, unique_channel, wait_until
+from tests.conftest import (
+    DSN,
+    Daemon,
+    DaemonFactory,
+    attached,
+    clients_of,
+    unique_channel,
+    wait_until,
+)
 from tests.soak.natscluster import NatsCluster
 from tests.support.fleet_helpers import client, nats_server_fixture, read_stream, unique_stream
 from tests.support.natsserver import NatsServer, freeze
@@ -388,6 +396,90 @@ async def test_a_host_past_the_end_of_a_restored_stream_steps_and_reads_on(
         assert st.fleet.lost_place >= 1
     finally:
         nats.destroy()
+
+
+async def _fleet_state_is(daemon: Daemon, state: str) -> bool:
+    st = await daemon.status()
+    return st is not None and st.fleet is not None and st.fleet.state == state
+
+
+async def _applied(host: Daemon, seq: int) -> bool:
+    """Whether the stream's message ``seq`` is the last ``host`` applied."""
+    st = await host.status()
+    return st is not None and st.fleet is not None and st.fleet.last_stream_seq == seq
+
+
+def _restore(nats: NatsServer, copy: Path) -> None:
+    nats.stop()
+    shutil.rmtree(nats.store)
+    shutil.copytree(copy, nats.store)
+    nats.start()
+
+
+async def test_a_host_rereading_a_restored_stream_serves_nothing_older_than_it_relayed(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """The soak's three-node cluster restored on older copies answered with a short stream
+    first, then held more of the old messages: a host that had lost its place and waited past
+    the end it saw relayed them live, minutes old, already delivered (seed 2027: 200 duplicates
+    and order violations in 13 minutes). Here the same with one server and no bridge running
+    meanwhile (nothing newer comes): the stream restored on a short copy, then on a longer one,
+    then on the longest; then a new bridge."""
+    nats = NatsServer().start()
+    try:
+        fleet = Fleet(daemon_factory, nats)
+        bridge = fleet.bridge("ba", *QUICK)
+        await fleet_state(bridge, "publishing")
+        host = fleet.host("h")
+        await host.wait_generation(1)
+        copies = [nats.root / f"copy{i}" for i in range(3)]
+        async with (
+            workers(host.socket, fleet.channels, 2) as group,
+            Sender(fleet.channels) as sender,
+        ):
+            ends = []
+            for copy in copies:
+                await sender.wait_sent(30)
+                await asyncio.to_thread(nats.stop)
+                shutil.copytree(nats.store, copy)
+                await asyncio.to_thread(nats.start)
+                ends.append(await _last_seq(nats, fleet.stream))
+            await sender.wait_sent(30)
+            await wait_until(lambda: _read_past(host, ends[-1]), 30, what="the host past them")
+            bridge.kill()
+            for i, copy in enumerate(copies):
+                await asyncio.to_thread(_restore, nats, copy)
+                await _rereading_through(host, ends[i] if i else None, len(group))
+            bridge.start()  # a new bridge: it continues the copy's lineage, with a step
+            await fleet_state(bridge, "publishing")
+            await wait_until(lambda: _read_past(host, ends[-1]), 30, what="the host reading on")
+            await sender.wait_sent(30)
+            last = await sender.stop()
+            for summary in await summaries(group, last):
+                assert summary["repeated"] == dict.fromkeys(last, 0), summary
+                assert summary["last"] == last, summary
+                assert summary["generation_steps"] >= 1, summary
+        assert "the fleet stream no longer holds this host's position" in host.log()
+    finally:
+        nats.destroy()
+
+
+async def _rereading_through(host: Daemon, seq: int | None, clients: int) -> None:
+    """Wait until ``host`` applied the stream's message ``seq`` (None: anything) with its
+    ``clients`` attached; it must still re-read then: only a message newer than all it
+    relayed ends a re-read (the new bridge's)."""
+
+    async def there() -> Any:
+        st = await host.status()
+        fleet = st.fleet if st is not None else None
+        if st is None or fleet is None or fleet.state == "connecting":
+            return None
+        if seq is not None and fleet.last_stream_seq != seq:
+            return None
+        return fleet if len(clients_of(st)) == clients else None
+
+    fleet = await wait_until(there, 30, what=f"the host through the stream's message {seq}")
+    assert fleet.state == "re-reading (lost its place)"
 
 
 # -- (9) a host channel no bridge relays ----------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import structlog
 
 from pgbusd.fleet import natsconn
+from pgbusd.fleet.reader import StreamReader
 from pgbusd.fleet.source import HostSource
 from pgbusd.fleet.statefile import StateFile
 from pgbusd.fleet.subjects import StreamSubjects
@@ -234,3 +235,39 @@ async def test_an_impossible_state_file_is_corrupt_and_the_host_starts_from_the_
     assert source.view.generation >= first.resets[0][1]
     (corrupt,) = [e for e in logs if e["event"].startswith("state file corrupt")]
     assert corrupt["reason"]
+
+
+async def test_a_reader_rereading_below_its_hosts_place_checks_that_place_first(
+    nats_server: NatsServer, stream: tuple[StreamSubjects, Writer]
+) -> None:
+    """A host resumed from its state file reads the replay window below its place again. In
+    the soak, NATS reconnected before that read got anywhere: the reader, at sequence 1, took
+    the place check for needless (nothing read yet) and read a stream restored meanwhile as if
+    it went on from the host's place."""
+    subjects, writer = stream
+    await writer.write(5)
+    nc = await client(nats_server.url)
+    try:
+        end = (await nc.jetstream().stream_info(subjects.stream)).state.last_seq
+        lost: list[str] = []
+
+        async def on_lost(reason: str) -> int | None:
+            lost.append(reason)
+            return None
+
+        reader = StreamReader(
+            nc,
+            subjects.stream,
+            lambda _seq, _msg: None,
+            start_seq=1,
+            on_lost=on_lost,
+            position=lambda: (end + 10, "gone.9"),
+            heartbeat=0.2,
+        )
+        task = asyncio.create_task(reader.run())
+        await eventually(lambda: lost, 10, "the lost place found")
+        await reader.stop()
+        await asyncio.wait_for(task, 10)
+        assert lost[0] == f"the stream ends at {end}, before {end + 10}"
+    finally:
+        await nc.close()

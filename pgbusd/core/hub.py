@@ -304,6 +304,14 @@ class Hub(Generic[S]):
             for session in list(self.sessions):
                 session.abort()
 
+    def forget_replay(self) -> None:
+        """Drop what every channel's replay buffer holds: a client resumes from the seq the
+        channel is at, or steps."""
+        self.seal_all()
+        self.seal_history()
+        for state in self.channels.values():
+            self.replay.forget(state.log)
+
     def place(self, name: str, seq: int) -> None:
         """A host: ``name``'s last seq is the stream's ``seq``. What the replay buffer holds is
         kept if it ends there (what remember_run() refilled; a new lineage starts its seqs anew, so

@@ -39,6 +39,21 @@ reads as history until the stream's end, then takes the stream's vector and cuts
 (:meth:`HostSink.restart`), who re-attach with one generation step (its generation moves by a
 local step, or the lineage changed). A new lineage the bridges start a little later (they do
 when the stream lost what they knew stored) steps them once more.
+
+Only what is newer is served. A stream that went back may come back in pieces: the servers of a
+cluster restored from copies of different moments answer one after the other, so the end the
+host saw when it lost its place may be short of what it then reads, and what follows it is as
+old. Each message carries when the stream stored it (the server's clock), and the view keeps
+the newest it applied (in the state file too). After a lost place the host passes what it
+reads as history, not only up to the end it saw but until a message stored after everything
+it had applied (a live publisher stores a checkpoint every few seconds), with the stream's
+vector whole again (a checkpoint read since anything that did not follow on); only then does it
+serve again. What it re-read is not kept for its clients to resume from: a copy of the same
+lineage may hold other notifications at the seqs its clients hold. And a message older than
+the newest applied that does not follow on (another lineage's checkpoint, a seq or lineage out
+of line) while live is the stream gone back under the host without its reader seeing it: the
+same re-read, from there. A message older than the newest that follows on is only another
+server's clock (a new stream leader): it is served.
 """
 
 from __future__ import annotations
@@ -122,6 +137,15 @@ class HostView:
         self._checkpoint_from: str | None = None
         #: The vector is stale until the next checkpoint: no step for what does not follow on.
         self._excused = False
+        #: When the stream stored the newest message applied (ns; 0: not known).
+        self.newest = 0
+        #: Serve (catch up, or end a re-read) only at a message stored at or after this.
+        self.not_before = 0
+        #: When the stream stored the message applied last (None: not known).
+        self._stored_at: int | None = None
+        #: What is read as history goes to the sink (not after a lost place: see the module
+        #: docstring).
+        self._refill = True
 
     @property
     def generation(self) -> int:
@@ -142,6 +166,7 @@ class HostView:
             saved.msg_id,
         )
         self.local_steps = saved.local_steps
+        self.newest = saved.stored_at
         self.resumed = True
         self._term_of(saved.msg_id)
 
@@ -155,6 +180,9 @@ class HostView:
             self.lost_place += 1
             same = found is not None and found.checkpoint.lineage == lost.lineage
             self.local_steps = lost.local_steps + 1 if same else 0
+            self.newest = lost.stored_at
+            self.not_before = lost.stored_at + 1 if lost.stored_at else 0
+            self._refill = False
             self.log.warning(
                 "the fleet stream no longer holds this host's position: starting from its "
                 "last checkpoint, generation step",
@@ -172,12 +200,8 @@ class HostView:
     def lost(self, found: FoundCheckpoint | None, head: int) -> int:
         """The stream no longer holds this host's position (the reader found it): re-read
         from its last checkpoint ``found`` (module docstring). Returns where to read from."""
-        self.lost_place += 1
-        if not self.rebasing:
-            self._rebase_lineage = self.state.lineage
-        self.rebasing = True
+        self._rebase(excused=True)
         self.base_seq = 0
-        self._excused = True
         term = s.parse_msg_id(found.msg_id) if found is not None else None
         if found is not None and (term is None or term[0] not in self._terms):
             # Written since the stream went back (by a term this host never read): from there.
@@ -188,29 +212,72 @@ class HostView:
         self.history_until = head + 1
         return head + 1
 
+    def _rebase(self, *, excused: bool) -> None:
+        """The stream no longer holds this host's place: re-read (module docstring)."""
+        self.lost_place += 1
+        if not self.rebasing:
+            self._rebase_lineage = self.state.lineage
+        self.rebasing = True
+        self._excused = self._excused or excused
+        self.not_before = self.newest + 1 if self.newest else 0
+        self._refill = False
+
+    def place(self) -> tuple[int, str | None]:
+        """The stream sequence and message id of this host's place in the stream, for the
+        reader's checks ((0, None) while it re-reads after a lost place: it has none)."""
+        if self.rebasing:
+            return 0, None
+        return self.state.stream_seq, self.state.msg_id
+
     # -- reading -----------------------------------------------------------------------------------
 
-    def deliver(self, seq: int, message: s.AnyMessage, msg_id: str | None) -> None:
-        """The stream's message at ``seq``, in order."""
+    def deliver(
+        self, seq: int, message: s.AnyMessage, msg_id: str | None, stored_at: int | None = None
+    ) -> None:
+        """The stream's message at ``seq``, in order; ``stored_at``: when the stream stored it
+        (ns since the epoch; None: not known)."""
         self._term_of(msg_id)
         if seq <= self.base_seq:
-            if isinstance(message, s.Runs | s.Batch):
+            if isinstance(message, s.Runs | s.Batch) and self._refill:
                 self._runs(message, self.sink.history)
             return
         lineage = self.state.lineage
         problems = self.state.apply(message, seq, msg_id)
         live = self.caught_up and not self.rebasing
-        if isinstance(message, s.Checkpoint):
+        checkpoint = isinstance(message, s.Checkpoint)
+        self._stored_at = stored_at
+        if stored_at is not None:
+            older = stored_at < self.newest
+            if live and older and (problems or (checkpoint and message.lineage != lineage)):
+                self.log.warning(
+                    "the fleet stream went back under this host (an older message that does "
+                    "not follow on): re-reading it until it holds something newer, then a "
+                    "generation step",
+                    stream_seq=seq,
+                    problems=problems[:3],
+                )
+                self._rebase(excused=not checkpoint)
+                live = False
+            self.newest = max(self.newest, stored_at)
+        if checkpoint:
+            assert isinstance(message, s.Checkpoint)
             problems = self._checkpoint(message, lineage, problems, live)
         if self.rebasing:
-            problems = []  # the re-read's own step covers whatever does not follow on
+            # The re-read's own step covers whatever does not follow on; the vector is the
+            # stream's again only after the next checkpoint.
+            if problems and not checkpoint:
+                self._excused = True
+            problems = []
         if problems:
             for problem in problems:
                 self.log.warning("fleet stream inconsistency", problem=problem, stream_seq=seq)
             if not self._excused:
                 self._step()
         if isinstance(message, s.Runs | s.Batch):
-            self._runs(message, self.sink.notify if live else self.sink.history)
+            if live:
+                self._runs(message, self.sink.notify)
+            elif self._refill:
+                self._runs(message, self.sink.history)
         elif isinstance(message, s.Tick) and live:
             self._tick()
         if self.rebasing:
@@ -292,7 +359,9 @@ class HostView:
             and st.lineage is not None
             and st.generation > 0
             and st.stream_seq >= self.history_until
+            and self._new_enough()
         ):
+            self._refill = True
             self.told = self.generation
             self.sink.reset(st.lineage, self.told, dict(st.seqs))
             self.caught_up = True
@@ -308,11 +377,20 @@ class HostView:
         """After a lost place, once the stream's end as it was is read: take the stream's
         vector and cut every client (one step: a local one, or the lineage changed)."""
         st = self.state
-        if st.lineage is None or st.generation == 0 or st.stream_seq < self.history_until:
+        if (
+            st.lineage is None
+            or st.generation == 0
+            or st.stream_seq < self.history_until
+            or self._excused
+            or not self._new_enough()
+        ):
             return
         self.rebasing = False
+        self._refill = True
         if st.lineage == self._rebase_lineage:
-            self.local_steps += 1
+            # A step past what its clients were told (the stream's generation may be lower
+            # than it was: a copy of an earlier moment).
+            self.local_steps = max(self.local_steps + 1, self.told + 1 - st.generation)
         self.told = self.generation
         self.sink.restart(st.lineage, self.told, dict(st.seqs))
         self.log.info(
@@ -320,6 +398,12 @@ class HostView:
             lineage=st.lineage,
             generation=self.told,
             stream_seq=st.stream_seq,
+        )
+
+    def _new_enough(self) -> bool:
+        """Whether the message applied last may be served at (module docstring)."""
+        return self.not_before == 0 or (
+            self._stored_at is not None and self._stored_at >= self.not_before
         )
 
     def _relayed_changed(self) -> None:
@@ -350,4 +434,5 @@ class HostView:
             st.mark,
             st.off,
             st.msg_id,
+            self.newest,
         )

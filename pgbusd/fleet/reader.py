@@ -67,13 +67,29 @@ PROGRESS_HEARTBEATS = 3
 LOG_EVERY = 20
 
 
-def ack_fields(reply: str) -> tuple[int, int, int]:
-    """(stream seq, consumer seq, pending) from a JetStream delivery's reply subject."""
+def _ack_tokens(reply: str) -> tuple[list[str], int]:
     tokens = reply.split(".")
     # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the v2 form
     # with <domain>.<account hash> after ACK (and maybe a trailing token).
-    base = 5 if len(tokens) == 9 else 7
+    return tokens, 5 if len(tokens) == 9 else 7
+
+
+def ack_fields(reply: str) -> tuple[int, int, int]:
+    """(stream seq, consumer seq, pending) from a JetStream delivery's reply subject."""
+    tokens, base = _ack_tokens(reply)
     return int(tokens[base]), int(tokens[base + 1]), int(tokens[base + 3])
+
+
+def stored_at(reply: str | None) -> int | None:
+    """When the stream stored a delivered message (nanoseconds since the epoch, by the clock of
+    the server that led the stream then), from its reply subject; None if it does not say."""
+    if not reply:
+        return None
+    tokens, base = _ack_tokens(reply)
+    try:
+        return int(tokens[base + 2])
+    except (IndexError, ValueError):
+        return None
 
 
 class StreamReader:
@@ -235,7 +251,7 @@ class StreamReader:
         info = await js.stream_info(self.stream)
         created, was = info.created, self._created
         self._created = created
-        if self.on_lost is None or self.next_seq <= 1:
+        if self.on_lost is None or self._read_to() == 0:
             return
         reason = await self._went_back(
             js, info.state, created != was and None not in (created, was)
@@ -245,12 +261,20 @@ class StreamReader:
             if restart is not None:
                 self.next_seq = max(1, restart)
 
+    def _read_to(self) -> int:
+        """The last stream sequence read: by this reader, or by its owner (``position()``: a
+        host that resumed from its state file reads the messages before it again, for its
+        replay buffer, and is placed at its position all the same)."""
+        placed = self.position()[0] if self.position is not None else 0
+        return max(self.next_seq - 1, placed)
+
     async def _went_back(self, js: Any, state: api.StreamState, anew: bool) -> str | None:
         """Why the stream no longer holds what this reader read (None: it does)."""
         if anew:
             return "the stream was created anew"
-        if state.last_seq < self.next_seq - 1:
-            return f"the stream ends at {state.last_seq}, before {self.next_seq - 1}"
+        read_to = self._read_to()
+        if state.last_seq < read_to:
+            return f"the stream ends at {state.last_seq}, before {read_to}"
         if self.position is None:
             return None
         seq, msg_id = self.position()

@@ -68,5 +68,8 @@ class HubSink:
 
     def restart(self, lineage: str, generation: int, seqs: dict[str, int]) -> None:
         self.hub.reset_lineage(lineage, generation, seqs)
+        # What the replay buffer holds may not be what these seqs followed in the stream
+        # (a copy of the same lineage): nobody resumes from it.
+        self.hub.forget_replay()
         for session in list(self.hub.sessions):
             session.abort()

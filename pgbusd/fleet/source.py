@@ -38,7 +38,7 @@ from pgbusd.core.feed import Refusal
 from pgbusd.fleet import natsconn
 from pgbusd.fleet import schema as s
 from pgbusd.fleet.hostview import HostSink, HostView
-from pgbusd.fleet.reader import StreamReader
+from pgbusd.fleet.reader import StreamReader, stored_at
 from pgbusd.fleet.statefile import HostState, StateFile
 from pgbusd.fleet.subjects import StreamSubjects
 from pgbusd.ops.status import FleetStatus, PostgresStatus
@@ -272,7 +272,7 @@ class HostSource:
             on_gap=view.gap,
             on_lost=self._lost,
             on_open=self._caught_up,
-            position=lambda: (view.state.stream_seq, view.state.msg_id),
+            position=view.place,
             heartbeat=self.heartbeat,
             watch=watch,
             log=self.log,
@@ -355,7 +355,12 @@ class HostSource:
     def _deliver(self, seq: int, msg: Msg) -> None:
         self.last_message_at = time.monotonic()
         headers = msg.headers
-        self.view.deliver(seq, s.decode(msg.data, headers), (headers or {}).get(s.H_MSG_ID))
+        self.view.deliver(
+            seq,
+            s.decode(msg.data, headers),
+            (headers or {}).get(s.H_MSG_ID),
+            stored_at(msg.reply),
+        )
         if not self.caught_up.is_set():
             self._caught_up()
 

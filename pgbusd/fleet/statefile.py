@@ -1,14 +1,15 @@
 """A host's state file: where it is in the stream, kept across restarts.
 
 It holds, after the last message the host applied, the stream sequence and message id,
-lineage, generation, local steps, position and the per-channel seq vector
-(:class:`HostState`, JSON). It is written atomically (a temporary file, fsync, rename, fsync of
-the directory) by :mod:`pgbusd.fleet.source`, at most every half second while
-messages flow, and on stop. Losing the last writes (a crash, a power loss) only makes the next
-start read a little more; a state file that is gone makes the host start as a new one (its
-clients step once). A state file that cannot be (it does not decode, or holds impossible
-values: a negative sequence, generation, local step count or seq; a position without a
-lineage) is *corrupt*: :meth:`StateFile.load` says why, and the host starts as a new one.
+lineage, generation, local steps, position, the per-channel seq vector and when the newest
+message it applied was stored (:class:`HostState`, JSON). It is written atomically (a
+temporary file, fsync, rename, fsync of the directory) by :mod:`pgbusd.fleet.source`, at most
+every half second while messages flow, and on stop. Losing the last writes (a crash, a power
+loss) only makes the next start read a little more; a state file that is gone makes the host
+start as a new one (its clients step once). A state file that cannot be (it does not decode,
+or holds impossible values: a negative sequence, generation, local step count or seq; a
+position without a lineage) is *corrupt*: :meth:`StateFile.load` says why, and the host
+starts as a new one.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class HostState(msgspec.Struct):
     off: Count = 0
     #: The message id of the message at ``stream_seq`` (checked against the stream at start).
     msg_id: str | None = None
+    #: When the stream stored the newest message the host applied (nanoseconds since the
+    #: epoch, the server's clock; 0: not known): a stream that went back is re-read until it
+    #: holds something newer (:mod:`pgbusd.fleet.hostview`).
+    stored_at: Count = 0
 
 
 class StateFile:

@@ -59,6 +59,8 @@ HOST = ["--source-timeout", "5"]
 #: Bounds on the largest resident set sampled (MiB): a daemon, a nats-server.
 DAEMON_RSS_MB = 400
 NATS_RSS_MB = 2048
+#: Seconds the heal waits for JetStream to answer through every node before it restarts them.
+HEAL_ANSWER_TIMEOUT = 20.0
 #: State file copies kept per host (one a second at most).
 STATE_COPIES = 10
 
@@ -168,6 +170,7 @@ class FleetTopology:
         self._socket_dir: Path | None = None
         self._copies = 0
         self._sampler: asyncio.Task[None] | None = None
+        self.notes: list[str] = []
         self._faults: dict[str, Fault] = {
             "nats-kill": self._nats_kill,
             "nats-pause": self._nats_pause,
@@ -244,6 +247,19 @@ class FleetTopology:
                 if not node.running():
                     await node.start()
         self.nats.reconnect()
+        if self.nats.clustered:
+            # The nemesis can leave the cluster up but JetStream silent (seen with nats-server
+            # 2.9.10 after every node was restored on a copy and one emptied, twice: a meta
+            # leader elected, no request answered for minutes; restarted on the same stores
+            # it answers at once). That is NATS's fault, not the fleet's: a restart heals it,
+            # and the fleet must then recover.
+            silent = await self.nats.answering(self.stream, HEAL_ANSWER_TIMEOUT)
+            if silent:
+                self.notes.append(
+                    f"heal: JetStream silent through {', '.join(silent)} for "
+                    f"{HEAL_ANSWER_TIMEOUT:g} s after the faults: every node restarted"
+                )
+                await self.nats.restart_all()
         for i, proxy in enumerate(self.proxies):
             async with self.proxy_locks[i]:
                 _pass(proxy, i in self.blackholed)

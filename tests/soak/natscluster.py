@@ -245,6 +245,25 @@ class NatsCluster:
             await nc.close()
         return ", ".join(done)
 
+    async def answering(self, stream: str, timeout: float) -> list[str]:
+        """Wait until JetStream answers through every node (``stream``'s info, or that there is
+        none), at most ``timeout`` seconds; the nodes that never did."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        silent = list(self.nodes)
+        while silent:
+            silent = [node for node in silent if not await _answers(node, stream)]
+            if not silent or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        return [node.name for node in silent]
+
+    async def restart_all(self) -> None:
+        """Every node stopped (SIGTERM) and started again on its store, routes let through."""
+        for node in self.nodes:
+            await node.kill(signal.SIGTERM)
+        self.reconnect()
+        await asyncio.gather(*(node.start() for node in self.nodes))
+
     def locked(self) -> bool:
         return any(node.lock.locked() for node in self.nodes)
 
@@ -306,6 +325,23 @@ class NatsCluster:
         for proxy in self.routes.values():
             await proxy.close()
         self.routes.clear()
+
+
+async def _answers(node: NatsNode, stream: str) -> bool:
+    """Whether JetStream answers through ``node`` (a stream's info, or that it has none)."""
+    try:
+        nc = await nats.connect(node.url, connect_timeout=2, allow_reconnect=False)
+    except (OSError, TimeoutError, nats.errors.Error):
+        return False
+    try:
+        await nc.jetstream(timeout=2).stream_info(stream)
+    except NotFoundError:
+        return True
+    except (OSError, TimeoutError, nats.errors.Error):
+        return False
+    finally:
+        await nc.close()
+    return True
 
 
 async def wait_port(port: int, timeout: float, node: NatsNode | None = None) -> None:

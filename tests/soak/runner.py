@@ -75,6 +75,7 @@ class Outcome:
     committed: int = 0
     uncertain: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     result: Result | None = None
 
     @property
@@ -163,6 +164,7 @@ async def run_mode(opts: Options, mode: str) -> Outcome:
             await topology.stop()
         if not opts.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+        outcome.notes = list(topology.notes)
         outcome.committed = sum(s.committed for s in senders)
         outcome.uncertain = sum(s.uncertain for s in senders)
     outcome.result = await asyncio.to_thread(check_run, run_dir)
@@ -265,6 +267,7 @@ def summary(opts: Options, outcome: Outcome) -> str:
     if outcome.result is not None:
         lines.append(outcome.result.text())
     lines += [f"problem: {problem}" for problem in outcome.problems]
+    lines += [f"note: {note}" for note in outcome.notes]
     lines.append(f"run dir: {opts.out / outcome.mode}")
     return "\n".join(lines)
 

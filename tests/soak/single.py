@@ -70,6 +70,7 @@ class SingleTopology:
         self.pg: asyncpg.Connection | None = None
         self.max_rss = 0
         self.max_rss_pid = 0
+        self.notes: list[str] = []
         self.restarts = 0
         self.crashes: list[str] = []
         self.status_replay: list[tuple[int, int]] = []

@@ -39,6 +39,9 @@ class Topology(Protocol):
     """A mode's processes and faults. Every method is called from the runner's event loop."""
 
     name: str
+    #: What the run did besides the schedule that a reader of its summary should know (a heal
+    #: that had to restart NATS), filled as it goes.
+    notes: list[str]
 
     async def start(self) -> None:
         """Start every process; return once each socket clients attach to accepts them."""

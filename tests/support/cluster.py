@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -23,11 +24,33 @@ def _bindir() -> Path:
     return Path(candidates[-1])
 
 
+def _listening_range() -> range:
+    """Ports no outgoing connection takes: below the kernel's ephemeral range (or above it)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(10000, low) if low - 10000 >= 5000 else range(high + 1, 65536)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port nothing listens on now, for a server to listen on, now and after restarts.
+
+    Not from the ephemeral range (what binding port 0 gives): there, any outgoing connection
+    may take the port as its local one between this check and the server's bind, or while the
+    server is down for a restart ("address already in use": seen in soaks whose NATS nodes
+    restart on fixed ports hundreds of times). Picked at random outside it, so that concurrent
+    test runs rarely try the same one, and checked by binding it."""
+    ports = _listening_range()
+    for _ in range(200):
+        port = random.choice(ports)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {ports.start}..{ports.stop - 1}")
 
 
 class PrivateCluster:

@@ -360,3 +360,21 @@ def test_check_run_gives_the_runner_violations_counts_and_text(tmp_path: Path) -
     assert result.counts.owed == 10
     assert result.counts.received == 8
     assert "SEED=4242" in result.text()
+
+
+def test_a_stretch_without_receipts_while_commits_go_on_is_a_silence() -> None:
+    # Nothing received from 3 on (covered by a step), then 8 at its time: a silence from 3's
+    # commit to 8's receipt; none when a fault held the client itself meanwhile.
+    step = [Generation(t=delivered(8) - 0.01, p=CLIENT, g=2, lineage="d1")]
+    result = checker.analyze(run(skip=range(3, 8), extra=step))
+    ((length, process, channel, since),) = result.counts.silences
+    assert (process, channel, since) == (CLIENT, CH, committed(3))
+    assert length == pytest.approx(delivered(8) - committed(3))
+    assert "silences (no receipt for over 1.5 s while committed): 1, median 5." in (
+        checker.summarize(result, checker.Schedule())
+    )
+    stopped = Fault(
+        t=4.0, p="nemesis", kind="client-stop", detail=f"{CLIENT} (pid 1) stopped", t1=9.0
+    )
+    assert checker.analyze(run(skip=range(3, 8), extra=[*step, stopped])).counts.silences == []
+    assert checker.analyze(run()).counts.silences == []

@@ -114,6 +114,10 @@ class Counts:
     lost: int = 0
     unsettled: int = 0
     processes: dict[str, ProcessCounts] = field(default_factory=dict)
+    #: Silences: (seconds, process, channel, when it began) for each stretch of more than
+    #: :data:`SILENCE` seconds in a subscription without a receipt while its channel had
+    #: commits (how long the system took to deliver again after a fault).
+    silences: list[tuple[float, str, str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -196,6 +200,11 @@ class _Process:
         self.current[ch] = period
         self.periods.setdefault(ch, []).append(period)
         return period
+
+
+#: A stretch without a receipt longer than this (while the channel has commits) is a silence
+#: (the fleet's failover promise: under 1.5 s of silence on the hosts).
+SILENCE = 1.5
 
 
 class _Channel:
@@ -328,12 +337,28 @@ class _Checker:
                     if period.u != period.s:
                         pc.subscriptions += 1
                     self.owed(p, proc, ch, period, chan, received, pc)
+                    self.silences(p, ch, period, chan)
             counts.owed += pc.owed
             counts.received += pc.received
             counts.covered_step += pc.covered_step
             counts.covered_lag += pc.covered_lag
             counts.lost += pc.lost
             counts.unsettled += pc.unsettled
+
+    def silences(self, p: str, ch: str, period: _Period, chan: _Channel) -> None:
+        """The silences of one subscription: from the first commit on the channel after its
+        start or a receipt to the next receipt, longer than :data:`SILENCE`, and not while a
+        fault held the process itself (stopped, say)."""
+        start = period.s
+        own = [(f.t, f.t1) for f in self.faults if f.detail.startswith(f"{p} ")]
+        commits = chan.t
+        for t in period.rt:
+            # Silent from the first commit after the last receipt (or the start).
+            first = bisect_right(commits, start)
+            since = commits[first] if first < len(commits) else t
+            if t - since > SILENCE and not any(a < t and since < b for a, b in own):
+                self.counts.silences.append((t - since, p, ch, since))
+            start = t
 
     def receipts(self, p: str, ch: str, periods: list[_Period], chan: _Channel) -> set[int]:
         """Duplicates, order and phantoms of ``p``'s receipts on ``ch``; returns what it got."""
@@ -673,6 +698,22 @@ class Result:
         return "\n".join(parts)
 
 
+def silences_line(silences: list[tuple[float, str, str, float]], origin: float) -> str:
+    """How long deliveries stopped: the count of silences, their median, 95th percentile and
+    longest (whose and when)."""
+    if not silences:
+        return f"silences (no receipt for over {SILENCE:g} s while committed): none"
+    # Not counted: those while a fault held the client itself (a client stopped or churned).
+    lengths = sorted(s[0] for s in silences)
+    longest = max(silences)
+    p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
+    return (
+        f"silences (no receipt for over {SILENCE:g} s while committed): {len(lengths)}, median"
+        f" {lengths[len(lengths) // 2]:.1f} s, p95 {p95:.1f} s, longest {longest[0]:.1f} s"
+        f" ({longest[1]} on {longest[2]} from +{longest[3] - origin:.3f}s)"
+    )
+
+
 def summarize(analysis: Analysis, schedule: Schedule) -> str:
     c = analysis.counts
     duration = schedule.duration
@@ -694,6 +735,7 @@ def summarize(analysis: Analysis, schedule: Schedule) -> str:
         f"in flight at an unsubscribe or a kill (not owed): {c.unsettled}",
         f"faults: {len(analysis.faults)} applied, {len(schedule.faults)} planned",
         "violations: " + (", ".join(found) if found else "none"),
+        silences_line(c.silences, analysis.origin),
         "per process:",
     ]
     for p, pc in sorted(c.processes.items()):

@@ -20,9 +20,10 @@ and its client-side fetch logic has changed between nats-py releases. This reade
   gone (retention, a purge): reported once through ``on_gap(first_missing, next_present)``
   before the message is delivered. Nothing else ever skips a sequence;
 - before every consumer it creates, it checks that the stream still holds what was read: a
-  stream that ends before ``next_seq - 1``, holds another message than the last one applied
-  (``position()``: its sequence and message id), or was created after the one it read from
-  (its creation time), went back (restored from an older copy, or deleted and created anew).
+  stream that ends before ``next_seq - 1`` or its owner's place (``position()``: the sequence
+  and message id of the last message applied, which may lie past ``next_seq`` while the owner
+  reads again what came before it), holds another message there, or was created after the one
+  it read from (its creation time), went back (restored from an older copy, or deleted and created anew).
   Waiting for ``next_seq`` would skip whatever is written below it: ``on_lost(reason)`` says
   so, and returns the sequence to read from instead (None: carry on);
 - a consumer may also die quietly: its server cut off from its cluster, or its stream deleted

@@ -23,9 +23,10 @@ and its client-side fetch logic has changed between nats-py releases. This reade
   stream that ends before ``next_seq - 1`` or its owner's place (``position()``: the sequence
   and message id of the last message applied, which may lie past ``next_seq`` while the owner
   reads again what came before it), holds another message there, or was created after the one
-  it read from (its creation time), went back (restored from an older copy, or deleted and created anew).
-  Waiting for ``next_seq`` would skip whatever is written below it: ``on_lost(reason)`` says
-  so, and returns the sequence to read from instead (None: carry on);
+  it read from (its creation time), went back (restored from an older copy, or deleted and
+  created anew). Waiting for ``next_seq`` would skip whatever is written below it:
+  ``on_lost(reason)`` says so, and returns the sequence to read from instead (None: carry
+  on);
 - a consumer may also die quietly: its server cut off from its cluster, or its stream deleted
   on a server that goes on sending its heartbeats. So whenever nothing came for
   :data:`PROGRESS_HEARTBEATS` heartbeats, it asks the stream's state: a stream that holds

@@ -359,28 +359,20 @@ async def test_a_host_past_the_end_of_a_restored_stream_steps_and_reads_on(
     nats = NatsServer().start()
     try:
         fleet = Fleet(daemon_factory, nats)
-        a = fleet.bridge("ba", *QUICK)
-        await fleet_state(a, "publishing")
-        host = fleet.host("h")
-        await host.wait_generation(1)
+        a, host = await _bridge_and_host(fleet)
         backup = nats.root / "backup"
         async with (
             workers(host.socket, fleet.channels, 2) as group,
             Sender(fleet.channels) as sender,
         ):
             await sender.wait_sent(40)
-            await asyncio.to_thread(nats.stop)
-            shutil.copytree(nats.store, backup)  # a backup, taken while the server was down
-            await asyncio.to_thread(nats.start)
+            await asyncio.to_thread(_back_up, nats, backup)
             backup_end = await _last_seq(nats, fleet.stream)  # at least where the backup ends
             await sender.wait_sent(80)
             await wait_until(
                 lambda: _read_past(host, backup_end), 30, what="the host past the backup's end"
             )
-            await asyncio.to_thread(nats.stop)
-            shutil.rmtree(nats.store)
-            shutil.copytree(backup, nats.store)  # restored
-            await asyncio.to_thread(nats.start)
+            await asyncio.to_thread(_restore, nats, backup)
             await wait_until(lambda: _took_over(a), 30, what="the bridge publishing again")
             await sender.wait_sent(40)
             last = await sender.stop()
@@ -409,7 +401,24 @@ async def _applied(host: Daemon, seq: int) -> bool:
     return st is not None and st.fleet is not None and st.fleet.last_stream_seq == seq
 
 
+async def _bridge_and_host(fleet: Fleet) -> tuple[Daemon, Daemon]:
+    """A publishing bridge (quick failure detection) and a host at generation 1."""
+    bridge = fleet.bridge("ba", *QUICK)
+    await fleet_state(bridge, "publishing")
+    host = fleet.host("h")
+    await host.wait_generation(1)
+    return bridge, host
+
+
+def _back_up(nats: NatsServer, copy: Path) -> None:
+    """A copy of the server's store, taken while it is down."""
+    nats.stop()
+    shutil.copytree(nats.store, copy)
+    nats.start()
+
+
 def _restore(nats: NatsServer, copy: Path) -> None:
+    """The server restarted on ``copy`` of its store."""
     nats.stop()
     shutil.rmtree(nats.store)
     shutil.copytree(copy, nats.store)
@@ -428,10 +437,7 @@ async def test_a_host_rereading_a_restored_stream_serves_nothing_older_than_it_r
     nats = NatsServer().start()
     try:
         fleet = Fleet(daemon_factory, nats)
-        bridge = fleet.bridge("ba", *QUICK)
-        await fleet_state(bridge, "publishing")
-        host = fleet.host("h")
-        await host.wait_generation(1)
+        bridge, host = await _bridge_and_host(fleet)
         copies = [nats.root / f"copy{i}" for i in range(3)]
         async with (
             workers(host.socket, fleet.channels, 2) as group,
@@ -440,9 +446,7 @@ async def test_a_host_rereading_a_restored_stream_serves_nothing_older_than_it_r
             ends = []
             for copy in copies:
                 await sender.wait_sent(30)
-                await asyncio.to_thread(nats.stop)
-                shutil.copytree(nats.store, copy)
-                await asyncio.to_thread(nats.start)
+                await asyncio.to_thread(_back_up, nats, copy)
                 ends.append(await _last_seq(nats, fleet.stream))
             await sender.wait_sent(30)
             await wait_until(lambda: _read_past(host, ends[-1]), 30, what="the host past them")

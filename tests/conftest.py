@@ -305,7 +305,10 @@ def workdir() -> Iterator[Path]:
     # pytest's tmp_path can exceed the 108-byte limit of a Unix socket path.
     path = Path(tempfile.mkdtemp(prefix="pgb", dir="/tmp"))
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    if os.environ.get("PGBUS_TEST_KEEP"):  # the daemons' logs, to read after a failure
+        print(f"kept {path}")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 DaemonFactory = Callable[..., Daemon]

@@ -225,6 +225,34 @@ async def test_terminating_the_bridges_backend_steps_every_client_exactly_once(
             assert summary["last"] == last, summary
 
 
+async def test_a_lone_bridge_reconnected_publishes_everything_its_new_connection_delivered(
+    fleet: Fleet, pg: Any
+) -> None:
+    """The bridge takes the stream back from its own term, whose connection was lost: what
+    was committed while it had no connection is covered by one step, but nothing committed
+    after its new connection listened may be missing, however long the takeover took. (It
+    barriered as if another bridge had published last, and dropped what its new connection
+    delivered before the barrier marker.)"""
+    bridge = fleet.bridge("b")
+    await fleet_state(bridge, "publishing")
+    (host,) = await fleet.hosts(1)
+    channel = fleet.channels[0]
+    async with attached(host) as bus, Sender(fleet.channels) as sender:
+        sub = await bus.subscribe(channel, buffer=100_000)
+        await sender.wait_sent(20)
+        await terminate_backend(pg, await bridge.backend_pid())
+        await bridge.wait_generation(2)
+        listening_by = sender.next  # this one and those after are committed since
+        await sender.wait_sent(50)
+        last = (await sender.stop())[channel]
+        received: set[int] = set()
+        while last not in received:
+            received.add(int(await asyncio.wait_for(sub.recv(), 30)))
+        missing = sorted(set(range(listening_by, last + 1)) - received)
+        assert not missing, f"committed after the bridge listened again, never relayed: {missing}"
+        assert bus.generation == 2  # one step, for what the reconnect may have cost
+
+
 async def test_nats_restarted_and_unreachable_loses_nothing_or_steps_once(
     fleet: Fleet, nats_server: NatsServer
 ) -> None:

@@ -6,11 +6,12 @@ import asyncio
 import time
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
 from pgbusd.fleet import natsconn
-from pgbusd.fleet.lease import PublisherLease
+from pgbusd.fleet.lease import KEY, LeaseValue, PublisherLease
 from pgbusd.fleet.subjects import StreamSubjects
 from tests.support.fleet_helpers import client, nats_server_fixture, unique_stream
 from tests.support.natsserver import NatsServer
@@ -88,6 +89,30 @@ async def test_a_renewed_lease_stays_and_a_released_one_passes_at_once(
     await a.release()
     assert not a.held
     assert await b.try_acquire("tb")
+
+
+async def test_a_release_after_a_renewal_whose_answer_never_came_still_frees_the_lease(
+    nats_server: NatsServer,
+) -> None:
+    """A term that ends while a renewal is on its way (its task cancelled, the server stored
+    it) holds a revision the key has passed: the release must still free the key, or a standby
+    (this bridge itself, reconnected) waits for the holder to go silent. A later revision of
+    another bridge's is left alone."""
+    a, b = await two_leases(nats_server.url, 30.0)
+    assert await a.try_acquire("ta")
+    value = msgspec.json.encode(LeaseValue("a", "ta", time.time()))
+    assert a.revision is not None
+    await a.kv.update(KEY, value, last=a.revision)  # stored; its answer never reached a
+    await a.release()
+    assert await b.try_acquire("tb")  # free at once, no silence waited for
+    assert await a.try_acquire("ta2") is False
+    await b.kv.update(KEY, msgspec.json.encode(LeaseValue("b", "tb", 0.0)), last=b.revision)
+    await b.release()  # b's revision is behind, and the key's is still b's term: freed
+    assert await a.try_acquire("ta3")
+    c = PublisherLease(a.kv, "a", 30.0)
+    c.revision, c.term = 1, "ta"  # an old term of a's: the key is another term's now
+    await c.release()
+    assert await a.renew()
 
 
 async def test_an_unrenewed_lease_expires_for_others_only_after_its_holder_stopped_counting(

@@ -13,7 +13,7 @@ from pgbusd.fleet import schema as s
 from pgbusd.fleet.held import HeldBuffer
 from pgbusd.fleet.markers import Markers
 from pgbusd.fleet.subjects import StreamSubjects
-from pgbusd.fleet.takeover import Plan, plan, republish
+from pgbusd.fleet.takeover import OpenedTerm, Plan, choose, plan, republish
 from pgbusd.fleet.termlog import TermLog
 from tests.support.fleet_helpers import run_notes
 
@@ -146,3 +146,31 @@ async def test_a_gate_opens_on_any_later_marker_of_this_bridge() -> None:
     assert markers.follows(later, barrier)
     assert not markers.follows(other.new(), barrier)  # another bridge's counter is not ours
     assert not markers.follows(barrier, later)  # an earlier marker does not open a later gate
+
+
+async def test_after_its_own_term_a_newer_connection_publishes_all_it_delivered() -> None:
+    """A lone bridge whose PostgreSQL connection was replaced takes the stream back from its
+    own previous term (the stream's last message is that term's, from the old connection).
+    Nothing the new connection delivered can be stored, however long the takeover took (its
+    lease held up by a renewal that answered late): all of it is published after one tick, and
+    no barrier is waited for. On the connection that term relayed, a barrier as before."""
+    sent: list[str] = []
+
+    async def refuse(channel: str, payload: str) -> None:
+        sent.append(payload)
+        raise ConnectionResetError("no marker connection in this test")
+
+    markers = Markers("pgbus.marker.S", refuse, "b1", structlog.get_logger())
+    opened = OpenedTerm(STATE, False, True, 1, None, previous_term="old")
+    held = held_after("a", "m9", "b")
+    own = ("old", held.connection)  # the stream's last term, this bridge's, relayed this one
+    held.reset()  # the new connection, listening since before this takeover
+    for payload in ("c", "d"):
+        held.note(1, "c", payload)
+    first = await choose(held, markers, opened, 5.0, own)
+    assert (first.tick, first.gate, payloads(first), sent) == ("takeover", None, ["c", "d"], [])
+    again = await choose(held, markers, opened, 5.0, ("old", held.connection))
+    assert len(sent) == 1  # a barrier, refused here
+    assert (again.tick, again.gate, payloads(again)) == ("takeover", sent[0], [])
+    another = await choose(held, markers, opened, 5.0, ("older", own[1]))
+    assert (len(sent), another.gate) == (2, sent[1])  # another term published last: a barrier

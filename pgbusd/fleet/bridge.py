@@ -38,12 +38,13 @@ for ``publisher_timeout``: killed, paused, cut off; see :mod:`pgbusd.fleet.lease
    publish a Tick (generation + 1, reason ``takeover``, or ``start`` for a new lineage), and
    never anything the stream may already hold: with the frontier placed (the buffer
    overflowed, or the barrier timed out behind a slow link), what follows the frontier (what
-   arrives up to it is dropped); with a connection that listens since after step 3, all it
-   delivered; with the barrier marker back, what follows it; else nothing until the barrier
-   marker (or a later marker of this bridge, or the frontier's) arrives: the term is *gated*
-   until then. The same when the last
-   publisher relayed another channel set: its positions count other notifications and cannot
-   be placed here.
+   arrives up to it is dropped); with a connection that listens since after step 3, or since
+   after this bridge lost the connection from which it stored the stream's last message
+   itself (a lone bridge reconnected: no barrier then), all it delivered; with the barrier
+   marker back, what follows it; else nothing until the barrier marker (or a later marker
+   of this bridge, or the frontier's) arrives: the term is *gated* until then. The same when
+   the last publisher relayed another channel set: its positions count other notifications
+   and cannot be placed here.
 
 A publisher that loses the lease (someone else wrote it, or it could not renew it before
 ``valid_until``) or finds itself deposed (its chain broke on someone else's message) fences its
@@ -151,6 +152,8 @@ class Bridge:
         self.term: Term | None = None
         self.last_stored = LastStored()
         self.pg_connected = False
+        #: This bridge's last term, and the last connection whose notifications it relayed.
+        self._relayed_on: tuple[str, int] | None = None
         self.takeovers = 0
         self.exact_takeovers = 0
         #: Notifications stored and dropped by this bridge's finished terms (see totals()).
@@ -209,6 +212,7 @@ class Bridge:
         self._open_gate()  # it listens since after the takeover: nothing it delivers is stored
         publisher = self._publisher()
         if publisher is not None and self.term is not None:
+            self._relayed_on = (self.term.name, self.held.connection)
             generation = publisher.termlog.tick("reconnect", None, 0)
             publisher.poke()
             self.log.info("postgres reconnected: generation step", generation=generation)
@@ -401,7 +405,7 @@ class Bridge:
         if opened is None:
             raise RuntimeError("lost the lease while taking over")
         await self._unfollow()
-        first = await choose(self.held, self.markers, opened, self.lease_ttl / 2)
+        first = await choose(self.held, self.markers, opened, self.lease_ttl / 2, self._relayed_on)
         publisher = self._start(term, opened, first)
         await term.publish(publisher)
         self._retire(term)
@@ -422,6 +426,7 @@ class Bridge:
             on_deposed=self._deposed,
         )
         self._gate, self._placeable = first.gate, first.placeable
+        self._relayed_on = (term.name, self.held.connection)
         self._enter(Phase.PUBLISHING)
         self.takeovers += 1
         self.exact_takeovers += first.exact

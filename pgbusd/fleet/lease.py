@@ -34,10 +34,11 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from pgbusd.fleet.natsconn import JetStreamWatch, missing
+from pgbusd.fleet.schema import ERR_WRONG_LAST_SEQ
 from pgbusd.ops.status import FleetLease
 
 KEY = "publisher"
@@ -138,12 +139,26 @@ class PublisherLease:
         return True
 
     async def release(self) -> None:
-        """Give the lease up (a clean stop): the standby need not wait for the TTL."""
-        revision = self.revision
+        """Give the lease up (a clean stop): the standby need not wait for the TTL.
+
+        A renewal whose answer never came (cancelled as the term ended, timed out) may have
+        been stored all the same: the key then holds a later revision of this term's, which is
+        deleted instead (a standby would otherwise wait for it to go silent)."""
+        revision, term = self.revision, self.term
         self.forget()
-        if revision is not None:
-            with contextlib.suppress(Exception):
+        if revision is None:
+            return
+        with contextlib.suppress(Exception):
+            try:
                 await self.kv.delete(KEY, last=revision)
+            except APIError as exc:
+                if exc.err_code != ERR_WRONG_LAST_SEQ:
+                    raise
+                # The key moved on: deleted if its revision is still this term's.
+                entry = await self.kv.get(KEY)
+                value = msgspec.json.decode(entry.value or b"", type=LeaseValue)
+                if value.bridge == self.bridge_id and value.term == term:
+                    await self.kv.delete(KEY, last=entry.revision)
 
     def forget(self) -> None:
         """Stop counting on the lease (lost, released, or expired)."""

@@ -172,7 +172,8 @@ class Term:
         if self._expiry is not None:
             self._expiry.cancel()
         if self._renewer is not None:
-            self._renewer.cancel()
+            self._renewer.cancel()  # and waited for: no renewal races the release below
+            await asyncio.gather(self._renewer, return_exceptions=True)
         publisher = self.publisher
         if publisher is not None:
             if drain is None:

@@ -95,6 +95,9 @@ class OpenedTerm:
     parts: int
     #: The stream's own limit on a message, if any.
     max_msg_size: int | None
+    #: The term that stored the last message before the opening checkpoint (None: none, or a
+    #: message id of another writer).
+    previous_term: str | None = None
 
 
 async def open_term(
@@ -132,6 +135,7 @@ async def open_term(
             current, refollowed = await refollow(), True
             continue
         state = current.state.copy()
+        previous = s.parse_msg_id(state.msg_id)
         # Now: once this term's checkpoint is stored, the follower reads it too.
         comparable = current.comparable
         info = await js.stream_info(subjects.stream)
@@ -166,7 +170,14 @@ async def open_term(
             raise
         state.stream_seq, state.msg_id = ack_seq, s.msg_id(term, len(parts) - 1)
         last_stored.saw(ack_seq, state.msg_id)
-        return OpenedTerm(state, fresh, comparable and not fresh, len(parts), max_msg_size)
+        return OpenedTerm(
+            state,
+            fresh,
+            comparable and not fresh,
+            len(parts),
+            max_msg_size,
+            previous[0] if previous is not None else None,
+        )
     return None
 
 
@@ -242,16 +253,39 @@ def plan(
 
 
 async def choose(
-    held: HeldBuffer, markers: Markers, opened: OpenedTerm, barrier_timeout: float
+    held: HeldBuffer,
+    markers: Markers,
+    opened: OpenedTerm,
+    barrier_timeout: float,
+    own: tuple[str, int] | None = None,
 ) -> Plan:
     """Steps 4 and 5 of :mod:`pgbusd.fleet.bridge`'s takeover, once the term is opened and
     nothing follows the stream any more: exact if the frontier is placed and reached on this
-    connection; else a barrier marker, waited for up to ``barrier_timeout``; then :func:`plan`."""
+    connection; else a barrier marker, waited for up to ``barrier_timeout``; then :func:`plan`.
+
+    ``own``: this bridge's last term, and the last of its connections (as counted by
+    :attr:`HeldBuffer.connection`) whose notifications that term relayed. If that term wrote
+    the stream's last message, a newer connection listens since after the one it relayed was
+    lost: the stream holds nothing it delivered, as with a connection newer than the fencing
+    (a lone bridge reconnected to PostgreSQL publishes all its new connection delivered,
+    however long its takeover took)."""
     # This connection listened since before the term was opened (the old publisher fenced) if
     # it is still the one there is now.
     fenced_on = held.connection
     exact = opened.comparable and held.exact()
     barrier, arrived = None, False
+    if own is not None and own[0] == opened.previous_term and held.connection > own[1]:
+        # Nothing to wait for: nothing this connection delivered can be stored.
+        return plan(
+            held,
+            opened.state,
+            exact=False,
+            fresh=opened.fresh,
+            comparable=opened.comparable,
+            barrier=None,
+            arrived=False,
+            newer_connection=True,
+        )
     if not exact:
         barrier, back = await markers.barrier(barrier_timeout)
         arrived = back and fenced_on == held.connection and held.has_marker(barrier)

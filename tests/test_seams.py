@@ -238,6 +238,43 @@ async def test_a_successor_frozen_after_the_split_is_stopped_and_the_daemon_serv
     assert not children_of(daemon.pid), "the frozen successor was killed and reaped"
 
 
+async def test_a_successor_that_loses_postgres_while_taking_over_logs_json_only(
+    daemon_factory: DaemonFactory, pg: Any
+) -> None:
+    """The successor's connection is lost while it takes over: the reload fails, the daemon
+    serves on, and every line of the log is a JSON line. (The successor crashed with a bare
+    traceback when asyncpg, not the hand-off, raised; or left a future whose exception nobody
+    read, which asyncio prints: the soak found both.)"""
+    channels = [unique_channel("sfl")]
+    name = channels[0]  # its connections' application_name: only they are terminated
+    daemon = daemon_factory(
+        channels,
+        dsn=f"{DSN}{'&' if '?' in DSN else '?'}application_name={name}",
+        args=["--reload-timeout", "5"],
+        env=failpoint_env("successor:send:Listening:stop"),
+    )
+    before = (await daemon.wait_generation(1)).postgres.backend_pid
+    async with pgbus.connect(daemon.socket, name="reloader") as bus:
+        reload = asyncio.ensure_future(bus.reload(timeout=120))
+        successor = await stopped_child(daemon)
+        backends = await pg.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND pid <> $2",
+            name,
+            before,
+        )
+        assert len(backends) == 1, "the successor's connection, the only other one"
+        await terminate_backend(pg, backends[0]["pid"])
+        os.kill(successor, signal.SIGCONT)
+        with pytest.raises(pgbus.RequestRefusedError):  # why: as the connection went down
+            await reload
+    await wait_until(lambda: process_state(successor) in (None, "Z"), 30, what="it exited")
+    events = [json.loads(line)["event"] for line in daemon.log().splitlines()]
+    assert "taking over failed" in events
+    assert "reload failed: serving on" in events
+    assert daemon.serving_pid() == daemon.pid
+    await daemon.wait_generation(1)
+
+
 # -- settings a reload cannot change -------------------------------------------------------------
 
 

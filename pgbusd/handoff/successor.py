@@ -143,20 +143,23 @@ class Successor:
             takeover.adopted.set_result(state.generation)
             await self.serve(self.inherited.listen)
             await control.send(h.Serving(os.getpid()))
-        except (h.HandoffError, TimeoutError, OSError) as exc:
+        except Exception as exc:  # a protocol error, a timeout, PostgreSQL's own: given up
             if isinstance(exc, TimeoutError):
                 reason = (
                     "the successor could not take over within the --reload-timeout of "
                     f"{self.config.reload_timeout:g} s (it gave up a little before, to say why)"
                 )
-            else:
+            elif isinstance(exc, h.HandoffError | OSError):
                 reason = str(exc) or type(exc).__name__
+            else:
+                reason = repr(exc)
             if self.listener.last_error is not None:
                 reason += f" (PostgreSQL: {self.listener.last_error})"
             self.reason = reason
             self.log.error("taking over failed", reason=reason)
             if not takeover.adopted.done():
                 takeover.adopted.set_exception(h.HandoffError("the hand-off is off"))
+                takeover.adopted.exception()  # read: the listener may no longer wait for it
             with contextlib.suppress(Exception):  # the predecessor is gone: nobody to tell
                 await control.send(h.Abort(reason))
             control.close()

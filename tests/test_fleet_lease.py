@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 
 import msgspec
 import pytest
+import structlog
 from nats.aio.client import Client as NATS
 
 from pgbusd.fleet import natsconn
 from pgbusd.fleet.lease import KEY, LeaseValue, PublisherLease
+from pgbusd.fleet.markers import Markers
+from pgbusd.fleet.publishing import Term
 from pgbusd.fleet.subjects import StreamSubjects
 from tests.support.fleet_helpers import client, nats_server_fixture, unique_stream
 from tests.support.natsserver import NatsServer
@@ -113,6 +117,67 @@ async def test_a_release_after_a_renewal_whose_answer_never_came_still_frees_the
     c.revision, c.term = 1, "ta"  # an old term of a's: the key is another term's now
     await c.release()
     assert await a.renew()
+
+
+async def test_a_renewal_on_its_way_when_the_lease_is_released_does_not_take_it_back(
+    nats_server: NatsServer,
+) -> None:
+    """Release while a renewal is in flight: the server stores the renewal first, the release's
+    delete expects the revision before it. The renewal must not make the lease this bridge's
+    again (a renewer that went on beat for a term that was over, and no bridge ever took the
+    lease: a fleet with nobody publishing), and the release must free the key."""
+    a, b = await two_leases(nats_server.url, 30.0)
+    assert await a.try_acquire("ta")
+    renewal = asyncio.ensure_future(a.renew())
+    await asyncio.sleep(0)  # its update is on its way
+    await a.release()
+    assert await renewal is False
+    assert (a.revision, a.held) == (None, False)
+    assert await b.try_acquire("tb")
+
+
+async def test_a_standby_takes_at_once_a_lease_left_in_its_own_name(
+    nats_server: NatsServer,
+) -> None:
+    """A term that could not release its lease (NATS unanswered then) leaves the key in this
+    bridge's name: nobody renews it, and this bridge need not wait for it to go silent."""
+    a, _ = await two_leases(nats_server.url, 30.0)
+    assert await a.try_acquire("ta")
+    a.forget()
+    silent = await asyncio.wait_for(
+        a.watch(30.0, lambda: True, asyncio.Event(), structlog.get_logger()), 5
+    )
+    assert silent is not None
+    assert await a.try_acquire("ta2", silent)
+
+
+async def test_a_term_whose_renewer_misses_its_cancellation_still_closes_and_releases(
+    nats_server: NatsServer,
+) -> None:
+    """Python 3.11's wait_for can lose a cancellation (the answer came at the same moment):
+    the renewer then goes on. The term must close all the same, and its lease be free."""
+    a, b = await two_leases(nats_server.url, 30.0)
+    a.heartbeat = 0.02
+    renew = a.renew
+
+    async def renew_missing_a_cancellation() -> bool:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)  # an answer that is slow to come
+        return await renew()
+
+    a.renew = renew_missing_a_cancellation  # type: ignore[method-assign]
+    assert await a.try_acquire("ta")
+    markers = Markers("pgbus.marker.S", _no_marker, "a", structlog.get_logger())
+    term = Term("ta", a, markers, listening=lambda: True, hand_over_drain=0.0,
+                log=structlog.get_logger())  # fmt: skip
+    term.keep_lease()
+    await asyncio.sleep(0.1)  # the renewer waits for its answer
+    await asyncio.wait_for(term.close(), 5)
+    assert await b.try_acquire("tb")
+
+
+async def _no_marker(channel: str, payload: str) -> None:
+    raise AssertionError("no marker in this test")
 
 
 async def test_an_unrenewed_lease_expires_for_others_only_after_its_holder_stopped_counting(

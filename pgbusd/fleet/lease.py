@@ -122,19 +122,24 @@ class PublisherLease:
         """Extend the lease; False (and no longer held) if someone else wrote the key.
 
         Network errors propagate: the lease stays held until :attr:`valid_until`, no longer.
+        A lease given up while the renewal was on its way stays given up (the renewal's
+        revision is the release's to delete, see :meth:`release`).
         """
-        if self.revision is None or self.term is None:
+        revision, term = self.revision, self.term
+        if revision is None or term is None:
             return False
-        value = LeaseValue(self.bridge_id, self.term, time.time())
+        value = LeaseValue(self.bridge_id, term, time.time())
         sent = time.monotonic()
         try:
-            self.revision = await self.kv.update(
-                KEY, msgspec.json.encode(value), last=self.revision
-            )
+            renewed = await self.kv.update(KEY, msgspec.json.encode(value), last=revision)
         except (KeyWrongLastSequenceError, KeyNotFoundError):
-            self.forget()
+            if (self.revision, self.term) == (revision, term):
+                self.forget()
             await self.read()
             return False
+        if (self.revision, self.term) != (revision, term):
+            return False  # released or lost meanwhile
+        self.revision = renewed
         self._valid_until = sent + self.ttl - self.margin
         return True
 
@@ -228,6 +233,10 @@ class PublisherLease:
                 if listening():
                     if holder is None:
                         return None
+                    if holder.bridge == self.bridge_id and self.revision is None:
+                        # This bridge's own, left by a term that is over: nobody renews it.
+                        log.warning("the lease names this bridge, which does not publish")
+                        return revision
                     if now - changed_at >= timeout:
                         log.warning(
                             "the publishing bridge stopped beating: taking over",

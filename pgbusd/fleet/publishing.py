@@ -190,19 +190,28 @@ class Term:
 
     async def _renew(self) -> None:
         lease = self.lease
-        while lease.revision is not None:
+        # Also ends once the term is closed: a cancellation can be lost (Python 3.11's
+        # wait_for returns a result that came at the same moment), and a renewer that went on
+        # would keep the lease beating for a term that is over.
+        while lease.revision is not None and not self._closed:
             await asyncio.sleep(lease.renew_interval)
+            if self._closed:
+                return
             try:
-                if not await lease.renew():
-                    self._lost_lease("another bridge holds the lease")
-                    return
-                self._arm_expiry()
+                renewed = await lease.renew()
             except Exception as exc:
                 self.log.info("lease renewal failed", error=repr(exc))
                 if missing(exc):  # the bucket is gone: so is the stream, most likely
                     lease.forget()
                     self._lost_lease("the lease bucket is gone")
                     return
+                continue
+            if self._closed:
+                return
+            if not renewed:
+                self._lost_lease("another bridge holds the lease")
+                return
+            self._arm_expiry()
 
     def _arm_expiry(self) -> None:
         if self._expiry is not None:

@@ -1,15 +1,22 @@
 """What a ``stream_info`` answer says about the server that gave it (pgbusd.fleet.natsconn).
 
 The answers are shaped as a three-node cluster gave them with one node's routes cut
-(tests/test_fleet_faults.py cuts one for real)."""
+(tests/test_fleet_faults.py cuts one for real). At the end, against a real nats-server: the
+stream and the lease bucket created again as they were found."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
+import pytest
+import structlog
 from nats.js import api
 
-from pgbusd.fleet.natsconn import CUT_OFF_AFTER, CutOffError, cut_off, unanswered
+from pgbusd.fleet.natsconn import CUT_OFF_AFTER, CutOffError, StreamShape, cut_off, unanswered
+from pgbusd.fleet.subjects import StreamSubjects
+from tests.support.fleet_helpers import client, nats_server_fixture, unique_stream
+from tests.support.natsserver import NatsServer
 
 SILENT = int((CUT_OFF_AFTER + 1) * 1e9)
 HEARD = 2_000_000  # 2 ms, in nanoseconds as NATS reports it
@@ -77,3 +84,46 @@ def test_a_cut_off_answer_counts_as_unanswered() -> None:
     """So the connection's watch moves it to another server."""
     assert unanswered(CutOffError("x"))
     assert not unanswered(ValueError("x"))
+
+
+@pytest.fixture(scope="module")
+def nats_server() -> Iterator[NatsServer]:
+    yield from nats_server_fixture()
+
+
+@pytest.mark.nats
+async def test_a_stream_created_again_is_as_it_was_found(nats_server: NatsServer) -> None:
+    """An operator's stream (one hour, 500 messages, 64 KiB at most, in memory) deleted with
+    the lease bucket: a bridge creates both again as they were, not with the defaults. Settings
+    the servers refuse (three replicas on one server) give the defaults, logged."""
+    subjects = StreamSubjects(unique_stream())
+    nc = await client(nats_server.url)
+    js = nc.jetstream()
+    given: dict[str, Any] = {"max_age": 3600.0, "max_msgs": 500, "max_msg_size": 65536}
+    await js.add_stream(
+        api.StreamConfig(
+            name=subjects.stream, subjects=[subjects.all], storage=api.StorageType.MEMORY, **given
+        )
+    )
+    shape = StreamShape()
+    await shape.ensure(nc, subjects, 2.0, structlog.get_logger())  # found: remembered
+
+    async def gone_and_again() -> tuple[api.StreamConfig, list[MutableMapping[str, Any]]]:
+        await js.delete_stream(subjects.stream)
+        await js.delete_key_value(subjects.lease_bucket)
+        with structlog.testing.capture_logs() as logs:
+            await shape.ensure(nc, subjects, 2.0, structlog.get_logger())
+        return (await js.stream_info(subjects.stream)).config, logs
+
+    config, logs = await gone_and_again()
+    assert {name: getattr(config, name) for name in given} == given
+    assert (config.storage, logs) == (api.StorageType.MEMORY, [])
+    shape.stream["num_replicas"], shape.bucket_replicas = 3, 3
+    config, logs = await gone_and_again()
+    assert (config.num_replicas, config.storage) == (1, api.StorageType.FILE)
+    assert [entry["event"] for entry in logs] == [
+        "the fleet stream cannot be created again as it was: created with the defaults (one "
+        "replica), to be scaled up by hand"
+    ]
+    assert (await js.stream_info(f"KV_{subjects.lease_bucket}")).config.num_replicas == 1
+    await nc.close()

@@ -144,6 +144,7 @@ class Bridge:
         self._link = markers
         self.markers = Markers(self.marker_channel, markers.send, self.bridge_id, self.log)
         self.held = HeldBuffer()
+        self._shape = natsconn.StreamShape()  # the stream's settings, to create it again alike
         self.phase = Phase.STANDBY
         self.nc: NATS | None = None
         self.jetstream: natsconn.JetStreamWatch | None = None
@@ -309,11 +310,9 @@ class Bridge:
         return True
 
     async def _ensure(self) -> None:
-        """The stream and the lease bucket, created if they are missing (at start, and when
-        they are found gone: deleted, or NATS restarted without its store)."""
+        """The stream and the lease bucket, created (alike) if missing: at start, when gone."""
         assert self.nc is not None
-        await natsconn.ensure_stream(self.nc, self.subjects)
-        kv, ttl = await natsconn.lease_bucket(self.nc, self.subjects, self.lease_ttl, self.log)
+        kv, ttl = await self._shape.ensure(self.nc, self.subjects, self.lease_ttl, self.log)
         if self.lease is None:
             self.lease = PublisherLease(
                 kv, self.bridge_id, ttl, heartbeat=self.publisher_timeout / 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, NamedTuple
@@ -214,52 +215,117 @@ class _CredentialsFile:
         return self.read()[1]
 
 
+class StreamShape:
+    """The stream's and the lease bucket's settings as a bridge last saw them, so that what it
+    creates again (deleted, or NATS restarted on an empty store) is as the operator had it:
+    replicas, storage and limits, not the defaults."""
+
+    #: The stream settings carried over (the rest are the fleet's: name, subjects, retention).
+    CARRIED: Final = (
+        "num_replicas", "storage", "discard", "max_age", "max_bytes", "max_msgs",
+        "max_msg_size", "duplicate_window", "placement",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.stream: dict[str, Any] = {}
+        self.bucket_replicas = 1
+
+    def saw(self, config: api.StreamConfig) -> None:
+        self.stream = {name: getattr(config, name) for name in self.CARRIED}
+
+    async def ensure(
+        self, nc: NATS, subjects: StreamSubjects, lease_ttl: float, log: Any
+    ) -> tuple[KeyValue, float]:
+        """The stream and the lease bucket (:func:`ensure_stream`, :func:`lease_bucket`)."""
+        await ensure_stream(nc, subjects, shape=self, log=log)
+        return await lease_bucket(nc, subjects, lease_ttl, log, self)
+
+
 async def ensure_stream(
     nc: NATS,
     subjects: StreamSubjects,
     *,
+    shape: StreamShape | None = None,
+    log: Any = None,
     max_age: float = 24 * 3600.0,
     max_bytes: int = -1,
     max_msgs: int = -1,
     duplicate_window: float = 120.0,
 ) -> api.StreamInfo:
     """The fleet stream (file storage, limits retention), created if missing, left as it is
-    otherwise (an operator may have tuned it)."""
+    otherwise (an operator may have tuned it). With a ``shape``, what is found is remembered
+    there, and a stream created again takes its settings (or, if the servers refuse them, say
+    too few for its replicas, the defaults: logged)."""
     js = nc.jetstream(timeout=5)
     try:
-        return await js.stream_info(subjects.stream)
+        info = await js.stream_info(subjects.stream)
     except NotFoundError:
-        pass
-    config = api.StreamConfig(
-        name=subjects.stream,
-        subjects=[subjects.all],
-        retention=api.RetentionPolicy.LIMITS,
-        storage=api.StorageType.FILE,
-        discard=api.DiscardPolicy.OLD,
-        max_age=max_age,
-        max_bytes=max_bytes,
-        max_msgs=max_msgs,
-        duplicate_window=duplicate_window,
-        num_replicas=1,
-    )
+        config = api.StreamConfig(
+            name=subjects.stream,
+            subjects=[subjects.all],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            discard=api.DiscardPolicy.OLD,
+            max_age=max_age,
+            max_bytes=max_bytes,
+            max_msgs=max_msgs,
+            duplicate_window=duplicate_window,
+            num_replicas=1,
+        )
+        info = await _create(js, config, shape.stream if shape else {}, log)
+    if shape is not None:
+        shape.saw(info.config)
+    return info
+
+
+async def _create(js: Any, config: api.StreamConfig, like: dict[str, Any], log: Any) -> Any:
+    """Add the stream ``config`` with the settings ``like``; with ``config``'s own if those are
+    refused."""
+    if like:
+        try:
+            return await js.add_stream(dataclasses.replace(config, **like))
+        except APIError as exc:
+            if log is not None:
+                log.warning(
+                    "the fleet stream cannot be created again as it was: created with the "
+                    "defaults (one replica), to be scaled up by hand",
+                    stream=config.name,
+                    replicas=like.get("num_replicas"),
+                    error=str(exc),
+                )
     return await js.add_stream(config)
 
 
 async def lease_bucket(
-    nc: NATS, subjects: StreamSubjects, ttl: float, log: Any = None
+    nc: NATS,
+    subjects: StreamSubjects,
+    ttl: float,
+    log: Any = None,
+    shape: StreamShape | None = None,
 ) -> tuple[KeyValue, float]:
-    """The lease bucket, with ``ttl`` as its TTL: created if missing, and an existing bucket
-    of another TTL is set to it (a redeploy with another ``--lease-ttl`` takes effect; the
-    change is logged). Returns the bucket and ``ttl``."""
+    """The lease bucket, with ``ttl`` as its TTL: created if missing (with the replicas it had
+    when ``shape`` last saw it), and an existing bucket of another TTL is set to it (a redeploy
+    with another ``--lease-ttl`` takes effect; the change is logged). Returns the bucket and
+    ``ttl``."""
     # Generous: a slow answer only delays a renewal, and the lease counts from when a renewal
     # was sent (lease.py), so it cannot make a bridge publish past its lease.
     js = nc.jetstream(timeout=max(2.0, ttl / 4))
     try:
         kv = await js.key_value(subjects.lease_bucket)
     except (BucketNotFoundError, NotFoundError):
-        kv = await js.create_key_value(bucket=subjects.lease_bucket, ttl=ttl, history=1)
+        replicas = shape.bucket_replicas if shape is not None else 1
+        try:
+            kv = await js.create_key_value(
+                bucket=subjects.lease_bucket, ttl=ttl, history=1, replicas=replicas
+            )
+        except APIError:
+            if replicas == 1:
+                raise
+            kv = await js.create_key_value(bucket=subjects.lease_bucket, ttl=ttl, history=1)
         return kv, ttl
     info = await js.stream_info(f"KV_{subjects.lease_bucket}")
+    if shape is not None:
+        shape.bucket_replicas = info.config.num_replicas or 1
     was = float(info.config.max_age or 0)
     if abs(was - ttl) > 0.001:
         info.config.max_age = ttl

@@ -136,6 +136,17 @@ async def test_a_pattern_subscribe_during_a_reload_split_is_listened_by_the_succ
             sub = await asyncio.wait_for(subscribing, 60)
         await notify(pg, channel, "delivered")
         assert await asyncio.wait_for(sub.recv(), 10) == "delivered"
+    await handed_over_cleanly(daemon)
+
+
+async def handed_over_cleanly(daemon: Daemon) -> None:
+    """The predecessor left, and every line it (and its successor) logged is a JSON line. (A
+    LISTEN round trip waiting for the hand-off was left pending as it left: asyncio printed
+    a bare traceback into the log at exit.)"""
+    assert daemon.proc is not None
+    assert await asyncio.to_thread(daemon.proc.wait, 30) == 0
+    stray = [line for line in daemon.log().splitlines() if not line.startswith("{")]
+    assert not stray, "\n".join(stray)
 
 
 async def registered(daemon: Daemon, channel: str) -> None:
@@ -173,6 +184,7 @@ async def test_a_subscribe_in_flight_during_a_reload_moves_no_generation_and_los
         assert client.bus.generation == generation, "a reload moves no generation"
     finally:
         await client.close()
+    await handed_over_cleanly(daemon)
 
 
 # -- a reload whose predecessor froze after the split ---------------------------------------------

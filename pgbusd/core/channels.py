@@ -76,6 +76,7 @@ class ChannelDirectory:
         self._back: dict[str, asyncio.Future[None]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._flushing: asyncio.Task[None] | None = None
+        self._closed = False
         #: While a hand-off reload runs, nothing is LISTENed or UNLISTENed (the set it splits).
         self._frozen: asyncio.Future[None] | None = None
         self.listens = 0
@@ -202,7 +203,7 @@ class ChannelDirectory:
             self._kick()
 
     def _kick(self) -> None:
-        if self._flushing is None:
+        if self._flushing is None and not self._closed:
             self._flushing = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
@@ -257,6 +258,9 @@ class ChannelDirectory:
             self.log.debug("listen set changed", listened=len(listen), unlistened=len(unlisten))
 
     def close(self) -> None:
+        """The daemon stops: nothing more is LISTENed or UNLISTENed (a round trip waiting for
+        a hand-off that handed over would wait for ever, and end with the event loop)."""
+        self._closed = True
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()

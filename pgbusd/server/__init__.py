@@ -222,6 +222,7 @@ class Server:
         for session in list(self.hub.sessions):
             session.abort()
         self._status_desk.close()
+        self.channels.close()
         if fleet is not None and self.role is not None:
             await self.role.stop()  # a bridge publishes what it has and hands the lease on
             fleet.cancel()

@@ -318,9 +318,17 @@ async def lease_bucket(
             kv = await js.create_key_value(
                 bucket=subjects.lease_bucket, ttl=ttl, history=1, replicas=replicas
             )
-        except APIError:
+        except APIError as exc:
             if replicas == 1:
                 raise
+            if log is not None:
+                log.warning(
+                    "the lease bucket cannot be created again as it was: created with one "
+                    "replica, to be scaled up by hand",
+                    bucket=subjects.lease_bucket,
+                    replicas=replicas,
+                    error=str(exc),
+                )
             kv = await js.create_key_value(bucket=subjects.lease_bucket, ttl=ttl, history=1)
         return kv, ttl
     info = await js.stream_info(f"KV_{subjects.lease_bucket}")

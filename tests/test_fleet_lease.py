@@ -119,6 +119,25 @@ async def test_a_release_after_a_renewal_whose_answer_never_came_still_frees_the
     assert await a.renew()
 
 
+async def test_a_renewal_whose_answer_was_lost_but_stored_keeps_the_lease(
+    nats_server: NatsServer,
+) -> None:
+    """A renewal that timed out (a stream leader changing) was stored all the same: the next
+    one, expecting the revision before it, is refused. The key is still this term's: the
+    lease is kept, not given up as if another bridge held it (which cost the fleet a takeover
+    and a generation step, seen in the cluster soak)."""
+    a, b = await two_leases(nats_server.url, 30.0)
+    assert await a.try_acquire("ta")
+    value = msgspec.json.encode(LeaseValue("a", "ta", time.time()))
+    assert a.revision is not None
+    stored = await a.kv.update(KEY, value, last=a.revision)  # its answer never reached a
+    assert await a.renew()
+    assert a.held
+    assert a.revision == stored
+    assert await a.renew()  # and renews on from there
+    assert not await b.try_acquire("tb")
+
+
 async def test_a_renewal_on_its_way_when_the_lease_is_released_does_not_take_it_back(
     nats_server: NatsServer,
 ) -> None:

@@ -122,8 +122,11 @@ class PublisherLease:
         """Extend the lease; False (and no longer held) if someone else wrote the key.
 
         Network errors propagate: the lease stays held until :attr:`valid_until`, no longer.
-        A lease given up while the renewal was on its way stays given up (the renewal's
-        revision is the release's to delete, see :meth:`release`).
+        A renewal whose answer was lost (a timeout, a leader change) may have been stored: the
+        key then holds this term's own later revision, which is taken up (the lease is not
+        extended by it: when it was stored is not known). A lease given up while the renewal
+        was on its way stays given up (the renewal's revision is the release's to delete, see
+        :meth:`release`).
         """
         revision, term = self.revision, self.term
         if revision is None or term is None:
@@ -133,9 +136,13 @@ class PublisherLease:
         try:
             renewed = await self.kv.update(KEY, msgspec.json.encode(value), last=revision)
         except (KeyWrongLastSequenceError, KeyNotFoundError):
-            if (self.revision, self.term) == (revision, term):
-                self.forget()
-            await self.read()
+            holder = await self.read()
+            if (self.revision, self.term) != (revision, term):
+                return False
+            if holder is not None and (holder.bridge, holder.term) == (self.bridge_id, term):
+                self.revision = self.seen_revision
+                return self.held
+            self.forget()
             return False
         if (self.revision, self.term) != (revision, term):
             return False  # released or lost meanwhile

@@ -11,9 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from pgbusd.fleet import natsconn
 from pgbusd.fleet import schema as s
+from pgbusd.fleet.follower import Follower
+from pgbusd.fleet.held import HeldBuffer
 from pgbusd.fleet.publisher import Publisher
 from pgbusd.fleet.source import HostSource
 from tests.support.fleet_helpers import (
@@ -284,3 +287,33 @@ async def test_a_notification_no_message_can_hold_is_replaced_by_a_tick(
     assert [t.reason for t in ticks] == ["oversize"]
     await term.close()
     await nc.close()
+
+
+async def test_a_follower_starting_at_a_checkpoint_trims_what_the_stream_holds_up_to_it(
+    nats_server: NatsServer,
+) -> None:
+    """A standby that follows the stream again starts at its last checkpoint. What came
+    before that checkpoint is stored: the held notifications up to its position must go. (A
+    bridge whose term ended as it began had republished what it held, then its term's
+    checkpoint; following again from that checkpoint it kept them all, and its next exact
+    takeover published them a second time: 2,675 duplicates in the cluster soak.)"""
+    nc = await client(nats_server.url)
+    subjects = await ensure(nc, unique_stream())
+    held = HeldBuffer()
+    held.reset()
+    held.marker("m1")
+    for n in range(8):
+        held.note(1, "c", str(n))
+    checkpoint = s.Checkpoint("L", 1, "m1", 5, {"c": 5}, "t", "b", complete=True)
+    await nc.jetstream().publish(
+        subjects.checkpoints, s.encode(checkpoint), headers={s.H_SCHEMA: "1", s.H_MSG_ID: "t.0"}
+    )
+    follower = Follower(nc, subjects, held, frozenset({"c"}), lambda seq, msg_id: None,
+                        structlog.get_logger())  # fmt: skip
+    await follower.start()
+    try:
+        assert held.exact()
+        assert [e.payload for e in held.after_frontier()] == ["5", "6", "7"]
+    finally:
+        await follower.stop()
+        await nc.close()

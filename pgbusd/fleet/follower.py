@@ -74,6 +74,12 @@ class Follower:
             self.state = s.StreamState.from_checkpoint(found.checkpoint, found.seq, found.msg_id)
             self._channels()
             self.known(found.seq, found.msg_id)
+            # The stream holds everything up to the checkpoint's position, whatever came
+            # before it (this bridge's own last term, say: its republished notifications, then
+            # its checkpoint): what is held up to there must go, or a takeover publishes it
+            # again.
+            if self.comparable:
+                self.held.stored(found.checkpoint.mark, found.checkpoint.off)
             start = found.seq + 1
         else:
             last = await natsconn.last_message(self.nc, self.subjects.stream)

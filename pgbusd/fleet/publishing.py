@@ -130,7 +130,12 @@ class Term:
             same_channels=opened.comparable or opened.fresh,
             generation=termlog.stamp.generation,
             after_stream_seq=opened.state.stream_seq,
+            after_position=[opened.state.mark, opened.state.off],
             republished=sum(1 for e in first.republish if e.channel is not None),
+            republished_from=[first.republish[0].mark, first.republish[0].off]
+            if first.republish
+            else None,
+            previous_term=opened.previous_term,
         )
         return self.publisher
 

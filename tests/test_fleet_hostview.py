@@ -87,29 +87,6 @@ def test_a_checkpoint_of_a_new_lineage_while_live_resets_the_hub() -> None:
     assert sink.events[-1] == ("tick", 1)
 
 
-def test_seqs_the_lineage_gave_already_are_not_relayed_again_after_the_step() -> None:
-    """A run whose first seqs this host relayed already (a publisher that republished what the
-    stream held: seen once in the cluster soak, a notification twice across a step): the
-    host steps, and relays only what follows them."""
-    sink = Sink()
-    v = resumed_at_5(sink)
-    v.start(head=5)
-    v.deliver(5, runs(5, 1), "t.5")
-    v.deliver(6, runs(6, 3), "t.6")  # a at 8
-    v.deliver(7, runs(7, 4), "u.1")  # 7 and 8 again, then 9 and 10
-    v.deliver(8, runs(11, 1), "u.2")
-    assert [e for e in sink.events if e[0] != "history"] == [
-        ("reset", "L", 1),
-        ("notify", "a", "6", 1, 6),
-        ("notify", "a", "7", 1, 7),
-        ("notify", "a", "8", 1, 8),
-        ("tick", 2),
-        ("notify", "a", "9", 2, 9),
-        ("notify", "a", "10", 2, 10),
-        ("notify", "a", "11", 2, 11),
-    ]
-
-
 def test_a_schema_1_batch_is_relayed_as_runs() -> None:
     sink = Sink()
     v = resumed_at_5(sink)

@@ -268,18 +268,14 @@ class HostView:
             if problems and not checkpoint:
                 self._excused = True
             problems = []
-        overlaps = None
         if problems:
             for problem in problems:
                 self.log.warning("fleet stream inconsistency", problem=problem, stream_seq=seq)
             if not self._excused:
                 self._step()
-                # Seqs this lineage gave already are not relayed again: the same
-                # notifications republished (or others under their seqs: the step covers it).
-                overlaps = self.state.overlaps
         if isinstance(message, s.Runs | s.Batch):
             if live:
-                self._runs(message, self.sink.notify, overlaps)
+                self._runs(message, self.sink.notify)
             elif self._refill:
                 self._runs(message, self.sink.history)
         elif isinstance(message, s.Tick) and live:
@@ -309,18 +305,12 @@ class HostView:
         self._relayed_changed()
         return problems
 
-    def _runs(
-        self, message: s.Runs | s.Batch, emit: Emit, skip: dict[str, int] | None = None
-    ) -> None:
-        """The message's notifications, as the stream holds them where it can (without the
-        first ``skip[channel]`` of a channel's)."""
+    def _runs(self, message: s.Runs | s.Batch, emit: Emit) -> None:
+        """The message's notifications, as the stream holds them where it can."""
         generation = message.generation + self.local_steps
         runs = message.runs if isinstance(message, s.Runs) else s.batch_runs(message)
         for run in runs:
-            if skip and run[0] in skip:
-                for part in s.restamp(run, generation, skip=skip[run[0]]):
-                    emit(*part)
-            elif generation == message.generation and len(run[3]) <= p.BATCH_LIMIT:
+            if generation == message.generation and len(run[3]) <= p.BATCH_LIMIT:
                 emit(*run)
             else:
                 for part in s.restamp(run, generation):

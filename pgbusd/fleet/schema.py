@@ -212,17 +212,16 @@ def batch_runs(batch: Batch, limit: int = p.BATCH_LIMIT) -> list[Run]:
     return runs
 
 
-def restamp(run: Run, generation: int, limit: int = p.BATCH_LIMIT, skip: int = 0) -> list[Run]:
+def restamp(run: Run, generation: int, limit: int = p.BATCH_LIMIT) -> list[Run]:
     """``run`` with its items encoded again for ``generation`` (a host that took a local step
-    shows its own), in runs of at most ``limit`` bytes of items; without its first ``skip``."""
+    shows its own), in runs of at most ``limit`` bytes of items."""
     channel, first, count, items = run
     try:
         # A msgpack array of ``count`` (array 32) around the items: a list of them.
         notes = _items.decode(b"\xdd" + count.to_bytes(4, "big") + items)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise IncompatibleStreamError(f"undecodable notifications on {channel!r}: {exc}") from exc
-    kept = [(n.payload, n.pid) for n in notes[skip:]]
-    return _encoded(channel, first + skip, kept, generation, limit) if kept else []
+    return _encoded(channel, first, [(n.payload, n.pid) for n in notes], generation, limit)
 
 
 def _encoded(
@@ -323,9 +322,6 @@ class StreamState:
     relayed: frozenset[str] | None = None
     #: The channels of the checkpoint whose parts are being applied.
     _parts: set[str] = field(default_factory=set)
-    #: Set by :meth:`apply` for a run of notifications whose first seqs this lineage had
-    #: already given (channel: how many): a republished stretch, or a vector gone astray.
-    overlaps: dict[str, int] = field(default_factory=dict)
 
     def copy(self) -> StreamState:
         return StreamState(
@@ -356,8 +352,6 @@ class StreamState:
         """
         problems: list[str] = []
         same_lineage = message.lineage == self.lineage
-        if self.overlaps:
-            self.overlaps = {}
         if isinstance(message, Checkpoint):
             self._checkpoint(message, problems)
         else:
@@ -370,8 +364,6 @@ class StreamState:
                     expected = seqs.get(channel, 0) + 1
                     if first != expected:
                         problems.append(f"{channel!r} seq {first}, expected {expected}")
-                        if first < expected and same_lineage:
-                            self.overlaps[channel] = min(count, expected - first)
                     seqs[channel] = first + count - 1
             elif isinstance(message, Batch):
                 seqs = self.seqs

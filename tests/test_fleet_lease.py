@@ -178,8 +178,10 @@ async def test_a_term_whose_renewer_misses_its_cancellation_still_closes_and_rel
     a, b = await two_leases(nats_server.url, 30.0)
     a.heartbeat = 0.02
     renew = a.renew
+    waiting = asyncio.Event()
 
     async def renew_missing_a_cancellation() -> bool:
+        waiting.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(30)  # an answer that is slow to come
         return await renew()
@@ -190,7 +192,7 @@ async def test_a_term_whose_renewer_misses_its_cancellation_still_closes_and_rel
     term = Term("ta", a, markers, listening=lambda: True, hand_over_drain=0.0,
                 log=structlog.get_logger())  # fmt: skip
     term.keep_lease()
-    await asyncio.sleep(0.1)  # the renewer waits for its answer
+    await asyncio.wait_for(waiting.wait(), 5)  # the renewer waits for its answer
     await asyncio.wait_for(term.close(), 5)
     assert await b.try_acquire("tb")
 

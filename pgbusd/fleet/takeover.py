@@ -274,19 +274,10 @@ async def choose(
     fenced_on = held.connection
     exact = opened.comparable and held.exact()
     barrier, arrived = None, False
-    if own is not None and own[0] == opened.previous_term and held.connection > own[1]:
-        # Nothing to wait for: nothing this connection delivered can be stored.
-        return plan(
-            held,
-            opened.state,
-            exact=False,
-            fresh=opened.fresh,
-            comparable=opened.comparable,
-            barrier=None,
-            arrived=False,
-            newer_connection=True,
-        )
-    if not exact:
+    # After this bridge's own term, a newer connection delivered nothing the stream holds:
+    # no barrier to wait for.
+    after_own = own is not None and own[0] == opened.previous_term and held.connection > own[1]
+    if not exact and not after_own:
         barrier, back = await markers.barrier(barrier_timeout)
         arrived = back and fenced_on == held.connection and held.has_marker(barrier)
         exact = opened.comparable and arrived and held.exact()
@@ -298,7 +289,7 @@ async def choose(
         comparable=opened.comparable,
         barrier=barrier,
         arrived=arrived,
-        newer_connection=fenced_on != held.connection,
+        newer_connection=after_own or fenced_on != held.connection,
     )
 
 
